@@ -1,0 +1,39 @@
+"""devinterp-losskernel: the loss kernel K(x, x') = Cov_w[ℓ(x; w), ℓ(x'; w)] under SGLD.
+
+Pipeline: probe losses (:mod:`.probe`) → streaming accumulation (:mod:`.accumulator`) →
+the kernel result (:mod:`.kernel`), driven by the devinterp callback (:mod:`.callback`) or
+the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`).
+"""
+
+from .accumulator import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
+from .callback import LossKernelCallback
+from .estimate import estimate_loss_kernel
+from .kernel import LossKernel, correlation_from_covariance
+from .presets import PAPER_PRESETS, SGLDSettings, preset
+from .probe import (
+    ProbeSet,
+    classification_loss,
+    default_loss_fn,
+    evaluate_probe_losses,
+    lm_sequence_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KernelAccumulator",
+    "KernelMemoryError",
+    "LossKernel",
+    "LossKernelCallback",
+    "PAPER_PRESETS",
+    "ProbeSet",
+    "SGLDSettings",
+    "classification_loss",
+    "correlation_from_covariance",
+    "default_loss_fn",
+    "estimate_kernel_memory",
+    "estimate_loss_kernel",
+    "evaluate_probe_losses",
+    "lm_sequence_loss",
+    "preset",
+]

@@ -1,0 +1,257 @@
+"""The devinterp callback: at every SGLD draw, fold the probe's loss vector into a kernel.
+
+One class serves both devinterp majors:
+
+- devinterp 1.x calls ``callback(**locals())`` at every draw (``model``, ``chain``, ``draw``,
+  ``ref_model``, ``optimizer``, …), then ``finalize()``, and merges ``get_results()`` into
+  the dict that ``estimate_learning_coeff_with_summary`` returns.
+- devinterp 2.x's ``sample_single_chain(callbacks=[…])`` calls
+  ``callback(loss=, draw=, chain=, model=, optimizer=)``.
+
+Both hand over the chain's model in train mode; the probe pass switches to eval mode and
+back (see :mod:`devinterp_losskernel.probe`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .accumulator import KernelAccumulator
+from .kernel import LossKernel
+from .probe import LossFn, ProbeSet, _model_device, evaluate_probe_losses
+
+__all__ = ["LossKernelCallback", "devinterp_version"]
+
+RESULT_PREFIX = "loss_kernel/"
+_HYPERPARAMETER_KEYS = ("lr", "nbeta", "localization", "noise_level", "weight_decay", "temperature")
+
+
+def devinterp_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version("devinterp")
+    except Exception:  # not installed
+        return None
+
+
+class LossKernelCallback:
+    """Accumulate the loss kernel K(x, x') = Cov_w[ℓ(x; w), ℓ(x'; w)] over SGLD draws.
+
+    Args:
+        probe: the n probe samples — a DataLoader (no shuffling), Dataset, tensor, tuple of
+            tensors or dict of tensors; see :class:`~devinterp_losskernel.probe.ProbeSet`.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[batch_size]``. Default: cross-entropy for
+            ``(inputs, targets)``, mean next-token cross-entropy for ``{"input_ids": …}``.
+        device: where the accumulator lives; default: the model's device at the first draw.
+        dtype: accumulator dtype (float64 default).
+        batch_size: probe batch size when ``probe`` is not a DataLoader.
+        reference_model: the model at w*, for the probe losses ℓ(x; w*) (``init_loss``).
+            With devinterp 1.x this is taken from the sampler's ``ref_model`` if not given.
+        sample_ids, labels: [n] identifiers and labels of the probe samples, kept with the kernel.
+        block_size: draws buffered per fold (one [n, B]×[B, n] product per block).
+        rows: probe indices for a rectangular [len(rows), n] kernel (memory |rows|·n).
+        autocast_dtype: run probe forwards under autocast in this dtype (e.g. bfloat16 on GPU).
+        drift_tolerance: warn (once per chain) when a draw's mean probe loss exceeds the mean
+            loss at w* by more than ``drift_tolerance × (1 + |mean loss at w*|)``.
+        total_draws: if given, a tqdm bar over all draws of all chains is shown.
+
+    After sampling: ``callback.kernel`` is the :class:`LossKernel` (computed on access);
+    ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*`` entries.
+    """
+
+    def __init__(
+        self,
+        probe,
+        loss_fn: Optional[LossFn] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: torch.dtype = torch.float64,
+        batch_size: int = 512,
+        reference_model: Optional[nn.Module] = None,
+        sample_ids: Optional[Sequence] = None,
+        labels: Optional[Sequence] = None,
+        block_size: int = 64,
+        rows: Optional[Sequence[int]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        drift_tolerance: float = 1.0,
+        total_draws: Optional[int] = None,
+        cache_probe_on_device: Union[bool, str] = "auto",
+    ):
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
+        self.probe = ProbeSet(probe, batch_size=batch_size, cache_on_device=cache_probe_on_device)
+        self.loss_fn = loss_fn
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = dtype
+        self.block_size = block_size
+        self.rows = rows
+        self.autocast_dtype = autocast_dtype
+        self.drift_tolerance = drift_tolerance
+        self.reference_model = reference_model
+        self.sample_ids = sample_ids
+        self.labels = labels
+        self.total_draws = total_draws
+        self.accumulator: Optional[KernelAccumulator] = None
+        self.init_loss: Optional[torch.Tensor] = None
+        self.hyperparameters: Dict[str, Any] = {}
+        self.extra_metadata: Dict[str, Any] = {}
+        self.draws_per_chain: Dict[int, int] = {}
+        self.rejected_per_chain: Dict[int, int] = {}
+        self._drift_warned: set = set()
+        self._num_samples: Optional[int] = None
+        self._first_mean_per_chain: Dict[int, float] = {}
+        self._pbar = None
+
+    # -- devinterp entry points -------------------------------------------------------------
+    def __call__(self, *, model: nn.Module, chain: int = 0, draw: Optional[int] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 ref_model: Optional[nn.Module] = None, **_ignored) -> None:
+        """Evaluate the probe at the chain's current weights and fold the losses in."""
+        if self.accumulator is None:
+            self._start(model, optimizer, ref_model)
+        losses = self.probe_losses(model)
+        chain = int(chain) if chain is not None else 0
+        if not bool(torch.isfinite(losses).all()):
+            self._reject(chain, draw, losses)
+        else:
+            self.accumulator.update(losses)
+            self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
+            self._check_drift(chain, losses)
+        if self._pbar is not None:
+            self._pbar.update(1)
+            self._pbar.set_postfix(chain=chain, probe_loss=f"{float(losses.mean()):.4g}", refresh=False)
+
+    def finalize(self, *args, **kwargs) -> None:
+        """Flush buffered draws (devinterp 1.x calls this once after all chains)."""
+        if self.accumulator is not None:
+            self.accumulator.flush()
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def get_results(self) -> Dict[str, Any]:
+        """devinterp 1.x dialect: numpy arrays and numbers under ``loss_kernel/``."""
+        kernel = self.kernel.cpu()
+        results = {
+            "covariance": kernel.covariance.numpy(),
+            "correlation": kernel.correlation.numpy(),
+            "mean": kernel.mean.numpy(),
+            "variance": kernel.variance.numpy(),
+            "num_draws": kernel.num_draws,
+            "trace": kernel.trace,
+            "draws_per_chain": dict(kernel.draws_per_chain),
+            "rejected_per_chain": dict(kernel.rejected_per_chain),
+        }
+        if kernel.init_loss is not None:
+            results["init_loss"] = kernel.init_loss.numpy()
+        return {RESULT_PREFIX + key: value for key, value in results.items()}
+
+    @property
+    def kernel(self) -> LossKernel:
+        """The loss kernel of all draws so far (works whether or not finalize() was called)."""
+        if self.accumulator is None:
+            raise ValueError("no draws yet: the callback has not been called by a sampler")
+        metadata = {
+            "devinterp_version": devinterp_version(),
+            "sampler": dict(self.hyperparameters),
+            "num_chains": len(self.draws_per_chain),
+            **self.extra_metadata,
+        }
+        return self.accumulator.compute(
+            init_loss=self.init_loss,
+            draws_per_chain=dict(self.draws_per_chain),
+            rejected_per_chain=dict(self.rejected_per_chain),
+            sample_ids=self.sample_ids,
+            labels=self.labels,
+            metadata=metadata,
+        )
+
+    # -- the work ---------------------------------------------------------------------------
+    def probe_losses(self, model: nn.Module) -> torch.Tensor:
+        """ℓ(x_i; w) for the model's current weights w, [n]."""
+        return evaluate_probe_losses(
+            model, self.probe, self.loss_fn,
+            device=_model_device(model),
+            autocast_dtype=self.autocast_dtype,
+            expected_num_samples=self._num_samples,
+        )
+
+    def _start(self, model, optimizer, ref_model) -> None:
+        reference = self.reference_model if self.reference_model is not None else ref_model
+        if reference is not None:
+            self.set_reference(reference)
+        if self._num_samples is None:
+            self._num_samples = int(self.probe_losses(model).shape[0])
+        device = self.device if self.device is not None else _model_device(model)
+        self.accumulator = KernelAccumulator(
+            self._num_samples, device=device, dtype=self.dtype,
+            block_size=self.block_size, rows=self.rows,
+        )
+        if optimizer is not None:
+            group = optimizer.param_groups[0]
+            self.hyperparameters = {
+                k: group[k] for k in _HYPERPARAMETER_KEYS
+                if k in group and isinstance(group[k], (int, float))
+            }
+        if self.total_draws is not None:
+            from tqdm.auto import tqdm
+
+            self._pbar = tqdm(total=self.total_draws, desc="loss kernel draws", unit="draw")
+
+    def set_reference(self, reference_model: nn.Module) -> torch.Tensor:
+        """Record the probe losses at w* (``init_loss``) from the model at w*."""
+        losses = self.probe_losses(reference_model)
+        self._num_samples = int(losses.shape[0])
+        self.init_loss = losses.detach().to("cpu", torch.float64)
+        return self.init_loss
+
+    def _reject(self, chain: int, draw, losses: torch.Tensor) -> None:
+        bad = int((~torch.isfinite(losses)).sum())
+        first = chain not in self.rejected_per_chain
+        self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + 1
+        if first:
+            warnings.warn(
+                f"chain {chain}: draw {draw} has {bad} non-finite probe losses (NaN/Inf); the draw "
+                "was not folded into the kernel. The chain has likely diverged: lower lr or raise "
+                "localization. Kept/rejected draws per chain are in kernel.draws_per_chain / "
+                "kernel.rejected_per_chain.",
+                RuntimeWarning, stacklevel=3,
+            )
+
+    def _check_drift(self, chain: int, losses: torch.Tensor) -> None:
+        if chain in self._drift_warned:
+            return
+        current = float(losses.mean())
+        if self.init_loss is not None:
+            reference = float(self.init_loss.mean())
+            source = "the probe loss at w*"
+        else:
+            reference = self._first_mean_per_chain.setdefault(chain, current)
+            source = "the chain's first draw"
+        if current - reference > self.drift_tolerance * (1.0 + abs(reference)):
+            self._drift_warned.add(chain)
+            warnings.warn(
+                f"chain {chain}: mean probe loss {current:.4g} has drifted far above {source} "
+                f"({reference:.4g}); the chain may have left the basin of w*. Consider a smaller "
+                "lr, larger localization or larger nbeta.",
+                RuntimeWarning, stacklevel=3,
+            )
+
+    # -- guard against devinterp 1.x multiprocessing ----------------------------------------
+    def __getstate__(self):
+        raise TypeError(
+            "LossKernelCallback cannot be sent to worker processes: with devinterp's cores > 1 "
+            "each worker would fold its draws into its own copy, which is lost when the worker "
+            "exits, leaving a kernel of no draws. Use cores=1 (the probe forward passes already "
+            "use all threads), or run chains in separate processes/GPUs with torch.distributed "
+            "and merge the KernelAccumulators with KernelAccumulator.merge()."
+        )
+
+    def __repr__(self) -> str:
+        state = repr(self.accumulator) if self.accumulator is not None else "not started"
+        return f"LossKernelCallback({state})"

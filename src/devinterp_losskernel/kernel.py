@@ -1,0 +1,229 @@
+"""The loss kernel result: K, R, per-sample mean and variance, and what made them."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["LossKernel", "correlation_from_covariance"]
+
+FORMAT_VERSION = 1
+
+
+def correlation_from_covariance(
+    covariance: torch.Tensor, variance: torch.Tensor, rows: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """R(x, x') = K(x, x') / √(K(x, x) K(x', x')), with R = 0 wherever a variance is 0.
+
+    Args:
+        covariance: K, [n, n] (or [q, n] with ``rows`` naming the q row samples).
+        variance: K(x, x) for all n samples, [n].
+        rows: optional [q] indices of the row samples of a rectangular K.
+    Returns:
+        R with K's shape; entries are clamped to [-1, 1] (rounding can overshoot by an ulp),
+        and R(x, x) = 1 exactly wherever Var[ℓ(x)] > 0.
+    """
+    std = variance.clamp(min=0).sqrt()
+    row_std = std if rows is None else std[rows]
+    denom = row_std[:, None] * std[None, :]
+    positive = denom > 0
+    corr = torch.where(positive, covariance / torch.where(positive, denom, 1), 0)
+    corr = corr.clamp_(-1.0, 1.0)
+    row_index = torch.arange(corr.shape[0], device=corr.device)
+    col_index = row_index if rows is None else rows.to(corr.device)
+    corr[row_index, col_index] = (row_std > 0).to(corr.dtype)
+    return corr
+
+
+def _to_jsonable(value: Any) -> Any:
+    """Metadata must survive JSON; numpy/torch scalars and arrays become Python values."""
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+@dataclass
+class LossKernel:
+    """The estimated loss kernel of a probe set of n samples.
+
+    Attributes:
+        covariance: K̂, [n, n] float — unbiased (1/(N−1)) covariance of per-sample losses
+            over all N = C·T draws. [q, n] for a rectangular kernel (see ``rows``).
+        mean: μ̂(x), [n] — mean probe loss over draws.
+        variance: K̂(x, x), [n] — per-sample loss variance (the diagonal of K̂).
+        num_draws: N, draws folded in (all chains).
+        init_loss: ℓ(x; w*), [n] — probe losses at the trained weights, or None if unknown.
+        rows: for a rectangular kernel, the [q] probe indices of K̂'s rows; else None.
+        draws_per_chain: {chain: draws kept}. rejected_per_chain: {chain: draws dropped
+            because their probe losses were not finite}.
+        sample_ids: [n] identifiers of the probe samples, when known (list or tensor).
+        labels: [n] labels of the probe samples, when known (tensor).
+        metadata: sampler hyperparameters, devinterp version, LLC results of the run, ….
+    """
+
+    covariance: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    num_draws: int
+    init_loss: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None
+    draws_per_chain: dict = field(default_factory=dict)
+    rejected_per_chain: dict = field(default_factory=dict)
+    sample_ids: Optional[Union[list, torch.Tensor]] = None
+    labels: Optional[torch.Tensor] = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.mean.shape[0]
+        q = n if self.rows is None else len(self.rows)
+        if tuple(self.covariance.shape) != (q, n):
+            raise ValueError(f"covariance must have shape ({q}, {n}), got {tuple(self.covariance.shape)}")
+        if tuple(self.variance.shape) != (n,):
+            raise ValueError(f"variance must have shape ({n},), got {tuple(self.variance.shape)}")
+        if self.init_loss is not None:
+            self.init_loss = torch.as_tensor(self.init_loss)
+            if tuple(self.init_loss.shape) != (n,):
+                raise ValueError(f"init_loss must have shape ({n},), got {tuple(self.init_loss.shape)}")
+        if self.labels is not None:
+            self.labels = torch.as_tensor(self.labels)
+            if self.labels.shape[0] != n:
+                raise ValueError(f"labels must have length {n}, got {self.labels.shape[0]}")
+        if self.sample_ids is not None and len(self.sample_ids) != n:
+            raise ValueError(f"sample_ids must have length {n}, got {len(self.sample_ids)}")
+        self._correlation: Optional[torch.Tensor] = None
+
+    # -- derived quantities -----------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """n, the number of probe samples (columns of K)."""
+        return self.mean.shape[0]
+
+    @property
+    def is_rectangular(self) -> bool:
+        return self.rows is not None
+
+    @property
+    def correlation(self) -> torch.Tensor:
+        """R̂ = K̂(x,x') / √(K̂(x,x) K̂(x',x')), [n, n] (or [q, n]); 0 where a variance is 0."""
+        if self._correlation is None:
+            self._correlation = correlation_from_covariance(self.covariance, self.variance, self.rows)
+        return self._correlation
+
+    @property
+    def std(self) -> torch.Tensor:
+        """√K̂(x, x), [n]."""
+        return self.variance.clamp(min=0).sqrt()
+
+    @property
+    def trace(self) -> float:
+        """Σ_i K̂(x_i, x_i): the empirical variance V of the paper's Appendix A.1.3 when the
+        probe is the training set (2ν/β ≈ V, ν the singular fluctuation)."""
+        return float(self.variance.sum())
+
+    def cpu(self) -> "LossKernel":
+        """A copy with every tensor on the CPU."""
+        move = lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return LossKernel(
+            covariance=move(self.covariance), mean=move(self.mean), variance=move(self.variance),
+            num_draws=self.num_draws, init_loss=move(self.init_loss), rows=move(self.rows),
+            draws_per_chain=dict(self.draws_per_chain),
+            rejected_per_chain=dict(self.rejected_per_chain),
+            sample_ids=move(self.sample_ids), labels=move(self.labels),
+            metadata=dict(self.metadata),
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the kernel (tensors bit-exact) and its metadata to ``path`` (a torch file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        k = self.cpu()
+        sample_ids = k.sample_ids
+        if sample_ids is not None and not isinstance(sample_ids, torch.Tensor):
+            sample_ids = [str(s) if not isinstance(s, (int, float)) else s for s in sample_ids]
+        payload = {
+            "format": "devinterp_losskernel.LossKernel",
+            "format_version": FORMAT_VERSION,
+            "covariance": k.covariance,
+            "mean": k.mean,
+            "variance": k.variance,
+            "num_draws": int(k.num_draws),
+            "init_loss": k.init_loss,
+            "rows": k.rows,
+            "draws_per_chain": {int(c): int(v) for c, v in k.draws_per_chain.items()},
+            "rejected_per_chain": {int(c): int(v) for c, v in k.rejected_per_chain.items()},
+            "sample_ids": sample_ids,
+            "labels": k.labels,
+            "metadata_json": json.dumps(_to_jsonable(k.metadata)),
+        }
+        torch.save(payload, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "LossKernel":
+        """Read a kernel written by :meth:`save` (safe: no pickled code is executed)."""
+        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "devinterp_losskernel.LossKernel":
+            raise ValueError(f"path {str(path)!r} is not a file written by LossKernel.save()")
+        return cls(
+            covariance=payload["covariance"], mean=payload["mean"], variance=payload["variance"],
+            num_draws=payload["num_draws"], init_loss=payload["init_loss"], rows=payload["rows"],
+            draws_per_chain=payload["draws_per_chain"],
+            rejected_per_chain=payload["rejected_per_chain"],
+            sample_ids=payload["sample_ids"], labels=payload["labels"],
+            metadata=json.loads(payload["metadata_json"]),
+        )
+
+    def to_xarray(self):
+        """An ``xarray.Dataset`` (the devinterp 2.x dialect) with dims ``sample`` (rows) and
+        ``sample_other`` (columns): covariance, correlation, mean, variance, init_loss."""
+        import xarray as xr
+
+        k = self.cpu()
+        n = k.num_samples
+        ids = np.arange(n) if k.sample_ids is None else np.asarray(
+            k.sample_ids.numpy() if isinstance(k.sample_ids, torch.Tensor) else k.sample_ids
+        )
+        row_ids = ids if k.rows is None else ids[k.rows.numpy()]
+        data_vars = {
+            "covariance": (("sample", "sample_other"), k.covariance.numpy()),
+            "correlation": (("sample", "sample_other"), k.correlation.numpy()),
+            "mean": (("sample_other",), k.mean.numpy()),
+            "variance": (("sample_other",), k.variance.numpy()),
+        }
+        if k.init_loss is not None:
+            data_vars["init_loss"] = (("sample_other",), k.init_loss.numpy())
+        coords = {"sample": row_ids, "sample_other": ids}
+        if k.labels is not None:
+            coords["label"] = ("sample_other", k.labels.numpy())
+        attrs = {"num_draws": k.num_draws, **{
+            f"meta_{key}": json.dumps(_to_jsonable(v)) if isinstance(v, (dict, list)) else _to_jsonable(v)
+            for key, v in k.metadata.items()
+        }}
+        return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    def __repr__(self) -> str:
+        shape = "×".join(str(s) for s in self.covariance.shape)
+        chains = len(self.draws_per_chain) or "?"
+        return (
+            f"LossKernel({shape}, num_draws={self.num_draws}, chains={chains}, "
+            f"trace={self.trace:.4g}, dtype={self.covariance.dtype}, device={self.covariance.device})"
+        )

@@ -1,0 +1,274 @@
+"""The probe set and per-sample losses ℓ(x_i; w) on it.
+
+A *probe* is the fixed set of n inputs whose losses are recorded at every SGLD draw. It
+must yield the same samples in the same order every time. A *loss function* is any
+``loss_fn(model, batch) -> Tensor[batch_size]`` of per-sample losses.
+
+The probe forward pass runs in eval mode under no-grad, and the model's modes are restored
+afterwards: in train mode BatchNorm would make a sample's loss depend on its batch-mates and
+dropout would add noise that is not the posterior's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+
+__all__ = [
+    "LossFn",
+    "ProbeSet",
+    "classification_loss",
+    "default_loss_fn",
+    "evaluate_probe_losses",
+    "eval_mode",
+    "lm_sequence_loss",
+    "move_to_device",
+]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """Model outputs may be a tensor, a HF-style object with ``.logits``, or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in the model output of type {type(output).__name__}; "
+        "pass loss_fn=(model, batch) -> Tensor[batch_size]"
+    )
+
+
+def classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Per-sample cross-entropy for ``(inputs, targets)`` batches: [B, C] logits → [B]."""
+    inputs, targets = batch[0], batch[1]
+    logits = _logits(model(inputs))
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def lm_sequence_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """Mean next-token cross-entropy per sequence for ``{"input_ids": [B, T], ...}`` batches.
+
+    Logits [B, T, V] at position t predict token t+1; positions where ``attention_mask`` is 0
+    are ignored. Returns [B].
+    """
+    input_ids = batch["input_ids"]
+    logits = _logits(model(input_ids)).float()
+    token_loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
+    ).view(input_ids.shape[0], -1)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return token_loss.mean(dim=1)
+    mask = mask[:, 1:].to(token_loss.dtype)
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def default_loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy for ``(inputs, targets)``; per-sequence LM loss for ``{"input_ids"}``."""
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise ValueError(
+                f"the default loss_fn expects dict batches with 'input_ids', got keys "
+                f"{sorted(batch)}; pass loss_fn=(model, batch) -> Tensor[batch_size]"
+            )
+        return lm_sequence_loss(model, batch)
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return classification_loss(model, batch)
+    raise ValueError(
+        "the default loss_fn expects (inputs, targets) or {'input_ids': ...} batches, got "
+        f"{type(batch).__name__}; pass loss_fn=(model, batch) -> Tensor[batch_size]"
+    )
+
+
+def move_to_device(batch, device: torch.device):
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size_of(batch) -> int:
+    """Leading dimension of the first tensor in a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError(f"cannot tell the batch size of a {type(batch).__name__} with no tensors")
+
+
+def _batch_nbytes(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []
+    return sum(_batch_nbytes(v) for v in values)
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode; restore each one's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+class ProbeSet:
+    """The probe: n samples yielded in the same order every time.
+
+    Args:
+        probe: a DataLoader (must not shuffle), a Dataset, a tensor of inputs, a tuple of
+            tensors (e.g. ``(inputs, targets)``), or a dict of tensors (``{"input_ids": …}``).
+        batch_size: batch size when the probe is not already a DataLoader.
+        cache_on_device: keep the probe's batches on the model's device after the first
+            pass. ``"auto"`` does so when they fit in ``cache_limit_bytes``.
+    """
+
+    def __init__(
+        self,
+        probe,
+        *,
+        batch_size: int = 512,
+        cache_on_device: Union[bool, str] = "auto",
+        cache_limit_bytes: int = 2 * 2**30,
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if cache_on_device not in (True, False, "auto"):
+            raise ValueError(f"cache_on_device must be True, False or 'auto', got {cache_on_device!r}")
+        self.loader = self._as_loader(probe, batch_size)
+        self.cache_on_device = cache_on_device
+        self.cache_limit_bytes = cache_limit_bytes
+        self._cache: Optional[List[Any]] = None
+        self._cache_device: Optional[torch.device] = None
+
+    @staticmethod
+    def _as_loader(probe, batch_size: int):
+        if isinstance(probe, DataLoader):
+            if isinstance(probe.sampler, RandomSampler):
+                raise ValueError(
+                    "probe must yield the same samples in the same order every draw: "
+                    "pass a DataLoader with shuffle=False"
+                )
+            return probe
+        if isinstance(probe, torch.Tensor):
+            return DataLoader(TensorDataset(probe), batch_size=batch_size, shuffle=False,
+                              collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
+        if isinstance(probe, Mapping):
+            return _DictBatches(probe, batch_size)
+        if isinstance(probe, (tuple, list)) and probe and all(isinstance(t, torch.Tensor) for t in probe):
+            return DataLoader(TensorDataset(*probe), batch_size=batch_size, shuffle=False)
+        if isinstance(probe, Dataset) or hasattr(probe, "__getitem__") and hasattr(probe, "__len__"):
+            return DataLoader(probe, batch_size=batch_size, shuffle=False)
+        raise TypeError(
+            "probe must be a DataLoader, Dataset, tensor, tuple of tensors or dict of tensors, "
+            f"got {type(probe).__name__}"
+        )
+
+    def batches(self, device: torch.device) -> Iterator:
+        """Yield the probe's batches on ``device`` (from the cache after the first pass)."""
+        if self._cache is not None and self._cache_device == device:
+            yield from self._cache
+            return
+        fresh, total_bytes, keep = [], 0, self.cache_on_device is not False
+        for batch in self.loader:
+            batch = move_to_device(batch, device)
+            if keep:
+                total_bytes += _batch_nbytes(batch)
+                if self.cache_on_device == "auto" and total_bytes > self.cache_limit_bytes:
+                    keep, fresh = False, []
+                else:
+                    fresh.append(batch)
+            yield batch
+        if keep:
+            self._cache, self._cache_device = fresh, device
+
+
+class _DictBatches:
+    """Batches of a dict of equal-length tensors, in order."""
+
+    def __init__(self, data: Mapping, batch_size: int):
+        lengths = {k: len(v) for k, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"probe dict tensors must share their first dimension, got {lengths}")
+        self.data, self.batch_size = dict(data), batch_size
+        self.n = next(iter(lengths.values()), 0)
+
+    def __iter__(self):
+        for start in range(0, self.n, self.batch_size):
+            yield {k: v[start : start + self.batch_size] for k, v in self.data.items()}
+
+
+def evaluate_probe_losses(
+    model: nn.Module,
+    probe: Union[ProbeSet, Any],
+    loss_fn: Optional[LossFn] = None,
+    *,
+    device: Optional[torch.device] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    expected_num_samples: Optional[int] = None,
+) -> torch.Tensor:
+    """Per-sample losses ℓ(x_i; w) of ``model`` on every probe sample, [n], float32 or wider.
+
+    Runs in eval mode under no-grad and restores the model's modes. ``autocast_dtype``
+    (e.g. torch.bfloat16 on GPU) runs the forward passes under autocast; losses are cast
+    to float32 before they are returned.
+    """
+    probe = probe if isinstance(probe, ProbeSet) else ProbeSet(probe)
+    loss_fn = loss_fn or default_loss_fn
+    if device is None:
+        device = _model_device(model)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None else nullcontext()
+    )
+    pieces = []
+    with eval_mode(model), torch.no_grad(), autocast:
+        for batch in probe.batches(device):
+            size = batch_size_of(batch)
+            losses = loss_fn(model, batch)
+            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (size,):
+                got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise ValueError(
+                    f"loss_fn must return per-sample losses of shape [batch_size] = [{size}], "
+                    f"got {got}"
+                )
+            pieces.append(losses.detach().float() if losses.dtype in (torch.float16, torch.bfloat16)
+                          else losses.detach())
+    if not pieces:
+        raise ValueError("probe is empty: it yielded no batches")
+    losses = torch.cat(pieces)
+    if expected_num_samples is not None and losses.shape[0] != expected_num_samples:
+        raise ValueError(
+            f"probe must yield the same {expected_num_samples} samples every draw, "
+            f"but this pass yielded {losses.shape[0]}"
+        )
+    return losses
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -183,7 +183,7 @@ class LossKernelCallback:
 
     def _start(self, model, optimizer, ref_model) -> None:
         reference = self.reference_model if self.reference_model is not None else ref_model
-        if reference is not None:
+        if reference is not None and self.init_loss is None:
             self.set_reference(reference)
         if self._num_samples is None:
             self._num_samples = int(self.probe_losses(model).shape[0])

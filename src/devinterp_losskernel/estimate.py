@@ -1,11 +1,12 @@
 """One call: run devinterp's SGLD with the loss-kernel callback and return the kernel.
 
 The LLC of the same run is carried in ``kernel.metadata`` (``llc/mean``, ``llc/std``,
-``llc/means``), so the kernel, its trace and the LLC all come from the same draws.
+``llc/per_chain``), so the kernel, its trace and the LLC all come from the same draws.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
-from .probe import LossFn, _model_device, default_loss_fn, eval_mode
+from .probe import LossFn, _model_device, default_loss_fn, move_to_device
 
 __all__ = ["estimate_loss_kernel", "devinterp_major"]
 
@@ -79,7 +80,7 @@ def estimate_loss_kernel(
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
         SGLD settings and devinterp's LLC of the same run (``llc/mean``, ``llc/std``,
-        ``llc/means``).
+        ``llc/per_chain``).
     """
     for name in ("num_chains", "num_draws", "num_steps_bw_draws"):
         _check_positive(name, locals()[name])
@@ -96,25 +97,31 @@ def estimate_loss_kernel(
     if not isinstance(loader, DataLoader):
         raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
 
+    major = devinterp_major()
+    if major >= 2:
+        _check_lm_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
-    model = model.to(device)
+    # Work on a copy: devinterp 1.x evaluates the model at w* in train mode, which would
+    # update the caller's BatchNorm running statistics.
+    model = copy.deepcopy(model).to(device)
     per_sample = loss_fn or default_loss_fn
     if evaluate is None:
         def evaluate(model, batch):
             return per_sample(model, batch).mean()
 
     callback = LossKernelCallback(
-        probe, loss_fn, dtype=dtype, batch_size=probe_batch_size, reference_model=model,
+        probe, loss_fn, dtype=dtype, batch_size=probe_batch_size,
         sample_ids=sample_ids, labels=labels,
         total_draws=num_chains * num_draws if verbose else None,
         **(callback_kwargs or {}),
     )
+    callback.set_reference(model)  # ℓ(x; w*), before the sampler touches anything
     settings = dict(
         num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
         num_steps_bw_draws=num_steps_bw_draws, lr=lr, nbeta=nbeta, localization=localization,
         seed=seed, batch_size=loader.batch_size, num_train=len(loader.dataset),
     )
-    run = _run_devinterp1 if devinterp_major() == 1 else _run_devinterp2
+    run = _run_devinterp1 if major == 1 else _run_devinterp2
     llc = run(model, loader, callback, evaluate, settings, device)
     callback.finalize()
     callback.extra_metadata.update({"settings": settings, **llc})
@@ -123,7 +130,35 @@ def estimate_loss_kernel(
 
 def _llc_summary(means: Sequence[float]) -> Dict[str, Any]:
     means = np.asarray(means, dtype=float)
-    return {"llc/mean": float(means.mean()), "llc/std": float(means.std()), "llc/means": means.tolist()}
+    return {"llc/mean": float(means.mean()), "llc/std": float(means.std()), "llc/per_chain": means.tolist()}
+
+
+def _loss_of(result) -> torch.Tensor:
+    """The loss in whatever an ``evaluate`` returns: a tensor, (loss, …), {"loss": …}, .loss."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if isinstance(result, (tuple, list)):
+        return result[0]
+    if isinstance(result, Mapping):
+        return result["loss"]
+    if hasattr(result, "loss"):
+        return result.loss
+    raise TypeError(f"evaluate must return a loss tensor, (loss, ...), or {{'loss': ...}}, got {type(result).__name__}")
+
+
+def _minibatch_init_loss(model, loader, evaluate, s, device) -> float:
+    """L_m(w*): the SGLD minibatch loss at w*, averaged over ``num_chains`` batches, as
+    devinterp does, but reproducible (seeded batch order) and on a copy of the model, so
+    that train-mode BatchNorm statistics of the model the chains start from are untouched."""
+    work = copy.deepcopy(model).train()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0 if s["seed"] is None else int(s["seed"]))
+        losses = [
+            float(_loss_of(evaluate(work, move_to_device(batch, device))).mean())
+            for _, batch in zip(range(s["num_chains"]), loader)
+        ]
+    # devinterp 1.x recomputes its own init loss when handed exactly 0.0
+    return float(np.mean(losses)) or 1e-30
 
 
 def _run_devinterp1(model, loader, callback, evaluate, s, device) -> Dict[str, Any]:
@@ -135,8 +170,11 @@ def _run_devinterp1(model, loader, callback, evaluate, s, device) -> Dict[str, A
         num_draws=s["num_draws"], num_chains=s["num_chains"],
         num_burnin_steps=s["num_burnin_steps"], num_steps_bw_draws=s["num_steps_bw_draws"],
         seed=s["seed"], device=device, verbose=False, cores=1,
+        init_loss=_minibatch_init_loss(model, loader, evaluate, s, device),
     )
-    summary = _llc_summary(np.atleast_1d(results["llc/means"]))
+    per_chain = [results[f"llc-chain/{c}"] for c in range(s["num_chains"])]
+    summary = _llc_summary(per_chain)
+    # devinterp's own numbers, as it reports them
     summary["llc/mean"] = float(results["llc/mean"])
     summary["llc/std"] = float(results["llc/std"])
     return summary
@@ -152,10 +190,7 @@ class _MinibatchLossRecorder:
         self.losses.setdefault(int(chain), []).append(float(loss.mean()))
 
 
-def _run_devinterp2(model, loader, callback, evaluate, s, device) -> Dict[str, Any]:
-    from devinterp.optim import SGLD
-    from devinterp.slt.sampler import sample_single_chain
-
+def _check_lm_loader(loader: DataLoader) -> None:
     first = next(iter(loader))
     if not (isinstance(first, Mapping) and "input_ids" in first):
         raise ValueError(
@@ -164,18 +199,15 @@ def _run_devinterp2(model, loader, callback, evaluate, s, device) -> Dict[str, A
             "(pip install 'devinterp>=1.3,<2') or call LossKernelCallback from your own loop"
         )
 
-    def evaluate2(model, batch):
-        return evaluate(model, batch), {}
 
-    # LLC = nβ (E_w[L_m(w)] − L_m(w*)), L_m the minibatch loss; as devinterp 1.x, the loss at
-    # w* is the mean over as many batches as there are chains.
-    with torch.no_grad():
-        batches = [b for _, b in zip(range(s["num_chains"]), loader)]
-        init_loss = float(np.mean([
-            float(evaluate(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                   for k, v in b.items()}))
-            for b in batches
-        ]))
+def _run_devinterp2(model, loader, callback, evaluate, s, device) -> Dict[str, Any]:
+    from devinterp.optim import SGLD
+    from devinterp.slt.sampler import sample_single_chain
+
+    def evaluate2(model, batch):
+        return _loss_of(evaluate(model, batch)), {}
+
+    init_loss = _minibatch_init_loss(model, loader, evaluate, s, device)
     recorder = _MinibatchLossRecorder()
     seeds = np.random.SeedSequence(s["seed"]).generate_state(s["num_chains"]) if s["seed"] is not None else None
     for chain in range(s["num_chains"]):

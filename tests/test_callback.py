@@ -1,0 +1,118 @@
+"""The callback driven by a hand-written SGLD-like loop (no devinterp needed)."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from devinterp_losskernel import LossKernelCallback
+
+from _models import MLP, ProbeRecorder, classification_data
+
+
+def perturbed_draws(model, num_chains, num_draws, scale=0.05, seed=0):
+    """Yield (chain, draw, model) with the weights jittered around w*: a stand-in sampler."""
+    g = torch.Generator().manual_seed(seed)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    for chain in range(num_chains):
+        for draw in range(num_draws):
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(ref[name] + scale * torch.randn(p.shape, generator=g))
+            model.train()  # devinterp hands over the model in train mode
+            yield chain, draw, model
+    model.load_state_dict(ref)
+
+
+def test_kernel_equals_recomputed_from_traces():
+    torch.manual_seed(0)
+    model = MLP(dropout=0.3, batchnorm=True)
+    probe = classification_data(40)
+    cb = LossKernelCallback(probe, block_size=7, batch_size=9, reference_model=model)
+    witness = ProbeRecorder(probe)
+    for chain, draw, m in perturbed_draws(model, 3, 11):
+        cb(model=m, chain=chain, draw=draw)
+        witness(model=m, chain=chain)
+    k = cb.kernel
+    traces = witness.traces()
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(traces, rowvar=False), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(k.mean.numpy(), traces.mean(0), rtol=1e-12)
+    assert k.num_draws == 33 and k.draws_per_chain == {0: 11, 1: 11, 2: 11}
+    assert k.init_loss is not None and k.init_loss.shape == (40,)
+
+
+def test_results_dict_keys():
+    model = MLP()
+    cb = LossKernelCallback(classification_data(10))
+    for chain, draw, m in perturbed_draws(model, 1, 4):
+        cb(model=m, chain=chain, draw=draw)
+    results = cb.get_results()
+    for key in ("covariance", "correlation", "mean", "variance", "num_draws", "trace"):
+        assert f"loss_kernel/{key}" in results
+    assert results["loss_kernel/covariance"].shape == (10, 10)
+    assert results["loss_kernel/num_draws"] == 4
+
+
+def test_non_finite_draw_is_dropped_and_reported():
+    model = MLP()
+    probe = classification_data(12)
+    cb = LossKernelCallback(probe)
+    witness = ProbeRecorder(probe)
+    with pytest.warns(RuntimeWarning, match="chain 1: draw 2 has .* non-finite"):
+        for chain, draw, m in perturbed_draws(model, 2, 5):
+            if chain == 1 and draw in (2, 3):
+                with torch.no_grad():
+                    m.net[0].weight[0, 0] = float("nan")
+            cb(model=m, chain=chain, draw=draw)
+            if not (chain == 1 and draw in (2, 3)):
+                witness(model=m, chain=chain)
+    k = cb.kernel
+    assert k.draws_per_chain == {0: 5, 1: 3} and k.rejected_per_chain == {1: 2}
+    assert torch.isfinite(k.covariance).all()
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
+
+
+def test_drift_warning_once_per_chain():
+    model = MLP()
+    cb = LossKernelCallback(classification_data(12), reference_model=model, drift_tolerance=0.5)
+    with pytest.warns(RuntimeWarning, match="drifted far above the probe loss at w"):
+        for chain, draw, m in perturbed_draws(model, 1, 3, scale=5.0):
+            cb(model=m, chain=chain, draw=draw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for chain, draw, m in perturbed_draws(model, 1, 3, scale=1e-4):
+            LossKernelCallback(classification_data(12), reference_model=model)(model=m, chain=0, draw=draw)
+
+
+def test_probe_size_change_between_draws():
+    model = MLP()
+    cb = LossKernelCallback(classification_data(12))
+    cb(model=model, chain=0, draw=0)
+    cb.probe = type(cb.probe)(classification_data(13))
+    with pytest.raises(ValueError, match="same 12 samples every draw"):
+        cb(model=model, chain=0, draw=1)
+
+
+def test_kernel_before_any_draw():
+    with pytest.raises(ValueError, match="no draws yet"):
+        LossKernelCallback(classification_data(5)).kernel
+
+
+def test_bad_loss_fn_type():
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        LossKernelCallback(classification_data(5), loss_fn="cross_entropy")
+
+
+def test_refuses_to_be_pickled():
+    with pytest.raises(TypeError, match="cores > 1"):
+        pickle.dumps(LossKernelCallback(classification_data(5)))
+
+
+def test_accumulator_lives_on_model_device_and_dtype():
+    model = MLP()
+    cb = LossKernelCallback(classification_data(8), dtype=torch.float32)
+    cb(model=model, chain=0, draw=0)
+    assert cb.accumulator.device == next(model.parameters()).device
+    assert cb.accumulator.dtype == torch.float32

@@ -1,0 +1,69 @@
+"""The callback inside devinterp 2.x's sample_single_chain (run by CI in the devinterp 2.0 venv)."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import require_devinterp
+from devinterp_losskernel import LossKernelCallback, estimate_loss_kernel
+from devinterp_losskernel.probe import lm_sequence_loss
+
+from _models import LMDataset, ProbeRecorder, TinyLM
+
+
+@pytest.fixture(autouse=True)
+def _needs_devinterp2():
+    require_devinterp(2)
+
+
+def setup():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 13, (80, 9))
+    return TinyLM(), LMDataset(ids), {"input_ids": ids[:24]}
+
+
+def evaluate(model, batch):
+    return lm_sequence_loss(model, batch), {}
+
+
+def test_sample_single_chain_with_callback():
+    from devinterp.optim import SGLD
+    from devinterp.slt.sampler import sample_single_chain
+
+    model, dataset, probe = setup()
+    cb, witness = LossKernelCallback(probe, block_size=5, reference_model=model), ProbeRecorder(probe)
+    for chain in range(2):
+        sample_single_chain(
+            model, dataset, evaluate, param_masks={n: None for n, _ in model.named_parameters()},
+            num_draws=8, num_burnin_steps=2, sampling_method=SGLD,
+            sampling_method_kwargs=dict(lr=1e-3, nbeta=20.0, localization=50.0),
+            chain=chain, seed=chain, device="cpu", callbacks=[cb, witness], batch_size=8,
+        )
+    k = cb.kernel
+    traces = witness.traces()
+    assert k.num_draws == 16 == len(traces) and k.draws_per_chain == {0: 8, 1: 8}
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(traces, rowvar=False), rtol=1e-9, atol=1e-15)
+    assert k.metadata["devinterp_version"].startswith("2.")
+    assert k.metadata["sampler"]["lr"] == 1e-3
+    assert "loss_kernel/covariance" in cb.get_results()
+    assert k.covariance.abs().max() > 0
+
+
+def test_estimate_loss_kernel_under_devinterp2():
+    model, dataset, probe = setup()
+    loader = DataLoader(dataset, batch_size=8, shuffle=True)
+    k = estimate_loss_kernel(model, loader, probe, num_chains=2, num_draws=6, num_burnin_steps=1,
+                             lr=1e-3, nbeta=20.0, localization=50.0, seed=0, verbose=False)
+    assert k.num_draws == 12 and k.covariance.shape == (24, 24)
+    assert np.isfinite(k.metadata["llc/mean"]) and len(k.metadata["llc/per_chain"]) == 2
+
+
+def test_non_lm_data_refused_under_devinterp2():
+    model, _, _ = setup()
+    x = torch.randn(10, 3)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(10, dtype=torch.long)), batch_size=5)
+    with pytest.raises(ValueError, match="input_ids"):
+        estimate_loss_kernel(model, loader, (x, torch.zeros(10, dtype=torch.long)), num_chains=1,
+                             num_draws=2, num_burnin_steps=0, lr=1e-3, nbeta=1.0, localization=1.0,
+                             verbose=False)

@@ -1,0 +1,117 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from devinterp_losskernel import ProbeSet, evaluate_probe_losses, lm_sequence_loss
+
+
+class BatchNormDropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def probe_data(n=37):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_losses_do_not_depend_on_batch_composition():
+    torch.manual_seed(0)
+    model = BatchNormDropoutNet()
+    model.train()
+    with torch.no_grad():  # give BatchNorm non-trivial running stats
+        model(torch.randn(64, 5) * 3 + 1)
+    x, y = probe_data()
+    results = [evaluate_probe_losses(model, ProbeSet((x, y), batch_size=bs)) for bs in (1, 5, 37)]
+    permuted = torch.randperm(37)
+    shuffled = evaluate_probe_losses(model, ProbeSet((x[permuted], y[permuted]), batch_size=8))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shuffled, results[0][permuted], rtol=1e-6, atol=1e-6)
+    # repeated passes agree: dropout is off
+    torch.testing.assert_close(evaluate_probe_losses(model, ProbeSet((x, y), batch_size=5)), results[1])
+    assert model.training and model.body[3].training, "the model's train mode must be restored"
+
+
+def test_submodule_modes_are_restored():
+    model = BatchNormDropoutNet()
+    model.train()
+    model.body[1].eval()  # user froze BatchNorm
+    evaluate_probe_losses(model, (probe_data()))
+    assert model.training and not model.body[1].training
+
+
+@pytest.mark.parametrize("bad_fn, match", [
+    (lambda model, batch: model(batch[0]).sum(), r"shape \[batch_size\]"),
+    (lambda model, batch: model(batch[0]), r"shape \[batch_size\]"),
+    (lambda model, batch: 1.0, r"shape \[batch_size\]"),
+])
+def test_loss_fn_shape_checked(bad_fn, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_probe_losses(BatchNormDropoutNet(), probe_data(), bad_fn)
+
+
+def test_empty_probe():
+    empty = (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="probe is empty"):
+        evaluate_probe_losses(BatchNormDropoutNet(), empty)
+
+
+def test_shuffling_loader_refused():
+    loader = DataLoader(TensorDataset(*probe_data()), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        ProbeSet(loader)
+
+
+def test_size_change_detected():
+    with pytest.raises(ValueError, match="same 40 samples"):
+        evaluate_probe_losses(BatchNormDropoutNet(), probe_data(37), expected_num_samples=40)
+
+
+def test_unsupported_probe_type():
+    with pytest.raises(TypeError, match="probe must be"):
+        ProbeSet(42)
+
+
+def test_cache_matches_fresh_batches():
+    model = BatchNormDropoutNet().eval()
+    x, y = probe_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    cached = ProbeSet(loader, cache_on_device=True)
+    first = evaluate_probe_losses(model, cached)
+    assert cached._cache is not None
+    torch.testing.assert_close(evaluate_probe_losses(model, cached), first)
+    torch.testing.assert_close(evaluate_probe_losses(model, ProbeSet(loader, cache_on_device=False)), first)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        return self.out(self.embed(input_ids))
+
+
+def test_lm_sequence_loss_against_manual():
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids = torch.randint(0, 11, (4, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    losses = lm_sequence_loss(model, {"input_ids": ids, "attention_mask": mask})
+    logits = model(ids)
+    manual = []
+    for i in range(4):
+        valid = int(mask[i, 1:].sum())
+        ce = torch.nn.functional.cross_entropy(logits[i, :valid], ids[i, 1 : valid + 1])
+        manual.append(ce)
+    torch.testing.assert_close(losses, torch.stack(manual))
+    # dict probes batch themselves
+    out = evaluate_probe_losses(model, ProbeSet({"input_ids": ids}, batch_size=3))
+    torch.testing.assert_close(out, lm_sequence_loss(model, {"input_ids": ids}))

@@ -70,3 +70,17 @@ class ProbeRecorder:
 
     def traces(self):
         return torch.stack(self.rows).numpy()
+
+
+# devinterp 1.x cloudpickles `evaluate` for every chain, so a counter in a closure would be
+# copied; module-level state is shared (cloudpickle refers to importable functions by name).
+DIVERGE = {"calls": 0, "from_call": None}
+
+
+def diverging_evaluate(model, batch):
+    """Cross-entropy that turns NaN from call DIVERGE['from_call'] on."""
+    DIVERGE["calls"] += 1
+    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+    if DIVERGE["from_call"] is not None and DIVERGE["calls"] >= DIVERGE["from_call"]:
+        return loss * float("nan")
+    return loss

@@ -67,3 +67,22 @@ def test_non_lm_data_refused_under_devinterp2():
         estimate_loss_kernel(model, loader, (x, torch.zeros(10, dtype=torch.long)), num_chains=1,
                              num_draws=2, num_burnin_steps=0, lr=1e-3, nbeta=1.0, localization=1.0,
                              verbose=False)
+
+
+def test_diverged_chain_kept_out_under_devinterp2():
+    model, dataset, probe = setup()
+    loader = DataLoader(dataset, batch_size=8, shuffle=True)
+    calls = {"n": 0}
+
+    def evaluate(model, batch):
+        calls["n"] += 1
+        loss = lm_sequence_loss(model, batch).mean()
+        return loss * float("nan") if calls["n"] >= 2 + 7 + 4 else loss  # chain 1, 4th step
+
+    with pytest.warns(RuntimeWarning, match="chain 1 diverged"):
+        k = estimate_loss_kernel(model, loader, probe, evaluate=evaluate, num_chains=2, num_draws=6,
+                                 num_burnin_steps=1, lr=1e-3, nbeta=20.0, localization=50.0, seed=0,
+                                 verbose=False)
+    assert torch.isfinite(k.covariance).all()
+    assert k.draws_per_chain[0] == 6 and k.draws_per_chain.get(1, 0) < 6
+    assert k.metadata["diverged_chains"] == [1] and k.metadata["llc/per_chain"][1] is None

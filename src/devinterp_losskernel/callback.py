@@ -112,8 +112,16 @@ class LossKernelCallback:
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  ref_model: Optional[nn.Module] = None, **_ignored) -> None:
         """Evaluate the probe at the chain's current weights and fold the losses in."""
+        if self.init_loss is None and self.reference_model is None and ref_model is not None:
+            self.set_reference(ref_model)  # devinterp 1.x hands over the model at w*
         if self.accumulator is None:
-            self._start(model, optimizer, ref_model)
+            self.allocate(model)
+        if optimizer is not None and not self.hyperparameters:
+            group = optimizer.param_groups[0]
+            self.hyperparameters = {
+                k: group[k] for k in _HYPERPARAMETER_KEYS
+                if k in group and isinstance(group[k], (int, float))
+            }
         losses = self.probe_losses(model)
         chain = int(chain) if chain is not None else 0
         if not bool(torch.isfinite(losses).all()):
@@ -181,10 +189,13 @@ class LossKernelCallback:
             expected_num_samples=self._num_samples,
         )
 
-    def _start(self, model, optimizer, ref_model) -> None:
-        reference = self.reference_model if self.reference_model is not None else ref_model
-        if reference is not None and self.init_loss is None:
-            self.set_reference(reference)
+    def allocate(self, model: nn.Module) -> KernelAccumulator:
+        """Create the accumulator for this probe on the model's device (or ``device``).
+
+        Called by the first draw; call it yourself to restore a saved accumulator state first.
+        """
+        if self.reference_model is not None and self.init_loss is None:
+            self.set_reference(self.reference_model)
         if self._num_samples is None:
             self._num_samples = int(self.probe_losses(model).shape[0])
         device = self.device if self.device is not None else _model_device(model)
@@ -192,16 +203,11 @@ class LossKernelCallback:
             self._num_samples, device=device, dtype=self.dtype,
             block_size=self.block_size, rows=self.rows,
         )
-        if optimizer is not None:
-            group = optimizer.param_groups[0]
-            self.hyperparameters = {
-                k: group[k] for k in _HYPERPARAMETER_KEYS
-                if k in group and isinstance(group[k], (int, float))
-            }
         if self.total_draws is not None:
             from tqdm.auto import tqdm
 
             self._pbar = tqdm(total=self.total_draws, desc="loss kernel draws", unit="draw")
+        return self.accumulator
 
     def set_reference(self, reference_model: nn.Module) -> torch.Tensor:
         """Record the probe losses at w* (``init_loss``) from the model at w*."""

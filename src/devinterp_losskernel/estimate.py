@@ -2,13 +2,21 @@
 
 The LLC of the same run is carried in ``kernel.metadata`` (``llc/mean``, ``llc/std``,
 ``llc/per_chain``), so the kernel, its trace and the LLC all come from the same draws.
+
+Chains run one at a time, each seeded from ``seed`` alone, so a run can be checkpointed
+after every chain (``checkpoint_dir=``) and resumed after being killed with the same result.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +27,9 @@ from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .probe import LossFn, _model_device, default_loss_fn, move_to_device
 
-__all__ = ["estimate_loss_kernel", "devinterp_major"]
+__all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
+
+CHECKPOINT_NAME = "loss_kernel_checkpoint.pt"
 
 
 def devinterp_major() -> int:
@@ -30,9 +40,31 @@ def devinterp_major() -> int:
     return int(version.split(".")[0])
 
 
+def chain_seeds(seed: int, num_chains: int) -> List[int]:
+    """Per-chain seeds derived from one seed, as devinterp 1.x derives them."""
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(num_chains)]
+
+
 def _check_positive(name: str, value, kind=int) -> None:
     if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def _validate(num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr, nbeta, localization, loader):
+    for name, value in (("num_chains", num_chains), ("num_draws", num_draws),
+                        ("num_steps_bw_draws", num_steps_bw_draws)):
+        _check_positive(name, value)
+    if not isinstance(num_burnin_steps, int) or num_burnin_steps < 0:
+        raise ValueError(f"num_burnin_steps must be a non-negative int, got {num_burnin_steps!r}")
+    if num_chains * num_draws < 2:
+        raise ValueError("num_chains * num_draws must be at least 2 for an unbiased covariance")
+    for name, value in (("lr", lr), ("nbeta", nbeta)):
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not isinstance(localization, (int, float)) or localization < 0:
+        raise ValueError(f"localization must be a non-negative number, got {localization!r}")
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
 
 
 def estimate_loss_kernel(
@@ -56,12 +88,13 @@ def estimate_loss_kernel(
     labels: Optional[Sequence] = None,
     dtype: torch.dtype = torch.float64,
     verbose: bool = True,
+    checkpoint_dir: Union[str, Path, None] = None,
     callback_kwargs: Optional[Dict[str, Any]] = None,
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
 
     Args:
-        model: the trained network at w*. It is not modified (devinterp copies it per chain).
+        model: the trained network at w*. It is not modified (the run works on a copy).
         loader: training data for the SGLD gradient (its batch size is the paper's m).
         probe: the n probe samples (DataLoader without shuffling, Dataset, tensors, dict).
         num_chains, num_draws, num_burnin_steps: C, T (per chain), b.
@@ -73,42 +106,41 @@ def estimate_loss_kernel(
         evaluate: devinterp ``evaluate(model, batch)`` for the SGLD minibatch loss; by default
             the mean of ``loss_fn`` over the batch.
         device: where to sample; default: the model's device.
-        seed: seeds the chains (chain c gets a seed derived from ``seed``).
+        seed: seeds the chains (chain c gets ``chain_seeds(seed, C)[c]``). Without a seed one
+            is drawn at random and recorded in ``kernel.metadata["settings"]["seed"]``.
+        checkpoint_dir: if given, the accumulator and progress are saved there after every
+            chain; calling again with the same arguments resumes from the last finished chain.
         callback_kwargs: extra :class:`LossKernelCallback` arguments (``block_size``, ``rows``,
             ``autocast_dtype``, …).
 
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
-        SGLD settings and devinterp's LLC of the same run (``llc/mean``, ``llc/std``,
-        ``llc/per_chain``).
-    """
-    for name in ("num_chains", "num_draws", "num_steps_bw_draws"):
-        _check_positive(name, locals()[name])
-    if not isinstance(num_burnin_steps, int) or num_burnin_steps < 0:
-        raise ValueError(f"num_burnin_steps must be a non-negative int, got {num_burnin_steps!r}")
-    if num_chains * num_draws < 2:
-        raise ValueError("num_chains * num_draws must be at least 2 for an unbiased covariance")
-    for name in ("lr", "nbeta"):
-        value = locals()[name]
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not isinstance(localization, (int, float)) or localization < 0:
-        raise ValueError(f"localization must be a non-negative number, got {localization!r}")
-    if not isinstance(loader, DataLoader):
-        raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+        SGLD settings and the LLC of the same run: ``llc/per_chain`` = nβ (E_t[L_m(w_{c,t})]
+        − L_m(w*)) with L_m devinterp's minibatch loss, ``llc/mean`` and ``llc/std`` over chains.
 
+    A chain that diverges (devinterp raises on a NaN minibatch loss, or the probe losses turn
+    non-finite) keeps its finite draws in the kernel; it is reported by a warning and in
+    ``kernel.rejected_per_chain`` / ``metadata["diverged_chains"]``.
+    """
+    _validate(num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr, nbeta, localization, loader)
     major = devinterp_major()
     if major >= 2:
         _check_lm_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
-    # Work on a copy: devinterp 1.x evaluates the model at w* in train mode, which would
-    # update the caller's BatchNorm running statistics.
+    # Work on a copy: devinterp evaluates the model in train mode, which would update the
+    # caller's BatchNorm running statistics.
     model = copy.deepcopy(model).to(device)
     per_sample = loss_fn or default_loss_fn
     if evaluate is None:
         def evaluate(model, batch):
             return per_sample(model, batch).mean()
 
+    settings = dict(
+        num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws, lr=lr, nbeta=nbeta, localization=localization,
+        seed=int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed),
+        batch_size=loader.batch_size, num_train=len(loader.dataset),
+    )
     callback = LossKernelCallback(
         probe, loss_fn, dtype=dtype, batch_size=probe_batch_size,
         sample_ids=sample_ids, labels=labels,
@@ -116,21 +148,111 @@ def estimate_loss_kernel(
         **(callback_kwargs or {}),
     )
     callback.set_reference(model)  # ℓ(x; w*), before the sampler touches anything
-    settings = dict(
-        num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
-        num_steps_bw_draws=num_steps_bw_draws, lr=lr, nbeta=nbeta, localization=localization,
-        seed=seed, batch_size=loader.batch_size, num_train=len(loader.dataset),
-    )
-    run = _run_devinterp1 if major == 1 else _run_devinterp2
-    llc = run(model, loader, callback, evaluate, settings, device)
+    init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
+
+    callback.allocate(model)  # before any checkpoint is restored into it
+    checkpoint = _Checkpoint(checkpoint_dir, settings, callback) if checkpoint_dir else None
+    progress = checkpoint.load() if checkpoint else _Progress()
+    run_chain = _run_chain_devinterp1 if major == 1 else _run_chain_devinterp2
+    seeds = chain_seeds(settings["seed"], num_chains)
+    for chain in range(num_chains):
+        if chain in progress.llc_per_chain:
+            continue
+        try:
+            mean_loss = run_chain(model, loader, _ChainLabel(callback, chain), evaluate, settings,
+                                  device, seeds[chain], init_loss)
+            progress.llc_per_chain[chain] = nbeta * (mean_loss - init_loss)
+        except RuntimeError as error:
+            if "NaN" not in str(error):
+                raise
+            progress.llc_per_chain[chain] = None
+            progress.diverged.append(chain)
+            warnings.warn(
+                f"chain {chain} diverged ({error}); its {callback.draws_per_chain.get(chain, 0)} "
+                "finite draws are kept in the kernel, its LLC is left out. Lower lr or raise "
+                "localization.", RuntimeWarning, stacklevel=2,
+            )
+        if checkpoint:
+            checkpoint.save(progress)
     callback.finalize()
-    callback.extra_metadata.update({"settings": settings, **llc})
+    callback.extra_metadata.update({"settings": settings, "diverged_chains": progress.diverged,
+                                    "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
     return callback.kernel
 
 
-def _llc_summary(means: Sequence[float]) -> Dict[str, Any]:
-    means = np.asarray(means, dtype=float)
-    return {"llc/mean": float(means.mean()), "llc/std": float(means.std()), "llc/per_chain": means.tolist()}
+class _ChainLabel:
+    """Forwards devinterp's callback calls with the global chain index (devinterp numbers
+    the chains of each single-chain call from 0)."""
+
+    def __init__(self, callback: LossKernelCallback, chain: int):
+        self.callback, self.chain = callback, chain
+        self.minibatch_losses: List[float] = []
+
+    def __call__(self, **kwargs):
+        loss = kwargs.get("loss")
+        if isinstance(loss, torch.Tensor):
+            self.minibatch_losses.append(float(loss.detach().float().mean()))
+        kwargs["chain"] = self.chain
+        self.callback(**kwargs)
+
+
+class _Progress:
+    def __init__(self, llc_per_chain=None, diverged=None):
+        self.llc_per_chain: Dict[int, Optional[float]] = dict(llc_per_chain or {})
+        self.diverged: List[int] = list(diverged or [])
+
+
+class _Checkpoint:
+    """Accumulator state and per-chain progress in ``<dir>/loss_kernel_checkpoint.pt``,
+    written atomically after each chain and tied to the run's settings by a fingerprint."""
+
+    def __init__(self, directory, settings: dict, callback: LossKernelCallback):
+        self.path = Path(directory) / CHECKPOINT_NAME
+        self.callback = callback
+        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def load(self) -> _Progress:
+        if not self.path.exists():
+            return _Progress()
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"checkpoint_dir holds a run with other settings ({self.path}); use a new "
+                "checkpoint_dir or the same arguments (seed included) to resume"
+            )
+        cb = self.callback
+        if cb.accumulator is None:
+            raise RuntimeError("the accumulator must be allocated before a checkpoint is loaded")
+        cb.accumulator.load_state_dict(state["accumulator"])
+        cb.draws_per_chain = dict(state["draws_per_chain"])
+        cb.rejected_per_chain = dict(state["rejected_per_chain"])
+        return _Progress(state["llc_per_chain"], state["diverged"])
+
+    def save(self, progress: _Progress) -> None:
+        cb = self.callback
+        state = {
+            "fingerprint": self.fingerprint,
+            "accumulator": cb.accumulator.state_dict(),
+            "draws_per_chain": cb.draws_per_chain,
+            "rejected_per_chain": cb.rejected_per_chain,
+            "llc_per_chain": progress.llc_per_chain,
+            "diverged": progress.diverged,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+def _llc_summary(progress: _Progress, num_chains: int) -> Dict[str, Any]:
+    per_chain = [progress.llc_per_chain.get(c) for c in range(num_chains)]
+    finite = np.array([v for v in per_chain if v is not None], dtype=float)
+    return {
+        "llc/mean": float(finite.mean()) if finite.size else None,
+        # over chains, unbiased, as devinterp's LLCEstimator reports it
+        "llc/std": float(finite.std(ddof=1)) if finite.size > 1 else None,
+        "llc/per_chain": per_chain,
+    }
 
 
 def _loss_of(result) -> torch.Tensor:
@@ -152,42 +274,36 @@ def _minibatch_init_loss(model, loader, evaluate, s, device) -> float:
     that train-mode BatchNorm statistics of the model the chains start from are untouched."""
     work = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(0 if s["seed"] is None else int(s["seed"]))
+        torch.manual_seed(int(s["seed"]))
         losses = [
             float(_loss_of(evaluate(work, move_to_device(batch, device))).mean())
             for _, batch in zip(range(s["num_chains"]), loader)
         ]
-    # devinterp 1.x recomputes its own init loss when handed exactly 0.0
-    return float(np.mean(losses)) or 1e-30
+    return float(np.mean(losses))
 
 
-def _run_devinterp1(model, loader, callback, evaluate, s, device) -> Dict[str, Any]:
-    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+def _run_chain_devinterp1(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
+    """One chain through devinterp 1.x's sampler, with devinterp's own LLCEstimator beside
+    our callback; returns the chain's mean minibatch loss over draws (devinterp's numbers)."""
+    from devinterp.slt.llc import LLCEstimator
+    from devinterp.slt.sampler import sample
 
-    results = estimate_learning_coeff_with_summary(
-        model, loader, callbacks=[callback], evaluate=evaluate,
+    llc = LLCEstimator(1, s["num_draws"], init_loss=torch.tensor(init_loss), nbeta=s["nbeta"])
+    sample(
+        model, loader, callbacks=[llc, callback], evaluate=evaluate,
         optimizer_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
-        num_draws=s["num_draws"], num_chains=s["num_chains"],
-        num_burnin_steps=s["num_burnin_steps"], num_steps_bw_draws=s["num_steps_bw_draws"],
-        seed=s["seed"], device=device, verbose=False, cores=1,
-        init_loss=_minibatch_init_loss(model, loader, evaluate, s, device),
+        num_draws=s["num_draws"], num_chains=1, num_burnin_steps=s["num_burnin_steps"],
+        num_steps_bw_draws=s["num_steps_bw_draws"], seed=[seed], device=device,
+        verbose=False, cores=1, init_loss=init_loss if init_loss else 1e-30,
     )
-    per_chain = [results[f"llc-chain/{c}"] for c in range(s["num_chains"])]
-    summary = _llc_summary(per_chain)
-    # devinterp's own numbers, as it reports them
-    summary["llc/mean"] = float(results["llc/mean"])
-    summary["llc/std"] = float(results["llc/std"])
-    return summary
+    return float(llc.losses.double().mean())
 
 
-class _MinibatchLossRecorder:
-    """Records the SGLD minibatch loss devinterp 2.x hands each callback, per chain."""
-
-    def __init__(self):
-        self.losses: Dict[int, list] = {}
-
-    def __call__(self, *, loss, chain, **_):
-        self.losses.setdefault(int(chain), []).append(float(loss.mean()))
+def _mean_minibatch_loss(callback: _ChainLabel) -> float:
+    losses = np.asarray(callback.minibatch_losses, dtype=float)
+    if losses.size == 0 or not np.all(np.isfinite(losses)):
+        raise RuntimeError(f"NaN detected in the SGLD minibatch loss of chain {callback.chain}")
+    return float(losses.mean())
 
 
 def _check_lm_loader(loader: DataLoader) -> None:
@@ -200,26 +316,28 @@ def _check_lm_loader(loader: DataLoader) -> None:
         )
 
 
-def _run_devinterp2(model, loader, callback, evaluate, s, device) -> Dict[str, Any]:
+def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
+    """One chain through devinterp 2.x's ``sample_single_chain``; returns the mean minibatch loss."""
     from devinterp.optim import SGLD
     from devinterp.slt.sampler import sample_single_chain
 
     def evaluate2(model, batch):
         return _loss_of(evaluate(model, batch)), {}
 
-    init_loss = _minibatch_init_loss(model, loader, evaluate, s, device)
-    recorder = _MinibatchLossRecorder()
-    seeds = np.random.SeedSequence(s["seed"]).generate_state(s["num_chains"]) if s["seed"] is not None else None
-    for chain in range(s["num_chains"]):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         sample_single_chain(
             model, loader.dataset, evaluate2,
             param_masks={name: None for name, _ in model.named_parameters()},
             num_draws=s["num_draws"], num_burnin_steps=s["num_burnin_steps"],
             num_steps_bw_draws=s["num_steps_bw_draws"], sampling_method=SGLD,
             sampling_method_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
-            chain=chain, seed=None if seeds is None else int(seeds[chain]),
-            dataloader_seed=None if seeds is None else int(seeds[chain]) + 1,
-            device=str(device), callbacks=[callback, recorder], batch_size=loader.batch_size,
+            chain=0, seed=seed, dataloader_seed=seed + 1, device=str(device),
+            callbacks=[callback], batch_size=loader.batch_size,
         )
-    means = [s["nbeta"] * (np.mean(v) - init_loss) for _, v in sorted(recorder.losses.items())]
-    return _llc_summary(means) if means else {}
+    for w in caught:  # devinterp 2.x turns a NaN chain into a warning; re-raise it as ours
+        if "Chain failed" in str(w.message):
+            raise RuntimeError(f"NaN/Inf: {w.message}")
+        if not issubclass(w.category, DeprecationWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return _mean_minibatch_loss(callback)

@@ -1,0 +1,88 @@
+"""estimate_loss_kernel: resumable runs, diverged chains, argument checks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_devinterp
+from devinterp_losskernel import estimate_loss_kernel, preset
+from devinterp_losskernel.estimate import CHECKPOINT_NAME
+
+from _models import DIVERGE, MLP, classification_data, diverging_evaluate, loader_for
+import _resume_run
+
+HERE = Path(__file__).parent
+
+
+def test_killed_run_resumes_to_the_same_kernel(tmp_path):
+    require_devinterp(1)
+    # probe pass 1 is w*; chain c's draws are passes 2+6c … 7+6c: pass 10 is inside chain 1
+    proc = subprocess.run([sys.executable, str(HERE / "_resume_run.py"), str(tmp_path), "10",
+                           str(tmp_path / "never.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / "never.pt").exists()
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert sorted(state["llc_per_chain"]) == [0], "only chain 0 had finished"
+
+    resumed = _resume_run.run(checkpoint_dir=tmp_path)
+    uninterrupted = _resume_run.run()
+    assert resumed.num_draws == uninterrupted.num_draws == 18
+    assert resumed.draws_per_chain == {0: 6, 1: 6, 2: 6}
+    torch.testing.assert_close(resumed.covariance, uninterrupted.covariance, rtol=1e-12, atol=1e-15)
+    assert resumed.metadata["llc/per_chain"] == pytest.approx(uninterrupted.metadata["llc/per_chain"])
+
+
+def test_checkpoint_with_other_settings_is_refused(tmp_path):
+    require_devinterp(1)
+    model, loader, probe = _resume_run.problem()
+    kwargs = dict(_resume_run.SETTINGS, num_chains=1, num_draws=3)
+    estimate_loss_kernel(model, loader, probe, checkpoint_dir=tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="checkpoint_dir holds a run with other settings"):
+        estimate_loss_kernel(model, loader, probe, checkpoint_dir=tmp_path, **dict(kwargs, lr=2e-3))
+
+
+def test_diverged_chain_does_not_poison_the_kernel():
+    require_devinterp(1)
+    torch.manual_seed(0)
+    x, y = classification_data(64)
+    model = MLP()
+    # 2 init-loss batches, 12 steps of chain 0, then chain 1 turns NaN at its 6th step
+    DIVERGE.update(calls=0, from_call=2 + 12 + 6)
+    with pytest.warns(RuntimeWarning, match="chain 1 diverged"):
+        k = estimate_loss_kernel(model, loader_for(x, y), (x[:16], y[:16]), evaluate=diverging_evaluate,
+                                 num_chains=2, num_draws=10, num_burnin_steps=2, lr=1e-3,
+                                 nbeta=10.0, localization=100.0, seed=0, verbose=False)
+    assert torch.isfinite(k.covariance).all()
+    assert k.draws_per_chain[0] == 10 and 0 < k.draws_per_chain.get(1, 0) < 10
+    assert k.metadata["diverged_chains"] == [1]
+    assert k.metadata["llc/per_chain"][1] is None and np.isfinite(k.metadata["llc/mean"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_chains=0), "num_chains must be a positive int"),
+    (dict(num_draws=1, num_chains=1), "at least 2"),
+    (dict(lr=-1.0), "lr must be a positive number"),
+    (dict(localization=-1.0), "localization must be a non-negative number"),
+    (dict(num_burnin_steps=-1), "num_burnin_steps"),
+])
+def test_bad_arguments(kwargs, match):
+    x, y = classification_data(16)
+    base = dict(num_chains=2, num_draws=3, num_burnin_steps=0, lr=1e-3, nbeta=1.0, localization=1.0)
+    with pytest.raises(ValueError, match=match):
+        estimate_loss_kernel(MLP(), loader_for(x, y), (x, y), **{**base, **kwargs})
+
+
+def test_presets_match_table_1():
+    ma = preset("modular_arithmetic")
+    assert (ma.batch_size, ma.num_chains, ma.num_draws, ma.num_burnin_steps) == (512, 30, 800, 200)
+    assert (ma.lr, ma.nbeta, ma.localization) == (2e-7, 500.0, 30_000.0)
+    inc = preset("inception_imagenet").sampler_kwargs(num_chains=4)
+    assert inc == dict(num_chains=4, num_draws=500, num_burnin_steps=100, lr=5e-5, nbeta=20.0, localization=4000.0)
+    with pytest.raises(ValueError, match="pass localization="):
+        preset("inception_gamma_sweep").sampler_kwargs()
+    with pytest.raises(ValueError, match="name must be one of"):
+        preset("nope")

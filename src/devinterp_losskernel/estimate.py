@@ -289,13 +289,16 @@ def _run_chain_devinterp1(model, loader, callback, evaluate, s, device, seed, in
     from devinterp.slt.sampler import sample
 
     llc = LLCEstimator(1, s["num_draws"], init_loss=torch.tensor(init_loss), nbeta=s["nbeta"])
-    sample(
-        model, loader, callbacks=[llc, callback], evaluate=evaluate,
-        optimizer_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
-        num_draws=s["num_draws"], num_chains=1, num_burnin_steps=s["num_burnin_steps"],
-        num_steps_bw_draws=s["num_steps_bw_draws"], seed=[seed], device=device,
-        verbose=False, cores=1, init_loss=init_loss if init_loss else 1e-30,
-    )
+    with warnings.catch_warnings():
+        # one chain per call: devinterp's std over chains is undefined; we report our own
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")
+        sample(
+            model, loader, callbacks=[llc, callback], evaluate=evaluate,
+            optimizer_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
+            num_draws=s["num_draws"], num_chains=1, num_burnin_steps=s["num_burnin_steps"],
+            num_steps_bw_draws=s["num_steps_bw_draws"], seed=[seed], device=device,
+            verbose=False, cores=1, init_loss=init_loss if init_loss else 1e-30,
+        )
     return float(llc.losses.double().mean())
 
 

@@ -232,7 +232,7 @@ def evaluate_probe_losses(
 ) -> torch.Tensor:
     """Per-sample losses ℓ(x_i; w) of ``model`` on every probe sample, [n], float32 or wider.
 
-    Runs in eval mode under no-grad and restores the model's modes. ``autocast_dtype``
+    Runs in eval mode under inference mode (no autograd) and restores the model's modes. ``autocast_dtype``
     (e.g. torch.bfloat16 on GPU) runs the forward passes under autocast; losses are cast
     to float32 before they are returned.
     """
@@ -245,7 +245,7 @@ def evaluate_probe_losses(
         if autocast_dtype is not None else nullcontext()
     )
     pieces = []
-    with eval_mode(model), torch.no_grad(), autocast:
+    with eval_mode(model), torch.inference_mode(), autocast:
         for batch in probe.batches(device):
             size = batch_size_of(batch)
             losses = loss_fn(model, batch)

@@ -209,15 +209,16 @@ class KernelAccumulator:
         """N, the number of draws folded in or buffered."""
         return self._moments.count + self._buffered
 
-    def update(self, losses) -> None:
+    def update(self, losses, *, check_finite: bool = True) -> None:
         """Fold in a block of draws.
 
         Args:
             losses: [draws, n] (or [n] for a single draw), any float dtype and device; all
                 values must be finite (the callback drops non-finite draws before this).
+            check_finite: verify that (one device sync); skip only if the caller has.
         """
         block = self._as_block(losses)
-        if not bool(torch.isfinite(block).all()):
+        if check_finite and not bool(torch.isfinite(block).all()):
             raise ValueError(
                 "losses contain NaN or Inf; drop those draws before update() "
                 "(LossKernelCallback does this and reports the chain)"

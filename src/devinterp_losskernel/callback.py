@@ -14,6 +14,7 @@ back (see :mod:`devinterp_losskernel.probe`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -124,15 +125,17 @@ class LossKernelCallback:
             }
         losses = self.probe_losses(model)
         chain = int(chain) if chain is not None else 0
-        if not bool(torch.isfinite(losses).all()):
+        # One host sync per draw: the float64 mean is finite iff every loss is.
+        mean_loss = float(losses.double().mean())
+        if not math.isfinite(mean_loss):
             self._reject(chain, draw, losses)
         else:
-            self.accumulator.update(losses)
+            self.accumulator.update(losses, check_finite=False)
             self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
-            self._check_drift(chain, losses)
+            self._check_drift(chain, mean_loss)
         if self._pbar is not None:
             self._pbar.update(1)
-            self._pbar.set_postfix(chain=chain, probe_loss=f"{float(losses.mean()):.4g}", refresh=False)
+            self._pbar.set_postfix(chain=chain, probe_loss=f"{mean_loss:.4g}", refresh=False)
 
     def finalize(self, *args, **kwargs) -> None:
         """Flush buffered draws (devinterp 1.x calls this once after all chains)."""
@@ -229,10 +232,9 @@ class LossKernelCallback:
                 RuntimeWarning, stacklevel=3,
             )
 
-    def _check_drift(self, chain: int, losses: torch.Tensor) -> None:
+    def _check_drift(self, chain: int, current: float) -> None:
         if chain in self._drift_warned:
             return
-        current = float(losses.mean())
         if self.init_loss is not None:
             reference = float(self.init_loss.mean())
             source = "the probe loss at w*"

@@ -9,6 +9,7 @@ after every chain (``checkpoint_dir=``) and resumed after being killed with the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -153,15 +154,37 @@ def estimate_loss_kernel(
     callback.allocate(model)  # before any checkpoint is restored into it
     checkpoint = _Checkpoint(checkpoint_dir, settings, callback) if checkpoint_dir else None
     progress = checkpoint.load() if checkpoint else _Progress()
+    with _quiet_devinterp():
+        _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
+    callback.finalize()
+    callback.extra_metadata.update({"settings": settings, "diverged_chains": progress.diverged,
+                                    "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
+    return callback.kernel
+
+
+@contextlib.contextmanager
+def _quiet_devinterp():
+    """Drop devinterp's warnings about things this function sets consistently (its own nbeta,
+    seeds, SGLD). The rest it repeats on every call, i.e. per chain: _run_chains silences
+    them after the first chain."""
+    with warnings.catch_warnings():
+        for message in (r"SGLD has been deprecated", r"You are using seeded runs",
+                        r"If you're setting a nbeta or temperature", r"Using passed in nbeta"):
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major):
+    """Run the chains not yet in ``progress``, one at a time, checkpointing after each."""
     run_chain = _run_chain_devinterp1 if major == 1 else _run_chain_devinterp2
-    seeds = chain_seeds(settings["seed"], num_chains)
-    for chain in range(num_chains):
+    seeds = chain_seeds(settings["seed"], settings["num_chains"])
+    for chain in range(settings["num_chains"]):
         if chain in progress.llc_per_chain:
             continue
         try:
             mean_loss = run_chain(model, loader, _ChainLabel(callback, chain), evaluate, settings,
                                   device, seeds[chain], init_loss)
-            progress.llc_per_chain[chain] = nbeta * (mean_loss - init_loss)
+            progress.llc_per_chain[chain] = settings["nbeta"] * (mean_loss - init_loss)
         except RuntimeError as error:
             if "NaN" not in str(error):
                 raise
@@ -170,14 +193,11 @@ def estimate_loss_kernel(
             warnings.warn(
                 f"chain {chain} diverged ({error}); its {callback.draws_per_chain.get(chain, 0)} "
                 "finite draws are kept in the kernel, its LLC is left out. Lower lr or raise "
-                "localization.", RuntimeWarning, stacklevel=2,
+                "localization.", RuntimeWarning, stacklevel=4,
             )
         if checkpoint:
             checkpoint.save(progress)
-    callback.finalize()
-    callback.extra_metadata.update({"settings": settings, "diverged_chains": progress.diverged,
-                                    "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
-    return callback.kernel
+        warnings.filterwarnings("ignore", module=r"devinterp(\.|$)")  # said once is enough
 
 
 class _ChainLabel:

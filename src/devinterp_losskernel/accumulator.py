@@ -50,24 +50,31 @@ class Moments:
     m2_diag: torch.Tensor
 
 
+def _fold(a: Moments, count_b: int, mean_b: torch.Tensor, add_m2_b, m2_diag_b: torch.Tensor,
+          rows: Optional[torch.Tensor]) -> Moments:
+    """The pairwise update of ``a`` with a set b of draws; ``add_m2_b(m2)`` adds b's own
+    co-moment into ``m2`` in place (so no separate q×n tensor for b need exist)."""
+    if count_b == 0:
+        return a
+    total = a.count + count_b
+    delta = mean_b - a.mean
+    weight = a.count * count_b / total
+    add_m2_b(a.m2)
+    a.m2.addr_(delta if rows is None else delta[rows], delta, alpha=weight)
+    a.m2_diag.add_(m2_diag_b)
+    a.m2_diag.add_(delta.square(), alpha=weight)
+    a.mean.add_(delta, alpha=count_b / total)
+    a.count = total
+    return a
+
+
 def merge_moments(a: Moments, b: Moments, rows: Optional[torch.Tensor] = None) -> Moments:
     """Pairwise (Chan et al.) merge of two sets of moments; updates and returns ``a``.
 
     ``a.mean``/``b.mean``: [n]; ``a.m2``/``b.m2``: [q, n] where q = n, or q = len(rows) for a
     rectangular co-moment whose rows are the samples ``rows``. ``b`` is left unchanged.
     """
-    if b.count == 0:
-        return a
-    total = a.count + b.count
-    delta = b.mean - a.mean
-    weight = a.count * b.count / total
-    a.mean.add_(delta, alpha=b.count / total)
-    a.m2.add_(b.m2)
-    a.m2.addr_(delta if rows is None else delta[rows], delta, alpha=weight)
-    a.m2_diag.add_(b.m2_diag)
-    a.m2_diag.add_(delta.square(), alpha=weight)
-    a.count = total
-    return a
+    return _fold(a, b.count, b.mean, lambda m2: m2.add_(b.m2), b.m2_diag, rows)
 
 
 def _available_bytes(device: torch.device) -> Optional[int]:
@@ -96,6 +103,8 @@ def estimate_kernel_memory(
 ) -> int:
     """Bytes the accumulator allocates: co-moment [q, n], mean [n], a [block_size, n] buffer
     and the centred-block workspace, all in ``dtype``. q = n unless ``num_rows`` is given.
+    Folding a block adds nothing q×n; ``compute()`` returns a new q×n covariance and
+    ``LossKernel.correlation`` one more q×n, so budget 2–3× this to also read the results.
 
     >>> estimate_kernel_memory(10_000) / 1e9   # the n×n co-moment dominates: 8 n² bytes
     0.80816
@@ -240,10 +249,9 @@ class KernelAccumulator:
         block_mean = block.mean(dim=0)
         centred = block - block_mean
         lhs = centred if self.rows is None else centred[:, self.rows]
-        block_moments = Moments(
-            self._buffered, block_mean, lhs.T @ centred, centred.square().sum(dim=0)
-        )
-        merge_moments(self._moments, block_moments, self.rows)
+        # M2 += centredᵀ centred in place: no second q×n tensor at any time.
+        _fold(self._moments, self._buffered, block_mean, lambda m2: m2.addmm_(lhs.T, centred),
+              centred.square().sum(dim=0), self.rows)
         self._buffered = 0
 
     def merge(self, other: "KernelAccumulator") -> "KernelAccumulator":

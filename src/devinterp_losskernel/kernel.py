@@ -30,14 +30,14 @@ def correlation_from_covariance(
         and R(x, x) = 1 exactly wherever Var[ℓ(x)] > 0.
     """
     std = variance.clamp(min=0).sqrt()
-    row_std = std if rows is None else std[rows]
-    denom = row_std[:, None] * std[None, :]
-    positive = denom > 0
-    corr = torch.where(positive, covariance / torch.where(positive, denom, 1), 0)
-    corr = corr.clamp_(-1.0, 1.0)
+    inv_std = torch.where(std > 0, 1.0 / std.clamp(min=torch.finfo(std.dtype).tiny), 0.0)
+    row_inv = inv_std if rows is None else inv_std[rows]
+    # one q×n allocation: K · diag(1/σ_row) · diag(1/σ_col), in place after the first product
+    corr = covariance * row_inv[:, None]
+    corr.mul_(inv_std[None, :]).clamp_(-1.0, 1.0)
     row_index = torch.arange(corr.shape[0], device=corr.device)
     col_index = row_index if rows is None else rows.to(corr.device)
-    corr[row_index, col_index] = (row_std > 0).to(corr.dtype)
+    corr[row_index, col_index] = (row_inv > 0).to(corr.dtype)
     return corr
 
 

@@ -1,0 +1,262 @@
+"""Our streaming loss kernel vs devinterp 2.x's BIF on the same language model and draws.
+
+devinterp 2.x: ``bif(model, dataset, observables={"probe": ...}, correlation_method="sequence")``
+runs SGLD through ``sample()``, which writes every draw's per-token probe losses (and the
+SGLD minibatch losses and input ids of every step) to a zarr store, then
+``compute_bif()`` loads all stored losses, averages them over token positions and takes
+torch.corrcoef over the (chain, draw) axis: an n×n sequence-level correlation matrix.
+
+Ours: the same SGLD chains through devinterp 2.x's ``sample_single_chain(callbacks=[cb])``
+with ``cb = LossKernelCallback({"input_ids": probe})``, whose default loss is the mean
+next-token cross-entropy per sequence, folded into a float64 accumulator; R = K/√(K_ii K_jj).
+
+Like-for-like: the same tiny GPT-2 (built locally from a config, dropout 0 — devinterp's
+observable evaluates the chain's model in train mode while our probe pass uses eval mode,
+so dropout would make the two differ), the same probe sequences in the same order (taken
+from devinterp's own Observable), the same sampler (SGMCMC.sgld with the kwargs sample()
+builds), seeds (chain c: seed init_seed + c, data order init_seed) and probe batch size.
+The chains are therefore identical and the correlation matrices differ only by rounding;
+the stored losses are also re-correlated in float64 to show where the difference comes
+from. Run with the devinterp 2.x venv:
+
+    .venv2/bin/python benchmarks/vs_devinterp_bif.py                          # full
+    .venv2/bin/python benchmarks/vs_devinterp_bif.py --n 128 --chains 2 --draws 20 --train-steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp's per-chain progress bars
+
+import _common  # noqa: F401  (puts src/ on sys.path)
+from _common import (
+    PeakRSS,
+    Timer,
+    add_common_arguments,
+    append_results,
+    apply_common_arguments,
+    directory_bytes,
+    print_table,
+)
+
+import numpy as np
+import torch
+
+from devinterp_losskernel import LossKernelCallback
+
+
+def require_devinterp2():
+    try:
+        from importlib.metadata import version
+
+        v = version("devinterp")
+    except Exception:
+        raise SystemExit("devinterp is not installed; run with .venv2/bin/python")
+    if not v.startswith("2."):
+        raise SystemExit(f"vs_devinterp_bif.py needs devinterp 2.x (found {v}): "
+                         "run it with .venv2/bin/python")
+
+
+def make_tokens(count: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    """Sequences from a fixed random bigram chain: learnable structure for a tiny LM."""
+    g = torch.Generator().manual_seed(1000)
+    transition = torch.softmax(torch.randn(vocab, vocab, generator=g) * 3, dim=1)
+    g.manual_seed(seed)
+    ids = torch.empty(count, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, vocab, (count,), generator=g)
+    for t in range(1, length):
+        ids[:, t] = torch.multinomial(transition[ids[:, t - 1]], 1, generator=g).squeeze(1)
+    return ids
+
+
+def build_model(args):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=args.vocab, n_positions=args.seq_len + 1, n_embd=args.width,
+        n_layer=args.layers, n_head=args.heads, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # see the module docstring
+    )
+    torch.manual_seed(args.seed)
+    return GPT2LMHeadModel(config)
+
+
+def train_briefly(model, ids, steps: int, batch_size: int, seed: int):
+    """A few Adam steps, so SGLD starts near a (local) minimum as it would in practice."""
+    from devinterp.slt.lm_loss import compute_per_token_loss
+
+    if steps <= 0:
+        return model
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = ids[torch.randint(0, len(ids), (batch_size,), generator=g)]
+        loss = compute_per_token_loss(model, batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def run_bif(model, train_ds, probe_ds, args, out_dir: Path):
+    """devinterp 2.x end to end: bif() = sample() (zarr on disk) + compute_bif()."""
+    from devinterp.slt.bif import bif
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = bif(
+            model, train_ds, {"probe": (probe_ds, args.n // args.batch_size)},
+            lr=args.lr, n_beta=args.nbeta, localization=args.localization,
+            correlation_method="sequence", num_chains=args.chains, num_draws=args.draws,
+            batch_size=args.batch_size, num_burnin_steps=args.burnin,
+            num_init_loss_batches=1, init_seed=args.seed, output_path=str(out_dir),
+            device="cpu", bif_device="cpu",
+        )
+    return np.asarray(result["influences"].values)
+
+
+def run_ours(model, train_ds, probe_ids, args):
+    """The same chains through sample_single_chain, with LossKernelCallback."""
+    from devinterp.slt.config import SAMPLING_METHODS
+    from devinterp.slt.lm_loss import make_evaluate_fn
+    from devinterp.slt.sampler import sample_single_chain
+
+    cb = LossKernelCallback({"input_ids": probe_ids}, batch_size=args.batch_size)
+    kwargs = dict(nbeta=args.nbeta, lr=args.lr, localization=args.localization,
+                  noise_level=1.0, weight_decay=0.0, bounding_box_size=None, save_metrics=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for chain in range(args.chains):
+            sample_single_chain(
+                ref_model=model, dataset=train_ds, evaluate=make_evaluate_fn(None),
+                param_masks={name: None for name, _ in model.named_parameters()},
+                num_draws=args.draws, num_burnin_steps=args.burnin, num_steps_bw_draws=1,
+                sampling_method=SAMPLING_METHODS["sgmcmc_sgld"], sampling_method_kwargs=kwargs,
+                chain=chain, seed=args.seed + chain, dataloader_seed=args.seed, device="cpu",
+                callbacks=[cb], batch_size=args.batch_size, shuffle=True, epoch_mode="cycle",
+            )
+    kernel = cb.kernel
+    return kernel.correlation.numpy(), kernel.mean.numpy(), kernel.num_draws
+
+
+def stored_sequence_losses(out_dir: Path) -> np.ndarray:
+    """devinterp's stored per-token probe losses → per-sequence means, [chains·draws, n], float64."""
+    import xarray as xr
+
+    tree = xr.open_datatree(str(out_dir), engine="zarr", consolidated=False)
+    losses = np.asarray(tree.dataset["loss_probe"].values, dtype=np.float64)  # [C, T, n, L]
+    return losses.mean(axis=-1).reshape(-1, losses.shape[2])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1024, help="probe sequences (multiple of --batch-size)")
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=200, help="draws per chain")
+    parser.add_argument("--burnin", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="SGLD and probe batch size")
+    parser.add_argument("--seq-len", type=int, default=32, help="predicted positions per sequence")
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--num-train", type=int, default=2048)
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--nbeta", type=float, default=30.0)
+    parser.add_argument("--localization", type=float, default=100.0)
+    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--workdir", default=None, help="where the zarr store goes (default: a temp dir)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_common_arguments(args)
+    require_devinterp2()
+    if args.n % args.batch_size:
+        raise SystemExit("--n must be a multiple of --batch-size (devinterp's observables are whole batches)")
+
+    from datasets import Dataset
+    from devinterp.slt.observables import Observable
+
+    length = args.seq_len + 1
+    train_ids = make_tokens(args.num_train, length, args.vocab, seed=1)
+    probe_pool = make_tokens(args.n, length, args.vocab, seed=2)
+    train_ds = Dataset.from_dict({"input_ids": train_ids.tolist()}).with_format("torch")
+    probe_ds = Dataset.from_dict({"input_ids": probe_pool.tolist()}).with_format("torch")
+    # devinterp's own Observable picks (and orders) the probe sequences; we use the same ones
+    probe_ids = Observable(
+        dataset=probe_ds, task_name="probe", batches_per_draw=args.n // args.batch_size,
+        batch_size=args.batch_size, context_length=args.seq_len, device=torch.device("cpu"),
+    ).input_ids
+    model = train_briefly(build_model(args), train_ids, args.train_steps, args.batch_size, args.seed)
+
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bif_bench_"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        # untimed warm-up of both code paths (lazy imports, first-call allocations)
+        small = argparse.Namespace(**{**vars(args), "chains": 1, "draws": 2})
+        run_bif(model, train_ds, probe_ds, small, root / "warmup.zarr")
+        run_ours(model, train_ds, probe_ids, small)
+        shutil.rmtree(root / "warmup.zarr", ignore_errors=True)
+
+        store = root / "samples.zarr"
+        with PeakRSS() as mem_bif, Timer() as t_bif:
+            r_bif = run_bif(model, train_ds, probe_ds, args, store)
+        disk_bif = directory_bytes(store)
+        with PeakRSS() as mem_ours, Timer() as t_ours:
+            r_ours, mean_ours, num_draws = run_ours(model, train_ds, probe_ids, args)
+
+        stored = stored_sequence_losses(store)
+        r_ref = np.corrcoef(stored, rowvar=False)  # float64, on devinterp's stored float32 losses
+        same_chains = float(np.abs(mean_ours - stored.mean(axis=0)).max())
+        probe_bytes = 4 * args.chains * args.draws * args.n * args.seq_len
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+    assert num_draws == stored.shape[0] == args.chains * args.draws
+    headers = ["method", "wall s", "peak RSS MiB", "disk written MiB", "max |R − R_bif|",
+               "max |R − R_float64(stored)|"]
+    rows = [
+        ["devinterp 2.x bif(correlation_method='sequence')", f"{t_bif.seconds:.2f}",
+         f"{mem_bif.peak_bytes / 2**20:,.1f}", f"{disk_bif / 2**20:,.1f}", "0",
+         f"{np.abs(r_bif - r_ref).max():.1e}"],
+        ["LossKernelCallback + sample_single_chain", f"{t_ours.seconds:.2f}",
+         f"{mem_ours.peak_bytes / 2**20:,.1f}", "0", f"{np.abs(r_ours - r_bif).max():.1e}",
+         f"{np.abs(r_ours - r_ref).max():.1e}"],
+    ]
+    title = (f"n={args.n} probe sequences × {args.seq_len} predicted tokens, {args.chains} chains "
+             f"× {args.draws} draws, tiny GPT-2 ({args.layers} layers, width {args.width}, "
+             f"vocab {args.vocab})")
+    table = print_table(headers, rows, title)
+    notes = "\n".join([
+        title + ".",
+        f"SGLD: lr={args.lr}, nβ={args.nbeta}, localization={args.localization}, batch "
+        f"{args.batch_size}, burn-in {args.burnin}, seed {args.seed}; bif() with "
+        "num_init_loss_batches=1; probe batch size = SGLD batch size on both sides; CPU.",
+        f"Same chains on both sides: max |mean probe loss (ours) − mean of devinterp's stored "
+        f"losses| = {same_chains:.1e}.",
+        f"devinterp writes every draw's per-token probe losses (float32, "
+        f"{probe_bytes / 2**20:,.1f} MiB here = 4·chains·draws·n·tokens, growing with the "
+        "draws) plus per-step SGLD losses and input ids to the zarr store ('disk written' is "
+        "its size), and compute_bif() loads all of them back. We keep the float64 mean and "
+        f"co-moment in memory: 8n² = {8 * args.n**2 / 2**20:,.1f} MiB whatever the draws, "
+        "and write nothing.",
+        "'R_float64(stored)' is np.corrcoef in float64 of devinterp's stored losses averaged "
+        "over tokens: it shows how much of the difference is devinterp's float32 corrcoef "
+        "and how much our float32 probe losses. Peak RSS is the process high-water mark above "
+        "the level before each run.",
+    ])
+    print("\n" + notes)
+    append_results("Loss kernel vs devinterp 2.x BIF (benchmarks/vs_devinterp_bif.py)",
+                   table + "\n\n" + notes, path=args.results, write=not args.no_record)
+
+
+if __name__ == "__main__":
+    main()

@@ -304,6 +304,13 @@ class KernelAccumulator:
             **kernel_fields,
         )
 
+    def all_reduce(self, group=None) -> "KernelAccumulator":
+        """Merge this accumulator exactly with those of all torch.distributed ranks of
+        ``group``; see :func:`devinterp_losskernel.distributed.all_reduce_accumulator`."""
+        from .distributed import all_reduce_accumulator
+
+        return all_reduce_accumulator(self, group)
+
     # -- state, for checkpoints and distributed merges --------------------------------------
     def state_dict(self) -> dict:
         """Tensors and counts that fully describe the accumulator (buffer flushed first)."""

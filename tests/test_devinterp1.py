@@ -42,8 +42,12 @@ def test_estimate_learning_coeff_with_summary():
         num_chains=2, num_draws=12, num_burnin_steps=3, seed=1, verbose=False,
     )
     assert "llc/mean" in results
-    for key in ("covariance", "correlation", "mean", "variance", "num_draws"):
+    for key in ("covariance", "correlation", "mean", "variance", "num_draws", "probe_llc",
+                "singular_fluctuation"):
         assert f"loss_kernel/{key}" in results
+    # ν = β V / 2 with β = nβ/n (n = 96 from devinterp's loader) and V = n · mean probe variance
+    nu = 30.0 / 96 * (96 * results["loss_kernel/variance"].mean()) / 2
+    assert results["loss_kernel/singular_fluctuation"] == pytest.approx(nu, rel=1e-9)
     traces = witness.traces()
     assert results["loss_kernel/num_draws"] == 24 == len(traces)
     np.testing.assert_allclose(results["loss_kernel/covariance"], np.cov(traces, rowvar=False),
@@ -88,6 +92,7 @@ def test_estimate_loss_kernel_one_call():
     assert k.num_draws == 20 and k.covariance.shape == (30, 30)
     assert np.isfinite(k.metadata["llc/mean"]) and len(k.metadata["llc/per_chain"]) == 2
     assert k.metadata["settings"]["num_chains"] == 2
+    assert np.isfinite(k.metadata["probe_llc"]) and k.metadata["singular_fluctuation"] > 0
     assert k.init_loss is not None and torch.equal(k.labels, probe[1])
     again = estimate_loss_kernel(model, loader, probe, num_chains=2, num_draws=10, num_burnin_steps=2,
                                  seed=3, verbose=False, **SGLD)

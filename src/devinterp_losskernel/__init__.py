@@ -2,9 +2,21 @@
 
 Pipeline: probe losses (:mod:`.probe`) → streaming accumulation (:mod:`.accumulator`) →
 the kernel result (:mod:`.kernel`), driven by the devinterp callback (:mod:`.callback`) or
-the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`).
+the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`) → analyses (:mod:`.analysis`)
+→ figures (:mod:`.plotting`, imported on demand so that the package does not load matplotlib).
 """
 
+from .analysis import (
+    cka,
+    detection_auc,
+    group_covariances,
+    mean_self_covariance,
+    memorization_scores,
+    pc1_separation,
+    probe_llc,
+    singular_fluctuation,
+    top_correlated,
+)
 from .accumulator import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
 from .callback import LossKernelCallback
 from .estimate import estimate_loss_kernel
@@ -21,6 +33,15 @@ from .probe import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cka",
+    "detection_auc",
+    "group_covariances",
+    "mean_self_covariance",
+    "memorization_scores",
+    "pc1_separation",
+    "probe_llc",
+    "singular_fluctuation",
+    "top_correlated",
     "KernelAccumulator",
     "KernelMemoryError",
     "LossKernel",

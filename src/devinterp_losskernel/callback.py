@@ -60,6 +60,11 @@ class LossKernelCallback:
         drift_tolerance: warn (once per chain) when a draw's mean probe loss exceeds the mean
             loss at w* by more than ``drift_tolerance × (1 + |mean loss at w*|)``.
         total_draws: if given, a tqdm bar over all draws of all chains is shown.
+        num_train: n, the training-set size the SGLD loss averages over (for the singular
+            fluctuation); taken from devinterp 1.x's ``loader`` when not given.
+        probe_train_mask: bool [n_probe], which probe samples are training samples (default:
+            all); the singular fluctuation uses only those. Pass all-False (or ``False``) for a
+            probe of held-out data to leave the singular fluctuation out.
 
     After sampling: ``callback.kernel`` is the :class:`LossKernel` (computed on access);
     ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*`` entries.
@@ -82,6 +87,8 @@ class LossKernelCallback:
         drift_tolerance: float = 1.0,
         total_draws: Optional[int] = None,
         cache_probe_on_device: Union[bool, str] = "auto",
+        num_train: Optional[int] = None,
+        probe_train_mask=None,
     ):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
@@ -97,6 +104,8 @@ class LossKernelCallback:
         self.sample_ids = sample_ids
         self.labels = labels
         self.total_draws = total_draws
+        self.num_train = num_train
+        self.probe_train_mask = probe_train_mask
         self.accumulator: Optional[KernelAccumulator] = None
         self.init_loss: Optional[torch.Tensor] = None
         self.hyperparameters: Dict[str, Any] = {}
@@ -111,8 +120,10 @@ class LossKernelCallback:
     # -- devinterp entry points -------------------------------------------------------------
     def __call__(self, *, model: nn.Module, chain: int = 0, draw: Optional[int] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 ref_model: Optional[nn.Module] = None, **_ignored) -> None:
+                 ref_model: Optional[nn.Module] = None, loader=None, **_ignored) -> None:
         """Evaluate the probe at the chain's current weights and fold the losses in."""
+        if self.num_train is None and loader is not None and hasattr(loader, "dataset"):
+            self.num_train = len(loader.dataset)  # devinterp 1.x passes its training loader
         if self.init_loss is None and self.reference_model is None and ref_model is not None:
             self.set_reference(ref_model)  # devinterp 1.x hands over the model at w*
         if self.accumulator is None:
@@ -160,7 +171,27 @@ class LossKernelCallback:
         }
         if kernel.init_loss is not None:
             results["init_loss"] = kernel.init_loss.numpy()
+        results.update(self.slt_summary(kernel))
         return {RESULT_PREFIX + key: value for key, value in results.items()}
+
+    def slt_summary(self, kernel: Optional[LossKernel] = None) -> Dict[str, float]:
+        """The SLT numbers of this run that sit beside devinterp's LLC: the paired probe LLC
+        nβ(E_w[L̄_probe] − L̄_probe(w*)) and the singular fluctuation ν = βV/2, where known."""
+        from .analysis import probe_llc, singular_fluctuation
+
+        kernel = kernel if kernel is not None else self.kernel
+        nbeta = self.hyperparameters.get("nbeta")
+        summary: Dict[str, float] = {}
+        if nbeta is None:
+            return summary
+        if kernel.init_loss is not None:
+            summary["probe_llc"] = probe_llc(kernel, nbeta=nbeta)
+        mask = self.probe_train_mask
+        if self.num_train is not None and mask is not False and (mask is None or bool(torch.as_tensor(mask).any())):
+            fluctuation = singular_fluctuation(kernel, nbeta=nbeta, num_train=self.num_train, train_mask=mask)
+            summary["singular_fluctuation"] = fluctuation.nu
+            summary["empirical_variance"] = fluctuation.V
+        return summary
 
     @property
     def kernel(self) -> LossKernel:
@@ -171,6 +202,7 @@ class LossKernelCallback:
             "devinterp_version": devinterp_version(),
             "sampler": dict(self.hyperparameters),
             "num_chains": len(self.draws_per_chain),
+            "settings": {"num_train": self.num_train},
             **self.extra_metadata,
         }
         return self.accumulator.compute(

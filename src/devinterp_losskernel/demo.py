@@ -70,7 +70,7 @@ def train_memorizing_mlp(x, y, cfg: DemoConfig) -> nn.Module:
 def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] = None,
              verbose: bool = True) -> dict:
     """Train, sample, and write kernel.pt, summary.json and correlation.png to ``out_dir``."""
-    from .analysis import detection_auc, memorization_scores, probe_llc, singular_fluctuation
+    from .analysis import detection_auc, memorization_scores
     from .estimate import estimate_loss_kernel
     from .plotting import plot_correlation_matrix
 
@@ -96,7 +96,6 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
     sampled_at = time.perf_counter()
 
     is_flipped = flipped[probe_index].numpy()
-    fluctuation = singular_fluctuation(kernel, nbeta=cfg.nbeta, num_train=cfg.num_train)
     summary = {
         "config": asdict(cfg),
         "train_accuracy_on_noisy_labels": train_accuracy,
@@ -104,9 +103,9 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
         "num_draws": int(kernel.num_draws),
         "llc/mean (devinterp, minibatch)": kernel.metadata["llc/mean"],
         "llc/std (devinterp)": kernel.metadata["llc/std"],
-        "probe_llc (paired, probe losses)": probe_llc(kernel, nbeta=cfg.nbeta),
+        "probe_llc (paired, probe losses)": kernel.metadata["probe_llc"],
         "trace (sum of probe variances)": kernel.trace,
-        "singular_fluctuation/nu": fluctuation.nu,
+        "singular_fluctuation/nu": kernel.metadata["singular_fluctuation"],
         "memorization_auc/variance": detection_auc(memorization_scores(kernel), is_flipped),
         "memorization_auc/loss_at_w_star": detection_auc(kernel.init_loss.numpy(), is_flipped),
         "seconds/train": trained_at - started,

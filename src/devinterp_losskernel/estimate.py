@@ -90,6 +90,7 @@ def estimate_loss_kernel(
     dtype: torch.dtype = torch.float64,
     verbose: bool = True,
     checkpoint_dir: Union[str, Path, None] = None,
+    probe_train_mask=None,
     callback_kwargs: Optional[Dict[str, Any]] = None,
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
@@ -111,13 +112,18 @@ def estimate_loss_kernel(
             is drawn at random and recorded in ``kernel.metadata["settings"]["seed"]``.
         checkpoint_dir: if given, the accumulator and progress are saved there after every
             chain; calling again with the same arguments resumes from the last finished chain.
+        probe_train_mask: bool [n], which probe samples belong to ``loader``'s training set
+            (default: all); the singular fluctuation uses those. ``False``: none (held-out probe).
         callback_kwargs: extra :class:`LossKernelCallback` arguments (``block_size``, ``rows``,
             ``autocast_dtype``, …).
 
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
-        SGLD settings and the LLC of the same run: ``llc/per_chain`` = nβ (E_t[L_m(w_{c,t})]
-        − L_m(w*)) with L_m devinterp's minibatch loss, ``llc/mean`` and ``llc/std`` over chains.
+        SGLD settings and, from the same draws: ``llc/per_chain`` = nβ (E_t[L_m(w_{c,t})]
+        − L_m(w*)) with L_m devinterp's minibatch loss, ``llc/mean`` and ``llc/std`` over
+        chains; ``probe_llc`` (the paired LLC from the probe losses); ``singular_fluctuation``
+        ν = βV/2 and ``empirical_variance`` V (β = nβ/n; see
+        :func:`~devinterp_losskernel.analysis.singular_fluctuation`).
 
     A chain that diverges (devinterp raises on a NaN minibatch loss, or the probe losses turn
     non-finite) keeps its finite draws in the kernel; it is reported by a warning and in
@@ -144,7 +150,8 @@ def estimate_loss_kernel(
     )
     callback = LossKernelCallback(
         probe, loss_fn, dtype=dtype, batch_size=probe_batch_size,
-        sample_ids=sample_ids, labels=labels,
+        sample_ids=sample_ids, labels=labels, num_train=len(loader.dataset),
+        probe_train_mask=probe_train_mask,
         total_draws=num_chains * num_draws if verbose else None,
         **(callback_kwargs or {}),
     )
@@ -159,7 +166,9 @@ def estimate_loss_kernel(
     callback.finalize()
     callback.extra_metadata.update({"settings": settings, "diverged_chains": progress.diverged,
                                     "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
-    return callback.kernel
+    kernel = callback.kernel
+    kernel.metadata.update(callback.slt_summary(kernel))  # probe_llc, singular_fluctuation, …
+    return kernel
 
 
 @contextlib.contextmanager

@@ -1,0 +1,166 @@
+"""The singular fluctuation ν and the LLC from a loss kernel (paper, Appendix A.1.3).
+
+Temperature. devinterp's SGLD targets the tempered local posterior
+
+    p(w | D_n) ∝ exp(−nβ · L̄_n(w)) · N(w | w*, 1/γ),     L̄_n(w) = 1/n Σ_i ℓ(x_i; w),
+
+with ``nbeta`` = nβ multiplying the *mean* training loss. In the paper's (Watanabe's) form
+exp(−β Σ_i ℓ(x_i; w)) this is the per-sample inverse temperature
+
+    β = nβ / n      (n = ``num_train``, the size of the training set the sampler saw).
+
+Empirical variance. With ℓ(x; w) = −log p(x | w), the paper's Appendix A.1.3 gives
+
+    V = Σ_{i=1}^n Var_w[ℓ(x_i; w)] = Σ_i K(x_i, x_i),      2ν(β)/β = lim_{n→∞} E_D[V],
+
+so ν̂ = β V̂ / 2. For a regular model with d parameters, ν = d/2 at β = 1 (e.g. linear
+regression with Gaussian noise, ℓ = ½(y − f(x))²; see ``tests/test_analysis_fluctuation.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..kernel import LossKernel
+from ._validate import as_mask, as_vector, check_kernel, kernel_variance
+
+__all__ = ["SingularFluctuation", "probe_llc", "singular_fluctuation"]
+
+
+@dataclass(frozen=True)
+class SingularFluctuation:
+    """ν̂ and how it was obtained (see :func:`singular_fluctuation`).
+
+    Attributes:
+        nu: ν̂ = β V̂ / 2, the singular fluctuation.
+        V: V̂ = Σ_{i ∈ train} Var_w[ℓ(x_i; w)], the empirical variance over the whole training
+            set (extrapolated as n · mean when the probe holds only part of it).
+        beta: β = nβ / n, the per-sample inverse temperature.
+        nbeta: nβ, devinterp's inverse temperature (multiplies the mean loss).
+        num_train: n, the size of the training set.
+        num_probe_train: how many probe samples are training samples (the terms summed).
+        stderr: standard error of ν̂ from sampling the probe's training samples out of the
+            training set: β/2 · n · sd(Var_i)/√m · √(1 − m/n) with m = num_probe_train
+            (0 when the probe is the whole training set). It does *not* include the Monte
+            Carlo error of the SGLD draws; compare kernels from independent chains for that.
+    """
+
+    nu: float
+    V: float
+    beta: float
+    nbeta: float
+    num_train: int
+    num_probe_train: int
+    stderr: float
+
+    @property
+    def V_stderr(self) -> float:
+        """Standard error of V̂ (same caveat as ``stderr``)."""
+        return 2.0 * self.stderr / self.beta
+
+
+def _from_metadata(kernel: Any, value, name: str, section: str, key: str):
+    """An argument left as None is read from the kernel's metadata, where it is recorded."""
+    if value is not None:
+        return value
+    if isinstance(kernel, LossKernel):
+        found = (kernel.metadata.get(section) or {}).get(key)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"{name} must be given (it is not recorded in kernel.metadata[{section!r}][{key!r}])"
+    )
+
+
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0 \
+            or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def singular_fluctuation(
+    kernel: Any,
+    *,
+    nbeta: Optional[float] = None,
+    num_train: Optional[int] = None,
+    train_mask: Any = None,
+) -> SingularFluctuation:
+    """Estimate the singular fluctuation ν from the per-sample loss variances K̂(x, x).
+
+        β = nβ / n,   V̂ = n · mean_{i ∈ probe ∩ train} K̂(x_i, x_i),   ν̂ = β V̂ / 2
+
+    When the probe is the whole training set, V̂ = Σ_i K̂(x_i, x_i) = tr K̂ exactly (paper,
+    Appendix A.1.3). The losses must be negative log-likelihoods (up to an additive constant)
+    for ν̂ to be Watanabe's ν; for other losses it is the same functional of the loss.
+
+    Args:
+        kernel: a :class:`LossKernel` (square or rectangular: only the variances [n_probe]
+            are used) or a square covariance matrix [n_probe, n_probe].
+        nbeta: devinterp's nβ. Default: ``kernel.metadata["sampler"]["nbeta"]``.
+        num_train: n, the number of training samples the SGLD loss averages over.
+            Default: ``kernel.metadata["settings"]["num_train"]`` (set by
+            :func:`~devinterp_losskernel.estimate_loss_kernel`).
+        train_mask: bool [n_probe], True for probe samples that belong to the training set.
+            Default: all of them.
+
+    Returns:
+        A :class:`SingularFluctuation` (``nu``, ``V``, ``beta``, ``stderr``, …).
+    """
+    variance = kernel_variance(kernel)
+    n_probe = variance.shape[0]
+    nbeta = _positive(_from_metadata(kernel, nbeta, "nbeta", "sampler", "nbeta"), "nbeta")
+    num_train = _from_metadata(kernel, num_train, "num_train", "settings", "num_train")
+    if isinstance(num_train, bool) or not isinstance(num_train, (int, np.integer)) or num_train < 1:
+        raise ValueError(f"num_train must be a positive int (training-set size), got {num_train!r}")
+    num_train = int(num_train)
+    mask = np.ones(n_probe, dtype=bool) if train_mask is None else as_mask(train_mask, n_probe, "train_mask")
+    m = int(mask.sum())
+    if m == 0:
+        raise ValueError("train_mask must mark at least one probe sample as a training sample, got none")
+    if m > num_train:
+        raise ValueError(
+            f"num_train must be at least the number of training samples in the probe ({m}), "
+            f"got {num_train}"
+        )
+    train_var = variance[mask]
+    beta = nbeta / num_train
+    V = num_train * float(train_var.mean())
+    spread = float(train_var.std(ddof=1)) if m > 1 else 0.0
+    V_stderr = num_train * spread / math.sqrt(m) * math.sqrt(max(0.0, 1.0 - m / num_train))
+    return SingularFluctuation(
+        nu=beta * V / 2.0, V=V, beta=beta, nbeta=nbeta, num_train=num_train,
+        num_probe_train=m, stderr=beta * V_stderr / 2.0,
+    )
+
+
+def probe_llc(kernel: LossKernel, *, nbeta: Optional[float] = None) -> float:
+    """The local learning coefficient measured on the probe, from the same draws as K̂.
+
+        λ̂_probe = nβ · ( mean_i μ̂(x_i) − mean_i ℓ(x_i; w*) )
+
+    with μ̂(x) the mean loss over draws (``kernel.mean``) and ℓ(x; w*) the loss at the
+    trained weights (``kernel.init_loss``). When the probe is the training set this is
+    devinterp's LLC estimator nβ (E_w[L̄_n(w)] − L̄_n(w*)) with full-batch losses.
+
+    Args:
+        kernel: a :class:`LossKernel` with ``init_loss`` (set by ``estimate_loss_kernel`` and
+            by :class:`~devinterp_losskernel.LossKernelCallback`).
+        nbeta: nβ. Default: ``kernel.metadata["sampler"]["nbeta"]``.
+    """
+    if not isinstance(kernel, LossKernel):
+        raise ValueError(f"kernel must be a LossKernel (it needs mean and init_loss), got {type(kernel).__name__}")
+    check_kernel(kernel, square=False)
+    if kernel.init_loss is None:
+        raise ValueError(
+            "kernel.init_loss must hold the probe losses at w* for the LLC, got None "
+            "(give the callback a reference model or use estimate_loss_kernel)"
+        )
+    nbeta = _positive(_from_metadata(kernel, nbeta, "nbeta", "sampler", "nbeta"), "nbeta")
+    mean = as_vector(kernel.mean, "kernel.mean")
+    init = as_vector(kernel.init_loss, "kernel.init_loss", mean.shape[0])
+    return nbeta * float(mean.mean() - init.mean())

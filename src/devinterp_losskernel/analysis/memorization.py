@@ -1,0 +1,147 @@
+"""Memorization: per-sample loss variance K(x, x) as a detector (paper, Appendix D.4, Fig. 7).
+
+Memorized (e.g. mislabelled) samples sit in a sharper basin: small moves of w change their
+loss a lot, so their self-covariance K(x, x) = Var_w[ℓ(x; w)] is large. The paper reports a
+ROC-AUC of 0.958 for detecting 1,000 mislabelled ImageNet samples by K(x, x), and a mean
+self-covariance of 2.138 (mislabelled) vs 1.112 (normal).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple, Union
+
+import numpy as np
+
+from ..kernel import LossKernel
+from ._validate import as_array, as_labels, as_mask, as_vector, kernel_labels, kernel_variance, py_scalar
+
+__all__ = ["detection_auc", "mean_self_covariance", "memorization_scores", "roc_curve"]
+
+
+def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.ndarray:
+    """Per-sample memorization scores from the self-covariance K̂(x, x), [n].
+
+    Args:
+        kernel: a :class:`LossKernel` or a square covariance matrix [n, n].
+        normalize:
+            - ``False``: K̂(x, x) itself, in squared loss units.
+            - ``True`` or ``"median"``: K̂(x, x) / median_x K̂(x, x). Unit-free, so scores from
+              runs with different ε, γ, nβ or losses are comparable ("3× the typical
+              sample"); a monotone map, so rankings and :func:`detection_auc` are unchanged.
+              The median (not the mean) keeps a few memorized samples from moving the scale.
+            - ``"cv"``: K̂(x, x) / μ̂(x)², the squared coefficient of variation of the loss
+              over draws (needs a LossKernel for μ̂). Invariant to rescaling the loss, but
+              not to shifting it, and large wherever the mean loss is near 0; inf where
+              μ̂(x) = 0 < K̂(x, x), 0 where both are 0.
+
+    Returns:
+        float64 [n]; larger means more memorization-like.
+    """
+    variance = kernel_variance(kernel)
+    if normalize is False:
+        return variance.copy()  # never a view of the kernel's own tensor
+    if normalize is True or normalize == "median":
+        median = float(np.median(variance))
+        if not median > 0:
+            raise ValueError(
+                "kernel must have a positive median variance K(x,x) for normalize='median', "
+                f"got {median}"
+            )
+        return variance / median
+    if normalize == "cv":
+        if not isinstance(kernel, LossKernel):
+            raise ValueError("kernel must be a LossKernel for normalize='cv' (it needs the mean loss)")
+        mean_sq = as_vector(kernel.mean, "kernel.mean", variance.shape[0]) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cv = variance / mean_sq
+        return np.where(mean_sq > 0, cv, np.where(variance > 0, np.inf, 0.0))
+    raise ValueError(f"normalize must be False, True, 'median' or 'cv', got {normalize!r}")
+
+
+def _scores_and_mask(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray]:
+    s = _as_scores(scores)
+    mask = as_mask(is_positive, s.shape[0], "is_positive")
+    n_pos = int(mask.sum())
+    if n_pos == 0 or n_pos == mask.shape[0]:
+        raise ValueError(
+            f"is_positive must mark at least one positive and one negative sample, got "
+            f"{n_pos} positives out of {mask.shape[0]}"
+        )
+    return s, mask
+
+
+def _as_scores(scores: Any) -> np.ndarray:
+    """Scores may contain +inf (e.g. ``normalize='cv'``) but not NaN."""
+    arr = as_array(scores, "scores")
+    if arr.ndim != 1 or arr.dtype.kind not in "biuf":
+        raise ValueError(f"scores must be a 1-D vector of numbers, got shape {arr.shape}, dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if np.isnan(arr).any():
+        raise ValueError(f"scores must not contain NaN, got {int(np.isnan(arr).sum())}")
+    return arr
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts_group = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    group = np.cumsum(starts_group) - 1
+    starts = np.flatnonzero(starts_group)
+    ends = np.r_[starts[1:], x.shape[0]]
+    ranks = np.empty(x.shape[0], dtype=np.float64)
+    ranks[order] = ((starts + 1 + ends) / 2.0)[group]
+    return ranks
+
+
+def detection_auc(scores: Any, is_positive: Any) -> float:
+    """ROC-AUC of ``scores`` for telling positives (e.g. mislabelled) from negatives.
+
+    The Mann–Whitney form: AUC = P(s⁺ > s⁻) + ½ P(s⁺ = s⁻) over positive/negative pairs,
+    computed from average ranks (ties count one half), equal to the trapezoidal area under
+    :func:`roc_curve`.
+
+    Args:
+        scores: [n] numbers, larger = more likely positive (e.g. :func:`memorization_scores`).
+        is_positive: bool [n]; needs at least one positive and one negative.
+    Returns:
+        AUC in [0, 1]; 0.5 is chance.
+    """
+    s, mask = _scores_and_mask(scores, is_positive)
+    n_pos = int(mask.sum())
+    n_neg = mask.shape[0] - n_pos
+    rank_sum = float(_average_ranks(s)[mask].sum())
+    u = rank_sum - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def roc_curve(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ROC curve: (false-positive rate, true-positive rate, thresholds), each [k + 1].
+
+    Point j classifies ``scores >= thresholds[j]`` as positive, for every distinct score in
+    decreasing order; the first point is (0, 0) with threshold +inf.
+    """
+    s, mask = _scores_and_mask(scores, is_positive)
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, pos_sorted = s[order], mask[order]
+    last_of_value = np.r_[s_sorted[1:] != s_sorted[:-1], True]
+    tp = np.cumsum(pos_sorted)[last_of_value]
+    fp = np.cumsum(~pos_sorted)[last_of_value]
+    tpr = np.r_[0.0, tp / mask.sum()]
+    fpr = np.r_[0.0, fp / (~mask).sum()]
+    return fpr, tpr, np.r_[np.inf, s_sorted[last_of_value]]
+
+
+def mean_self_covariance(kernel: Any, groups: Any = None) -> Dict[Any, float]:
+    """Mean K̂(x, x) within each group (paper, Fig. 7B: normal 1.112 vs mislabelled 2.138).
+
+    Args:
+        kernel: a :class:`LossKernel` or a square covariance matrix [n, n].
+        groups: [n] group of each sample (bool, ints, strings); default ``kernel.labels``.
+    Returns:
+        {group: mean self-covariance}, groups in sorted order.
+    """
+    variance = kernel_variance(kernel)
+    n = variance.shape[0]
+    labels = as_labels(groups, n, "groups") if groups is not None else kernel_labels(kernel, None, n, "groups")
+    return {py_scalar(g): float(variance[labels == g].mean()) for g in np.unique(labels)}

@@ -1,0 +1,129 @@
+"""memorization: self-covariance scores, our ROC-AUC (vs scikit-learn), group means."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
+
+from devinterp_losskernel import KernelAccumulator, LossKernel
+from devinterp_losskernel.analysis import (
+    detection_auc,
+    mean_self_covariance,
+    memorization_scores,
+    roc_curve,
+)
+
+
+def kernel_from_draws(draws, **fields):
+    acc = KernelAccumulator(draws.shape[1])
+    acc.update(torch.as_tensor(draws))
+    return acc.compute(**fields)
+
+
+def memorizing_kernel(n=200, n_pos=40, draws=400, seed=0):
+    """Losses over draws: 'memorized' samples fluctuate with std 2, the rest with std 1."""
+    rng = np.random.default_rng(seed)
+    is_pos = np.zeros(n, dtype=bool)
+    is_pos[rng.choice(n, n_pos, replace=False)] = True
+    std = np.where(is_pos, 2.0, 1.0)
+    losses = 3.0 + rng.standard_normal((draws, n)) * std
+    return kernel_from_draws(losses), is_pos
+
+
+def test_auc_closed_form():
+    # positives score 2 and 4, negatives 1 and 3: pairs (2>1), (4>1), (4>3) win, (2<3) loses
+    assert detection_auc([1.0, 2.0, 3.0, 4.0], [False, True, False, True]) == 0.75
+    # a tie between a positive and a negative counts one half
+    assert detection_auc([1.0, 1.0], [True, False]) == 0.5
+    assert detection_auc([0.0, 1.0, 2.0], [False, True, True]) == 1.0
+    assert detection_auc([0.0, 1.0, 2.0], [True, False, False]) == 0.0
+
+
+@pytest.mark.parametrize("levels", [None, 5, 2])  # continuous scores, heavy ties, two values
+def test_auc_matches_sklearn(rng, levels):
+    for _ in range(20):
+        n = int(rng.integers(5, 300))
+        y = rng.random(n) < rng.uniform(0.1, 0.9)
+        y[0], y[1] = True, False
+        s = rng.standard_normal(n) + y * rng.uniform(0, 2)
+        if levels is not None:
+            s = np.round(s * levels / 4)
+        assert detection_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert detection_auc(torch.tensor(s), torch.tensor(y)) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_roc_curve_matches_sklearn_and_its_area_is_the_auc(rng):
+    s = np.round(rng.standard_normal(150), 1)
+    y = rng.random(150) < 0.3
+    fpr, tpr, thresholds = roc_curve(s, y)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    assert thresholds[0] == np.inf and np.all(np.diff(thresholds[1:]) < 0)
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
+    assert trapezoid(tpr, fpr) == pytest.approx(detection_auc(s, y), abs=1e-12)
+
+
+def test_scores_are_the_self_covariance_and_detect_memorization():
+    kernel, is_pos = memorizing_kernel()
+    scores = memorization_scores(kernel)
+    np.testing.assert_allclose(scores, np.diag(kernel.covariance.numpy()), rtol=1e-12)
+    # variances 4 vs 1, estimated from 400 draws: the two populations barely overlap
+    assert detection_auc(scores, is_pos) > 0.99
+    means = mean_self_covariance(kernel, is_pos)
+    assert list(means) == [False, True]
+    assert means[False] == pytest.approx(1.0, rel=0.05)
+    assert means[True] == pytest.approx(4.0, rel=0.05)
+
+
+def test_normalized_scores():
+    kernel, is_pos = memorizing_kernel()
+    raw = memorization_scores(kernel)
+    median = memorization_scores(kernel, normalize=True)
+    np.testing.assert_allclose(median, raw / np.median(raw))
+    np.testing.assert_allclose(memorization_scores(kernel, normalize="median"), median)
+    assert np.median(median) == pytest.approx(1.0)
+    assert detection_auc(median, is_pos) == detection_auc(raw, is_pos)  # monotone: ranks kept
+    cv = memorization_scores(kernel, normalize="cv")
+    np.testing.assert_allclose(cv, raw / kernel.mean.numpy() ** 2)
+    # a loss scaled by 10 has 100× the variance but the same normalized scores
+    scaled = LossKernel(covariance=kernel.covariance * 100, mean=kernel.mean * 10,
+                        variance=kernel.variance * 100, num_draws=kernel.num_draws)
+    np.testing.assert_allclose(memorization_scores(scaled, normalize=True), median)
+    np.testing.assert_allclose(memorization_scores(scaled, normalize="cv"), cv)
+
+
+def test_scores_of_a_plain_matrix_and_group_means_from_kernel_labels():
+    cov = np.diag([1.0, 2.0, 3.0, 6.0])
+    np.testing.assert_array_equal(memorization_scores(torch.tensor(cov)), [1, 2, 3, 6])
+    k = LossKernel(covariance=torch.tensor(cov), mean=torch.ones(4), variance=torch.tensor([1.0, 2, 3, 6]),
+                   num_draws=10, labels=torch.tensor([0, 0, 1, 1]))
+    assert mean_self_covariance(k) == {0: 1.5, 1: 4.5}
+    assert mean_self_covariance(cov, ["a", "b", "a", "b"]) == {"a": 2.0, "b": 4.0}
+
+
+def test_bad_inputs_name_the_argument():
+    kernel, is_pos = memorizing_kernel(n=20, n_pos=5, draws=10)
+    with pytest.raises(ValueError, match="is_positive"):
+        detection_auc(np.arange(5.0), [True, False])
+    with pytest.raises(ValueError, match="is_positive must mark at least one positive and one negative"):
+        detection_auc(np.arange(3.0), [True, True, True])
+    with pytest.raises(ValueError, match="is_positive must be boolean"):
+        detection_auc(np.arange(3.0), [0, 2, 1])
+    with pytest.raises(ValueError, match="scores must not contain NaN"):
+        detection_auc([np.nan, 1.0], [True, False])
+    with pytest.raises(ValueError, match="groups must have length n=20"):
+        mean_self_covariance(kernel, is_pos[:-1])
+    with pytest.raises(ValueError, match="groups must be given"):
+        mean_self_covariance(kernel)
+    with pytest.raises(ValueError, match="normalize must be"):
+        memorization_scores(kernel, normalize="max")
+    with pytest.raises(ValueError, match="kernel must be a LossKernel for normalize='cv'"):
+        memorization_scores(np.eye(3), normalize="cv")
+    with pytest.raises(ValueError, match="kernel must be a square"):
+        memorization_scores(np.ones((2, 3)))
+    one_draw = LossKernel(covariance=torch.zeros(3, 3), mean=torch.zeros(3), variance=torch.zeros(3), num_draws=1)
+    with pytest.raises(ValueError, match="kernel must be estimated from at least 2 draws.*num_draws=1"):
+        memorization_scores(one_draw)
+    with pytest.raises(ValueError, match="positive median variance"):
+        memorization_scores(np.zeros((3, 3)), normalize=True)

@@ -1,0 +1,122 @@
+"""Every plot returns a Figure, saves a non-empty PNG, and leaves pyplot's registry empty."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from devinterp_losskernel import KernelAccumulator  # noqa: E402
+from devinterp_losskernel import plotting  # noqa: E402
+from devinterp_losskernel.analysis import (  # noqa: E402
+    cka_convergence,
+    memorization_scores,
+    pc1_separation,
+    top_correlated,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def kernel():
+    rng = np.random.default_rng(0)
+    n, draws = 40, 120
+    task = np.arange(n) % 2
+    factors = rng.standard_normal((draws, 2))
+    losses = factors[:, task] * rng.uniform(0.5, 1.5, n) + 0.5 * rng.standard_normal((draws, n))
+    acc = KernelAccumulator(n)
+    acc.update(torch.as_tensor(losses))
+    return acc.compute(labels=torch.as_tensor(task))
+
+
+def check_png(fig, path):
+    assert isinstance(fig, Figure)
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    assert plt.get_fignums() == [], "plots must not register figures with pyplot"
+
+
+def test_correlation_matrix(kernel, tmp_path):
+    path = tmp_path / "sub" / "R.png"  # folders are created
+    fig = plotting.plot_correlation_matrix(kernel, path=path)  # ordered by kernel.labels
+    check_png(fig, path)
+    image = fig.axes[0].images[0].get_array()
+    labels = kernel.labels.numpy()
+    order = np.argsort(labels, kind="stable")
+    np.testing.assert_allclose(image, kernel.correlation.numpy()[np.ix_(order, order)])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1"]
+    # an explicit order (a subset) and the covariance
+    fig = plotting.plot_correlation_matrix(kernel.covariance, order=[3, 1, 2], use="covariance",
+                                           path=tmp_path / "K.png")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), kernel.covariance.numpy()[np.ix_([3, 1, 2], [3, 1, 2])])
+    with pytest.raises(ValueError, match="order must be in \\[0, n=40\\)"):
+        plotting.plot_correlation_matrix(kernel, order=[0, 40])
+    with pytest.raises(ValueError, match="labels must have length n=40"):
+        plotting.plot_correlation_matrix(kernel, labels=[0, 1])
+
+
+def test_covariance_histograms(kernel, tmp_path):
+    path = tmp_path / "hist.png"
+    fig = plotting.plot_covariance_histograms(kernel, kernel.labels, path=path)
+    check_png(fig, path)
+    assert len(fig.axes[0].patches) == 3  # within 0, cross, within 1
+    assert fig.axes[0].get_xscale() == "log"
+
+
+def test_cka_convergence(kernel, tmp_path):
+    curve = cka_convergence([(10, kernel.covariance * 1.1), (20, kernel.covariance)], kernel)
+    path = tmp_path / "cka.png"
+    check_png(plotting.plot_cka_convergence(curve, path=path), path)
+    fig = plotting.plot_cka_convergence({"γ=100": curve, "γ=1000": curve}, path=path)
+    assert len(fig.axes[0].get_lines()) == 3  # two curves and the line at 1
+    with pytest.raises(ValueError, match="curve must be a non-empty list of \\(num_draws, cka\\) pairs"):
+        plotting.plot_cka_convergence([1, 2, 3])
+
+
+def test_memorization(kernel, tmp_path):
+    scores = memorization_scores(kernel)
+    is_pos = np.arange(40) < 8
+    path = tmp_path / "mem.png"
+    fig = plotting.plot_memorization(scores, is_pos, path=path)
+    check_png(fig, path)
+    assert len(fig.axes) == 2
+    with pytest.raises(ValueError, match="is_positive"):
+        plotting.plot_memorization(scores, is_pos[:5])
+
+
+def test_pc1_separation(kernel, tmp_path):
+    result = pc1_separation(kernel, kernel.labels)
+    path = tmp_path / "pc1.png"
+    check_png(plotting.plot_pc1_separation(result, kernel.labels, path=path), path)
+    check_png(plotting.plot_pc1_separation(result, path=path), path)
+    with pytest.raises(ValueError, match="result must be a PC1Separation"):
+        plotting.plot_pc1_separation({"auc": 1.0})
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 8), (40, 3, 8, 8), (40, 1, 8, 8), (40, 8, 8, 3)])
+def test_top_k_grid(kernel, tmp_path, shape):
+    images = np.random.default_rng(0).random(shape)
+    queries = np.array([0, 5, 9])
+    idx, vals = top_correlated(kernel, queries, k=4)
+    path = tmp_path / "grid.png"
+    fig = plotting.plot_top_k_grid(torch.tensor(images), queries, idx, vals, labels=kernel.labels, path=path)
+    check_png(fig, path)
+    assert len(fig.axes) == 3 * 5
+    assert fig.axes[1].get_title() == f"{vals[0, 0]:.2f}"
+
+
+def test_top_k_grid_bad_inputs(kernel):
+    images = np.zeros((40, 8, 8))
+    with pytest.raises(ValueError, match="images must be"):
+        plotting.plot_top_k_grid(np.zeros((40, 5, 8, 8)), [0], [[1, 2]])
+    with pytest.raises(ValueError, match="neighbour_indices must be an int array \\[q=2, k\\]"):
+        plotting.plot_top_k_grid(images, [0, 1], [[1, 2]])
+    with pytest.raises(ValueError, match="neighbour_indices must be in \\[0, n=40\\)"):
+        plotting.plot_top_k_grid(images, [0], [[1, 40]])
+    with pytest.raises(ValueError, match="values must have the shape of neighbour_indices"):
+        plotting.plot_top_k_grid(images, [0], [[1, 2]], values=[[0.5]])

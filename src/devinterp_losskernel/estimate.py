@@ -3,7 +3,9 @@
 The LLC of the same run is carried in ``kernel.metadata`` (``llc/mean``, ``llc/std``,
 ``llc/per_chain``), so the kernel, its trace and the LLC all come from the same draws.
 
-Chains run one at a time, each seeded from ``seed`` alone, so a run can be checkpointed
+devinterp 1.x: each chain through its ``sample``. devinterp 2.x: language-model data through
+its ``sample_single_chain``; other data through its SGLD optimizer in a loop of ours that
+mirrors devinterp's. Chains run one at a time, each seeded from ``seed`` alone, so a run can be checkpointed
 after every chain (``checkpoint_dir=``) and resumed after being killed with the same result.
 """
 
@@ -131,8 +133,6 @@ def estimate_loss_kernel(
     """
     _validate(num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr, nbeta, localization, loader)
     major = devinterp_major()
-    if major >= 2:
-        _check_lm_loader(loader)
     device = torch.device(device) if device is not None else _model_device(model)
     # Work on a copy: devinterp evaluates the model in train mode, which would update the
     # caller's BatchNorm running statistics.
@@ -185,7 +185,10 @@ def _quiet_devinterp():
 
 def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major):
     """Run the chains not yet in ``progress``, one at a time, checkpointing after each."""
-    run_chain = _run_chain_devinterp1 if major == 1 else _run_chain_devinterp2
+    if major == 1:
+        run_chain = _run_chain_devinterp1
+    else:  # devinterp 2.x's sampler feeds only {"input_ids"} data: other data gets our loop
+        run_chain = _run_chain_devinterp2 if _is_lm_loader(loader) else _run_chain_sgld_loop
     seeds = chain_seeds(settings["seed"], settings["num_chains"])
     for chain in range(settings["num_chains"]):
         if chain in progress.llc_per_chain:
@@ -338,14 +341,41 @@ def _mean_minibatch_loss(callback: _ChainLabel) -> float:
     return float(losses.mean())
 
 
-def _check_lm_loader(loader: DataLoader) -> None:
+def _is_lm_loader(loader: DataLoader) -> bool:
     first = next(iter(loader))
-    if not (isinstance(first, Mapping) and "input_ids" in first):
-        raise ValueError(
-            "loader must yield {'input_ids': ...} batches under devinterp 2.x, whose sampler "
-            "feeds only language-model data; for other data install devinterp 1.3 "
-            "(pip install 'devinterp>=1.3,<2') or call LossKernelCallback from your own loop"
-        )
+    return isinstance(first, Mapping) and "input_ids" in first
+
+
+def _run_chain_sgld_loop(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
+    """One chain of devinterp's SGLD optimizer driven by our own loop, for data that devinterp
+    2.x's ``sample_single_chain`` cannot feed. The loop is devinterp's: a copy of w* in train
+    mode, b burn-in steps, then a draw every ``num_steps_bw_draws`` steps, the callback called
+    under no-grad after the step; returns the chain's mean minibatch loss over draws."""
+    from devinterp.optim import SGLD
+
+    chain_model = copy.deepcopy(model).to(device).train()
+    optimizer = SGLD(chain_model.parameters(), lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"])
+    torch.manual_seed(seed)
+    num_steps = s["num_burnin_steps"] + s["num_draws"] * s["num_steps_bw_draws"]
+    batches = _cycle(loader)
+    for step in range(num_steps):
+        loss = _loss_of(evaluate(chain_model, move_to_device(next(batches), device))).mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"NaN/Inf SGLD minibatch loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        draw, since_draw = divmod(step + 1 - s["num_burnin_steps"], s["num_steps_bw_draws"])
+        if step + 1 > s["num_burnin_steps"] and since_draw == 0:
+            with torch.no_grad():
+                callback(model=chain_model, chain=0, draw=draw - 1, optimizer=optimizer, loss=loss.detach())
+    return _mean_minibatch_loss(callback)
+
+
+def _cycle(loader: DataLoader):
+    """Endless batches, reshuffled each pass (from the global RNG, seeded per chain)."""
+    while True:
+        yield from loader
 
 
 def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:

@@ -7,7 +7,12 @@ the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`) → analyses (:mod:
 """
 
 from .analysis import (
+    aligned_umap_embeddings,
+    attribute_lift,
     cka,
+    cka_convergence,
+    color_groups,
+    compare_kernels,
     detection_auc,
     group_covariances,
     mean_self_covariance,
@@ -15,11 +20,14 @@ from .analysis import (
     pc1_separation,
     probe_llc,
     singular_fluctuation,
+    taxonomic_lift,
     top_correlated,
+    umap_embedding,
 )
 from .accumulator import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
 from .callback import LossKernelCallback
 from .estimate import estimate_loss_kernel
+from .hierarchy import Hierarchy, fashion_mnist_hierarchy, imagenet_wnids, wordnet_imagenet
 from .kernel import LossKernel, correlation_from_covariance
 from .presets import PAPER_PRESETS, SGLDSettings, preset
 from .probe import (
@@ -33,7 +41,12 @@ from .probe import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "aligned_umap_embeddings",
+    "attribute_lift",
     "cka",
+    "cka_convergence",
+    "color_groups",
+    "compare_kernels",
     "detection_auc",
     "group_covariances",
     "mean_self_covariance",
@@ -41,7 +54,13 @@ __all__ = [
     "pc1_separation",
     "probe_llc",
     "singular_fluctuation",
+    "taxonomic_lift",
     "top_correlated",
+    "umap_embedding",
+    "Hierarchy",
+    "fashion_mnist_hierarchy",
+    "imagenet_wnids",
+    "wordnet_imagenet",
     "KernelAccumulator",
     "KernelMemoryError",
     "LossKernel",

@@ -375,3 +375,274 @@ def plot_top_k_grid(
 # Hierarchy, lift and embedding plots (issue 3, second part): hierarchy-sorted matrix,
 # colour/WordNet lift, UMAP embeddings. Added by the hierarchy/UMAP work; keep them below.
 # ---------------------------------------------------------------------------------------------
+
+__all__ += [
+    "plot_aligned_embeddings",
+    "plot_attribute_transition",
+    "plot_embedding",
+    "plot_hierarchy_sorted_matrix",
+    "plot_lift_curves",
+]
+
+
+def _embedding_coords(embedding: Any, name: str = "embedding") -> np.ndarray:
+    """An :class:`~devinterp_losskernel.analysis.embedding.Embedding` or an [n, 2+] array → [n, 2]."""
+    coords = getattr(embedding, "embedding", embedding)
+    arr = as_array(coords, name)
+    if arr.ndim != 2 or arr.shape[1] < 2 or arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be an Embedding or a numeric [n, 2] array, got shape {arr.shape}")
+    return arr[:, :2].astype(np.float64)
+
+
+def _point_colours(n: int, labels: Any, hierarchy: Any, cmap: str):
+    """(RGBA [n, 4] or None, legend entries [(name, colour)]) for a scatter of n samples."""
+    from matplotlib import colormaps
+
+    if labels is None:
+        if hierarchy is not None:
+            raise ValueError("labels must be given to colour by hierarchy position")
+        return None, []
+    label_arr = as_labels(labels, n)
+    if hierarchy is not None:
+        from .hierarchy import Hierarchy
+
+        if not isinstance(hierarchy, Hierarchy):
+            raise ValueError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
+        return hierarchy.position_colors(label_arr, cmap=cmap), []
+    values, inverse = np.unique(label_arr, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(values) <= len(_GROUP_COLOURS):
+        palette = [colormaps["tab10"](i) for i in range(len(values))]
+    else:
+        palette = colormaps[cmap](np.arange(len(values)) / len(values))
+    colours = np.asarray([palette[i] for i in inverse])
+    legend = [(str(v), palette[i]) for i, v in enumerate(values)] if len(values) <= 20 else []
+    return colours, legend
+
+
+def _scatter(ax, coords: np.ndarray, colours, legend, point_size: float) -> None:
+    ax.scatter(coords[:, 0], coords[:, 1], s=point_size, c=colours if colours is not None else "tab:blue",
+               linewidths=0, alpha=0.85)
+    for name, colour in legend:
+        ax.scatter([], [], s=20, color=colour, label=name)
+    if legend:
+        ax.legend(fontsize=6, markerscale=1.0, loc="best", frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal", adjustable="datalim")
+
+
+def plot_embedding(
+    embedding: Any,
+    labels: Any = None,
+    *,
+    hierarchy: Any = None,
+    cmap: str = "hsv",
+    point_size: float = 6.0,
+    title: Optional[str] = None,
+    path: PathLike = None,
+) -> Figure:
+    """Scatter of a 2-D embedding of the kernel (paper, Fig. 1A / Fig. 8).
+
+    Args:
+        embedding: an :class:`~devinterp_losskernel.analysis.embedding.Embedding` (from
+            ``umap_embedding``) or coordinates [n, 2].
+        labels: [n] labels; colour by label (a legend for ≤ 20 labels), or, with
+            ``hierarchy``, by the label's position in the hierarchy's leaf order (similar
+            hues for nearby categories, the paper's colouring).
+        hierarchy: a :class:`~devinterp_losskernel.hierarchy.Hierarchy`.
+        cmap: colormap for hierarchy positions / many labels (cyclic, default ``"hsv"``).
+    """
+    coords = _embedding_coords(embedding)
+    colours, legend = _point_colours(coords.shape[0], labels, hierarchy, cmap)
+    fig = Figure(figsize=(6.0, 6.0))
+    ax = fig.add_subplot()
+    _scatter(ax, coords, colours, legend, point_size)
+    excluded = getattr(embedding, "excluded_same_label", None)
+    note = "" if excluded is None else (" (same-label edges removed)" if excluded else "")
+    ax.set_title(title or f"UMAP of d = 1 − R{note}")
+    return _finish(fig, path)
+
+
+def plot_aligned_embeddings(
+    embeddings: Sequence[Any],
+    labels: Any = None,
+    *,
+    hierarchy: Any = None,
+    titles: Optional[Sequence[str]] = None,
+    cmap: str = "hsv",
+    point_size: float = 4.0,
+    columns: int = 3,
+    path: PathLike = None,
+) -> Figure:
+    """One panel per checkpoint of aligned UMAPs (paper, Fig. 8), coloured as
+    :func:`plot_embedding`; ``titles`` e.g. the training steps."""
+    if isinstance(embeddings, np.ndarray) or not isinstance(embeddings, Sequence) or not embeddings:
+        raise ValueError("embeddings must be a non-empty list of Embeddings or [n, 2] arrays")
+    coords = [_embedding_coords(e, f"embeddings[{i}]") for i, e in enumerate(embeddings)]
+    if len({c.shape[0] for c in coords}) != 1:
+        raise ValueError(f"embeddings must all have the same n, got {[c.shape[0] for c in coords]}")
+    if titles is not None and len(titles) != len(coords):
+        raise ValueError(f"titles must have one entry per embedding ({len(coords)}), got {len(titles)}")
+    colours, legend = _point_colours(coords[0].shape[0], labels, hierarchy, cmap)
+    columns = max(1, min(int(columns), len(coords)))
+    rows = -(-len(coords) // columns)
+    fig = Figure(figsize=(3.6 * columns, 3.6 * rows))
+    axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        if i >= len(coords):
+            ax.set_axis_off()
+            continue
+        _scatter(ax, coords[i], colours, legend if i == 0 else [], point_size)
+        ax.set_title(str(titles[i]) if titles is not None else f"checkpoint {i}", fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_hierarchy_sorted_matrix(
+    kernel: Any,
+    labels: Any,
+    hierarchy: Any,
+    *,
+    use: str = "correlation",
+    max_samples: Optional[int] = 2000,
+    title: Optional[str] = None,
+    path: PathLike = None,
+) -> Figure:
+    """The kernel sorted by the hierarchy's leaf order beside the tree-distance matrix of the
+    labels in the same order (paper, Fig. 1B).
+
+    Args:
+        kernel: a square LossKernel or matrix [n, n] (a matrix is taken as K̂).
+        labels: [n] labels (None → ``kernel.labels``), all nodes/classes of ``hierarchy``.
+        hierarchy: a :class:`~devinterp_losskernel.hierarchy.Hierarchy`.
+        use: ``"correlation"`` (R̂ on [−1, 1]) or ``"covariance"``.
+        max_samples: show at most this many samples, evenly spaced along the sorted order
+            (None: all n; a 10,000² image is slow to draw and no sharper on screen).
+    """
+    from .hierarchy import Hierarchy
+
+    if not isinstance(hierarchy, Hierarchy):
+        raise ValueError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
+    matrix = kernel_matrix(kernel, use)
+    n = matrix.shape[0]
+    if labels is None and isinstance(kernel, LossKernel) and kernel.labels is not None:
+        labels = kernel.labels
+    label_arr = as_labels(labels, n)
+    order = hierarchy.sample_order(label_arr)
+    if max_samples is not None:
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
+            raise ValueError(f"max_samples must be an int ≥ 2 or None, got {max_samples!r}")
+        if n > max_samples:
+            order = order[np.linspace(0, n - 1, max_samples).round().astype(np.int64)]
+    shown = matrix[np.ix_(order, order)]
+    distance = hierarchy.distance_matrix(label_arr[order])
+    limit = 1.0 if use == "correlation" else float(np.abs(shown).max()) or 1.0
+
+    fig = Figure(figsize=(12.0, 5.4))
+    left, right = fig.subplots(1, 2)
+    image = left.imshow(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    fig.colorbar(image, ax=left, label="R(x, x')" if use == "correlation" else "K(x, x')", shrink=0.8)
+    left.set_title(f"loss kernel {use}, sorted by hierarchy")
+    tree = right.imshow(distance, cmap="viridis_r", interpolation="nearest")
+    fig.colorbar(tree, ax=right, label="tree distance (edges)", shrink=0.8)
+    right.set_title("hierarchy distance between labels")
+    strip = hierarchy.position_colors(label_arr[order])[None, :, :]
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{len(order)} samples in hierarchy order")
+    for ax in (left, right):  # a colour strip of hierarchy positions along the top
+        inset = ax.inset_axes([0.0, 1.01, 1.0, 0.03])
+        inset.imshow(strip, aspect="auto", interpolation="nearest")
+        inset.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
+def plot_lift_curves(
+    lift: Any,
+    *,
+    min_queries: int = 1,
+    title: Optional[str] = None,
+    path: PathLike = None,
+) -> Figure:
+    """Taxonomic lift Lift(d, d′) against ancestor depth d′, one line per query depth d (the
+    paper's Fig. 5), from :func:`~devinterp_losskernel.analysis.taxonomic_lift`.
+
+    Args:
+        lift: the DataFrame ``taxonomic_lift`` returns (rows d, columns d′).
+        min_queries: skip query depths with fewer queries (uses ``lift.attrs["num_queries"]``).
+    """
+    import pandas as pd
+    from matplotlib import colormaps
+
+    if not isinstance(lift, pd.DataFrame) or lift.empty:
+        raise ValueError("lift must be the non-empty DataFrame returned by taxonomic_lift")
+    counts = lift.attrs.get("num_queries")
+    fig = Figure(figsize=(7.0, 4.6))
+    ax = fig.add_subplot()
+    colour = colormaps["viridis"]
+    depths = list(lift.index)
+    for i, d in enumerate(depths):
+        if counts is not None and int(counts.get(d, 0)) < min_queries:
+            continue
+        row = lift.loc[d].dropna()
+        if row.empty:
+            continue
+        label = f"d = {d}" + ("" if counts is None else f" ({int(counts[d])})")
+        ax.plot(row.index.astype(float), row.values, marker="o", markersize=3,
+                color=colour(i / max(1, len(depths) - 1)), label=label)
+    ax.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("depth d′ of the shared ancestor (edges from the root)")
+    ax.set_ylabel("lift")
+    k = lift.attrs.get("k")
+    ax.set_title(title or ("Taxonomic lift" + (f", top-{k} neighbours" if k else "")))
+    ax.legend(fontsize=7, ncol=2, title="query depth (queries)", title_fontsize=7, frameon=False)
+    return _finish(fig, path)
+
+
+def plot_attribute_transition(
+    result: Any,
+    *,
+    colors: Any = None,
+    title: Optional[str] = None,
+    path: PathLike = None,
+) -> Figure:
+    """Stacked bars of neighbour-group probabilities per query group (the paper's Fig. 9),
+    from :func:`~devinterp_losskernel.analysis.attribute_lift`.
+
+    Args:
+        result: an :class:`~devinterp_losskernel.analysis.lift.AttributeLift`.
+        colors: optional [g, 3] colours of the groups (e.g. the ``centers`` of
+            ``color_groups(..., return_centers=True)``, scaled to [0, 1]); default tab20.
+    """
+    from matplotlib import colormaps
+
+    transition = getattr(result, "transition", None)
+    if transition is None:
+        raise ValueError("result must be an AttributeLift (from attribute_lift)")
+    values = transition.to_numpy()
+    g = values.shape[0]
+    if colors is None:
+        palette = [colormaps["tab20"](i % 20) for i in range(g)]
+    else:
+        palette = as_array(colors, "colors")
+        if palette.ndim != 2 or palette.shape[0] != g or palette.shape[1] not in (3, 4):
+            raise ValueError(f"colors must be [g={g}, 3 or 4], got shape {palette.shape}")
+        if palette.max() > 1.0:
+            palette = palette / 255.0
+        palette = np.clip(palette, 0.0, 1.0)
+    fig = Figure(figsize=(max(5.0, 0.45 * g + 2), 4.4))
+    ax = fig.add_subplot()
+    positions = np.arange(g)
+    bottom = np.zeros(g)
+    for b in range(g):
+        ax.bar(positions, values[:, b], bottom=bottom, color=palette[b], edgecolor="white", linewidth=0.3)
+        bottom += values[:, b]
+    ax.bar(positions, np.zeros(g), tick_label=[str(v) for v in transition.index])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("query group")
+    ax.set_ylabel("fraction of neighbours in each group")
+    ax.set_title(title or f"Neighbour groups (lift {result.mean_lift:.2f}, k = {result.k})")
+    return _finish(fig, path)

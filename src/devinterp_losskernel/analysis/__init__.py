@@ -2,7 +2,9 @@
 
 One module per question: :mod:`.fluctuation` (singular fluctuation, probe LLC),
 :mod:`.memorization` (self-covariance as a detector), :mod:`.neighbours` (top-k correlated
-samples), :mod:`.separation` (task separation), :mod:`.cka` (kernel alignment).
+samples), :mod:`.separation` (task separation), :mod:`.cka` (kernel alignment),
+:mod:`.lift` (taxonomic and attribute lift against a :class:`~..hierarchy.Hierarchy`),
+:mod:`.embedding` (UMAP of d = 1 − R̂ on a kNN graph without same-label edges).
 Shared input checks live in :mod:`._validate`.
 """
 
@@ -11,4 +13,13 @@ from .fluctuation import SingularFluctuation, probe_llc, singular_fluctuation
 from .memorization import detection_auc, mean_self_covariance, memorization_scores, roc_curve
 from .neighbours import top_correlated
 from .separation import GroupCovariances, PC1Separation, group_covariances, pc1_separation
-
+from .embedding import Embedding, aligned_umap_embeddings, kernel_knn_graph, umap_embedding
+from .lift import (
+    AttributeLift,
+    attribute_lift,
+    color_groups,
+    correlation_by_tree_distance,
+    farthest_point_sampling,
+    mean_colors,
+    taxonomic_lift,
+)

@@ -1,0 +1,1 @@
+"""Synthetic tasks with known structure, for the tutorials (data, models, trained checkpoints)."""

@@ -1,0 +1,283 @@
+"""The memorization task: IDX reader, relabelling, training, baseline scores (all fast)."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from devinterp_losskernel.tasks import fashion_mnist as fm
+from devinterp_losskernel.tasks.fashion_mnist import (
+    FashionMNISTNotFound,
+    find_fashion_mnist,
+    load_fashion_mnist,
+    read_idx,
+    write_idx,
+)
+from devinterp_losskernel.tasks.memorization import (
+    MemorizationConfig,
+    get_config,
+    load_images,
+    loss_at_w_star,
+    make_mlp,
+    memorization_data,
+    per_sample_grad_norm,
+    relabel,
+    score_table,
+    tracin_self_influence,
+    ekfac_self_influence,
+    train_to_memorization,
+)
+
+
+def idx_bytes(array: np.ndarray, code: int, big_endian_dtype: str) -> bytes:
+    """An IDX file built by hand (independently of write_idx)."""
+    header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(big_endian_dtype).tobytes()
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path):
+    """A 7-image Fashion-MNIST look-alike: train files gzipped, test files plain."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 7, dtype=np.uint8)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images, 0x08, ">u1")))
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels, 0x08, ">u1")))
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images[:3], 0x08, ">u1"))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels[:3], 0x08, ">u1"))
+    return tmp_path, images, labels
+
+
+# -- IDX ----------------------------------------------------------------------------------------
+def test_read_idx_plain_and_gzipped(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    plain = tmp_path / "images-idx3-ubyte"
+    plain.write_bytes(idx_bytes(images, 0x08, ">u1"))
+    zipped = tmp_path / "images-idx3-ubyte.gz"
+    zipped.write_bytes(gzip.compress(idx_bytes(images, 0x08, ">u1")))
+    for path in (plain, zipped):
+        out = read_idx(path)
+        assert out.shape == (2, 3, 4) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, images)
+
+
+def test_read_idx_detects_gzip_by_content_not_name(tmp_path):
+    labels = np.array([3, 1, 4], dtype=np.uint8)
+    path = tmp_path / "labels-no-suffix"
+    path.write_bytes(gzip.compress(idx_bytes(labels, 0x08, ">u1")))
+    np.testing.assert_array_equal(read_idx(path), labels)
+
+
+@pytest.mark.parametrize("code,dtype", [(0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8")])
+def test_read_idx_big_endian_types(tmp_path, code, dtype):
+    values = np.array([[-2, 1, 300 if "i1" not in dtype else 5], [7, 0, -1]]).astype(dtype)
+    path = tmp_path / "x.idx"
+    path.write_bytes(idx_bytes(values, code, dtype))
+    out = read_idx(path)
+    assert out.dtype.byteorder in ("=", "|") or out.dtype.isnative
+    np.testing.assert_array_equal(out, values.astype(values.dtype.newbyteorder("=")))
+
+
+def test_write_idx_round_trip(tmp_path):
+    array = np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32)
+    for name in ("a.idx", "a.idx.gz"):
+        np.testing.assert_array_equal(read_idx(write_idx(tmp_path / name, array)), array)
+    assert (tmp_path / "a.idx.gz").read_bytes()[:2] == b"\x1f\x8b"
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "two zero bytes"),
+    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "type code"),
+    (b"\x00\x00\x08\x02\x00\x00\x00\x02", "truncated IDX header"),
+    (b"\x00\x00\x08\x01\x00\x00\x00\x03\x05\x06", "needs 11 bytes"),
+])
+def test_read_idx_rejects_bad_files(tmp_path, payload, match):
+    path = tmp_path / "bad"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=match):
+        read_idx(path)
+
+
+def test_load_fashion_mnist_from_a_folder(tiny_fashion):
+    root, images, labels = tiny_fashion
+    x, y = load_fashion_mnist(root)
+    np.testing.assert_array_equal(x, images)
+    np.testing.assert_array_equal(y, labels)
+    assert y.dtype == np.int64
+    x_test, y_test = load_fashion_mnist(root, split="test")  # the uncompressed files
+    np.testing.assert_array_equal(x_test, images[:3])
+    assert find_fashion_mnist(root)[0].name == "train-images-idx3-ubyte.gz"
+
+
+def test_environment_variable_is_searched_first(tiny_fashion, monkeypatch):
+    root, images, _ = tiny_fashion
+    monkeypatch.setenv(fm.ENV_VAR, str(root))
+    np.testing.assert_array_equal(load_fashion_mnist()[0], images)
+
+
+def test_missing_files_say_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.delenv(fm.ENV_VAR, raising=False)
+    with pytest.raises(FashionMNISTNotFound, match="apt-get install dataset-fashion-mnist") as info:
+        load_fashion_mnist(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "nowhere")
+    with pytest.raises(FashionMNISTNotFound, match="/usr/share/datasets/fashion-mnist|nowhere"):
+        load_fashion_mnist()
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist(tmp_path, split="validation")
+
+
+def test_mismatched_counts_are_refused(tiny_fashion):
+    root, images, labels = tiny_fashion
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels[:5], 0x08, ">u1")))
+    with pytest.raises(ValueError, match="shapes"):
+        load_fashion_mnist(root)
+
+
+# -- data ---------------------------------------------------------------------------------------
+def test_load_images_falls_back_to_digits_with_a_note(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(fm.ENV_VAR, raising=False)
+    x, y, name = load_images("auto", root=tmp_path, allow_download=False)
+    assert name == "digits" and x.shape == (1797, 64) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert "digits" in capsys.readouterr().out
+    with pytest.raises(FashionMNISTNotFound):
+        load_images("fashion_mnist", root=tmp_path)
+
+
+def test_load_images_reads_fashion_files(tiny_fashion):
+    root, images, labels = tiny_fashion
+    x, y, name = load_images("auto", root=root)
+    assert name == "fashion_mnist" and x.shape == (7, 784)
+    np.testing.assert_allclose(x, images.reshape(7, -1) / 255.0, rtol=1e-6)
+
+
+def test_relabel_invariants():
+    labels = np.random.default_rng(2).integers(0, 10, 1000)
+    noisy, flipped = relabel(labels, 0.1, num_classes=10, seed=3)
+    assert flipped.dtype == bool and flipped.sum() == 100
+    assert np.all(noisy[flipped] != labels[flipped])
+    np.testing.assert_array_equal(noisy[~flipped], labels[~flipped])
+    assert noisy.min() >= 0 and noisy.max() < 10 and noisy.dtype == np.int64
+    again = relabel(labels, 0.1, num_classes=10, seed=3)
+    np.testing.assert_array_equal(again[0], noisy)
+    np.testing.assert_array_equal(again[1], flipped)
+    other = relabel(labels, 0.1, num_classes=10, seed=4)
+    assert not np.array_equal(other[1], flipped)
+
+
+def test_relabel_draws_uniformly_from_the_other_classes():
+    labels = np.zeros(20000, dtype=np.int64)
+    noisy, flipped = relabel(labels, 1.0, num_classes=5, seed=0)
+    assert flipped.all()
+    counts = np.bincount(noisy, minlength=5)
+    assert counts[0] == 0
+    np.testing.assert_allclose(counts[1:] / 20000, 0.25, atol=0.02)
+
+
+def test_relabel_edge_cases_and_errors():
+    labels = np.array([0, 1, 2, 1])
+    noisy, flipped = relabel(labels, 0.0)
+    assert not flipped.any() and np.array_equal(noisy, labels)
+    with pytest.raises(ValueError, match="fraction"):
+        relabel(labels, 1.5)
+    with pytest.raises(ValueError, match="integer"):
+        relabel(labels.astype(float), 0.1)
+    with pytest.raises(ValueError, match="num_classes"):
+        relabel(labels, 0.5, num_classes=2)
+
+
+def test_memorization_data_on_digits():
+    cfg = MemorizationConfig(dataset="digits", num_train=300, flip_fraction=0.1, seed=5)
+    data = memorization_data(cfg, verbose=False)
+    assert data.dataset == "digits" and data.x.shape == (300, 64) and data.images.shape == (300, 8, 8)
+    assert int(data.flipped.sum()) == 30
+    assert torch.all(data.y_train[data.flipped] != data.y_true[data.flipped])
+    assert torch.equal(data.y_train[~data.flipped], data.y_true[~data.flipped])
+    assert abs(float(data.x.mean())) < 1e-4 and abs(float(data.x.std()) - 1) < 1e-3
+
+
+def test_get_config_scales(monkeypatch):
+    monkeypatch.setenv("LOSSKERNEL_TUTORIAL_SCALE", "ci")
+    assert get_config() == get_config("ci")
+    assert get_config("full", num_draws=7).num_draws == 7
+    with pytest.raises(ValueError, match="scale"):
+        get_config("huge")
+
+
+# -- training and scores ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only add contention
+    cfg = MemorizationConfig(dataset="digits", num_train=200, hidden=128, train_epochs=150,
+                             train_batch_size=50, train_lr=3e-3, tracin_checkpoints=3, seed=0)
+    data = memorization_data(cfg, verbose=False)
+    try:
+        yield cfg, data, train_to_memorization(data, cfg, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_memorizes_the_flipped_labels(tiny_trained):
+    cfg, data, trained = tiny_trained
+    assert trained.train_accuracy == 1.0
+    assert len(trained.checkpoints) == 3
+    lrs = [lr for _, lr in trained.checkpoints]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < cfg.train_lr  # cosine decay
+    final = trained.checkpoints[-1][0]
+    assert all(torch.equal(final[k], v.cpu()) for k, v in trained.model.state_dict().items())
+
+
+def test_loss_and_gradient_norm_match_a_loop(tiny_trained):
+    _, data, trained = tiny_trained
+    model, x, y = trained.model, data.x[:20], data.y_train[:20]
+    losses = loss_at_w_star(model, x, y)
+    norms = per_sample_grad_norm(model, x, y, batch_size=7)
+    for i in range(20):
+        model.zero_grad()
+        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        loss.backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
+        assert losses[i] == pytest.approx(float(loss), rel=1e-3, abs=1e-6)
+        assert norms[i] == pytest.approx(float(norm), rel=1e-3, abs=1e-6)
+    model.zero_grad()
+
+
+def test_tracin_self_influence_is_lr_weighted_squared_gradient_norm(tiny_trained):
+    pytest.importorskip("captum")
+    _, data, trained = tiny_trained
+    x, y = data.x[:30], data.y_train[:30]
+    state, lr = trained.checkpoints[-1]
+    scores = tracin_self_influence(trained.model, [(state, lr)], x, y, batch_size=16)
+    expected = lr * per_sample_grad_norm(trained.model, x, y) ** 2
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-9)
+
+
+def test_ekfac_self_influence_runs(tiny_trained):
+    pytest.importorskip("kronfluence")
+    _, data, trained = tiny_trained
+    scores = ekfac_self_influence(trained.model, data.x, data.y_train, batch_size=64)
+    assert scores.shape == (200,) and np.all(np.isfinite(scores)) and np.all(scores >= 0)
+    # EK-FAC preconditions the same gradients: its ranking agrees with the gradient norm's
+    norms = per_sample_grad_norm(trained.model, data.x, data.y_train)
+    assert np.corrcoef(np.argsort(np.argsort(scores)), np.argsort(np.argsort(norms)))[0, 1] > 0.5
+
+
+def test_score_table_ranks_scores_and_keeps_notes():
+    positive = np.array([True, True, False, False, False])
+    table = score_table({"good": np.array([5, 4, 1, 2, 3.0]), "bad": np.array([1, 2, 5, 4, 3.0])},
+                        {"good": 1.5, "bad": 0.1}, positive, notes={"missing": "skipped: not installed"})
+    assert list(table["score"]) == ["good", "bad", "missing"]
+    assert table.loc[0, "roc_auc"] == 1.0 and table.loc[1, "roc_auc"] == 0.0
+    assert np.isnan(table.loc[2, "roc_auc"]) and "not installed" in table.loc[2, "note"]
+
+
+def test_make_mlp_has_only_linear_layers():
+    model = make_mlp(64, hidden=32, depth=3, num_classes=10)
+    linear = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 4 and linear[0].in_features == 64 and linear[-1].out_features == 10

@@ -116,3 +116,75 @@ def test_accumulator_lives_on_model_device_and_dtype():
     cb(model=model, chain=0, draw=0)
     assert cb.accumulator.device == next(model.parameters()).device
     assert cb.accumulator.dtype == torch.float32
+
+
+# -- kernel snapshots during a run (CKA convergence, paper Fig. 6A) ---------------------------
+def test_snapshots_equal_covariance_of_trace_prefixes():
+    torch.manual_seed(0)
+    model = MLP()
+    probe = classification_data(30)
+    cb = LossKernelCallback(probe, block_size=5, snapshot_every=6, snapshot_rows=12, snapshot_seed=3)
+    witness = ProbeRecorder(probe)
+    for chain, draw, m in perturbed_draws(model, 2, 10):
+        cb(model=m, chain=chain, draw=draw)
+        witness(model=m, chain=chain)
+    traces = witness.traces()
+    idx = cb.snapshot_indices.numpy()
+    assert len(idx) == 12 and len(set(idx)) == 12 and np.all(np.diff(idx) > 0)
+    assert [t for t, _ in cb.snapshots] == [6, 12, 18]
+    for t, block in cb.snapshots:
+        expected = np.cov(traces[:t][:, idx], rowvar=False)
+        np.testing.assert_allclose(block.numpy(), expected, rtol=1e-10, atol=1e-14)
+    curve = cb.cka_convergence()
+    assert [t for t, _ in curve] == [6, 12, 18]
+    from devinterp_losskernel import cka
+    full = np.cov(traces[:, idx], rowvar=False)
+    for (t, value), (_, block) in zip(curve, cb.snapshots):
+        assert value == pytest.approx(cka(block.numpy(), full), rel=1e-12)
+    assert 0 < curve[0][1] < 1
+    assert cb.get_results()["loss_kernel/cka_convergence"] == curve
+    # the same seed picks the same subset; explicit counts work too
+    cb2 = LossKernelCallback(probe, snapshot_every=[3, 20], snapshot_rows=12, snapshot_seed=3)
+    for chain, draw, m in perturbed_draws(model, 2, 10):
+        cb2(model=m, chain=chain, draw=draw)
+    assert torch.equal(cb2.snapshot_indices, cb.snapshot_indices)
+    assert [t for t, _ in cb2.snapshots] == [3, 20]
+    assert cb2.cka_convergence()[-1][1] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_snapshots_in_rectangular_mode_come_from_rows():
+    model = MLP()
+    probe = classification_data(20)
+    rows = [1, 4, 7, 9, 15]
+    cb = LossKernelCallback(probe, rows=rows, snapshot_every=4, snapshot_rows=3)
+    witness = ProbeRecorder(probe)
+    for chain, draw, m in perturbed_draws(model, 1, 8):
+        cb(model=m, chain=chain, draw=draw)
+        witness(model=m, chain=chain)
+    idx = cb.snapshot_indices.numpy()
+    assert set(idx) <= set(rows) and len(idx) == 3
+    np.testing.assert_allclose(cb.snapshots[0][1].numpy(),
+                               np.cov(witness.traces()[:4][:, idx], rowvar=False), rtol=1e-10, atol=1e-14)
+    bad = LossKernelCallback(probe, rows=rows, snapshot_every=4, snapshot_rows=[0, 1])
+    with pytest.raises(ValueError, match="among rows"):
+        for chain, draw, m in perturbed_draws(model, 1, 2):
+            bad(model=m, chain=chain, draw=draw)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(snapshot_every=0), "snapshot_every"),
+    (dict(snapshot_every=[1, 5]), "at least 2"),
+    (dict(snapshot_every="often"), "snapshot_every"),
+    (dict(snapshot_every=5, snapshot_rows=1), "snapshot_rows"),
+])
+def test_bad_snapshot_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossKernelCallback(classification_data(10), **kwargs)
+
+
+def test_cka_convergence_without_snapshots_is_explained():
+    cb = LossKernelCallback(classification_data(10))
+    for chain, draw, m in perturbed_draws(MLP(), 1, 3):
+        cb(model=m, chain=chain, draw=draw)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        cb.cka_convergence()

@@ -34,6 +34,10 @@ def test_killed_run_resumes_to_the_same_kernel(tmp_path):
     assert resumed.draws_per_chain == {0: 6, 1: 6, 2: 6}
     torch.testing.assert_close(resumed.covariance, uninterrupted.covariance, rtol=1e-12, atol=1e-15)
     assert resumed.metadata["llc/per_chain"] == pytest.approx(uninterrupted.metadata["llc/per_chain"])
+    # kernel snapshots taken before the kill survive it: the same CKA convergence curve
+    assert [t for t, _ in resumed.metadata["cka_convergence"]] == [4, 8, 12, 16]
+    np.testing.assert_allclose(resumed.metadata["cka_convergence"], uninterrupted.metadata["cka_convergence"],
+                               rtol=1e-10)
 
 
 def test_checkpoint_with_other_settings_is_refused(tmp_path):

@@ -304,6 +304,26 @@ class KernelAccumulator:
             **kernel_fields,
         )
 
+    def covariance_block(self, indices) -> torch.Tensor:
+        """K̂ restricted to ``indices`` × ``indices`` ([m, m], on the accumulator's device),
+        from the draws so far (the buffer is flushed first). In rectangular mode the indices
+        must be among ``rows``. Used for kernel snapshots during a run (CKA convergence)."""
+        self.flush()
+        if self._moments.count < 2:
+            raise ValueError(f"a covariance needs at least 2 draws, got num_draws={self._moments.count}")
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.device).flatten()
+        if idx.numel() == 0 or idx.min() < 0 or idx.max() >= self.num_samples:
+            raise ValueError(f"indices must be non-empty sample indices in [0, {self.num_samples})")
+        if self.rows is None:
+            row_pos = idx
+        else:
+            position = torch.full((self.num_samples,), -1, dtype=torch.long, device=self.device)
+            position[self.rows] = torch.arange(len(self.rows), device=self.device)
+            row_pos = position[idx]
+            if bool((row_pos < 0).any()):
+                raise ValueError("indices must be among the accumulator's rows (rectangular mode)")
+        return self._moments.m2[row_pos][:, idx] / (self._moments.count - 1)
+
     def all_reduce(self, group=None) -> "KernelAccumulator":
         """Merge this accumulator exactly with those of all torch.distributed ranks of
         ``group``; see :func:`devinterp_losskernel.distributed.all_reduce_accumulator`."""

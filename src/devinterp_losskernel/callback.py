@@ -15,8 +15,9 @@ back (see :mod:`devinterp_losskernel.probe`).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,6 +39,36 @@ def devinterp_version() -> Optional[str]:
         return version("devinterp")
     except Exception:  # not installed
         return None
+
+
+def _snapshot_schedule(snapshot_every) -> Optional[Tuple[Optional[int], Optional[frozenset]]]:
+    """(every, None) for an int, (None, {counts}) for a sequence, None for no snapshots."""
+    if snapshot_every is None:
+        return None
+    if isinstance(snapshot_every, numbers.Integral) and not isinstance(snapshot_every, bool):
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, got {snapshot_every!r}")
+        return int(snapshot_every), None
+    try:
+        counts = [int(c) for c in snapshot_every]
+    except (TypeError, ValueError):
+        raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, got {snapshot_every!r}") from None
+    if not counts or min(counts) < 2:
+        raise ValueError(f"snapshot_every's draw counts must be at least 2 (a covariance needs 2 draws), got {counts!r}")
+    return None, frozenset(counts)
+
+
+def _check_snapshot_rows(snapshot_rows):
+    if snapshot_rows is None:
+        return None
+    if isinstance(snapshot_rows, numbers.Integral) and not isinstance(snapshot_rows, bool):
+        if snapshot_rows < 2:
+            raise ValueError(f"snapshot_rows must be at least 2 samples (CKA needs a matrix), got {snapshot_rows!r}")
+        return int(snapshot_rows)
+    indices = torch.as_tensor(snapshot_rows, dtype=torch.long).flatten()
+    if indices.numel() < 2:
+        raise ValueError("snapshot_rows must name at least 2 sample indices")
+    return indices
 
 
 class LossKernelCallback:
@@ -65,9 +96,18 @@ class LossKernelCallback:
         probe_train_mask: bool [n_probe], which probe samples are training samples (default:
             all); the singular fluctuation uses only those. Pass all-False (or ``False``) for a
             probe of held-out data to leave the singular fluctuation out.
+        snapshot_every: keep copies of K̂ part-way through the run, for CKA convergence
+            (paper, Fig. 6A): an int t (after every t accepted draws) or a sequence of draw
+            counts. Draws are counted over all chains, in the order the sampler delivers them.
+        snapshot_rows: which samples the snapshots keep — ``None`` (all n: each snapshot is
+            n² numbers on the CPU), an int m (a fixed random subset of m samples, drawn with
+            ``snapshot_seed``; memory m² per snapshot), or a sequence of indices. In
+            rectangular mode (``rows=``) the subset is drawn from ``rows``.
 
     After sampling: ``callback.kernel`` is the :class:`LossKernel` (computed on access);
-    ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*`` entries.
+    ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*`` entries;
+    ``callback.snapshots`` is [(num_draws, K̂_t[S, S])] and ``callback.cka_convergence()``
+    the curve CKA(K̂_t[S, S], K̂[S, S]) against t, S = ``callback.snapshot_indices``.
     """
 
     def __init__(
@@ -89,6 +129,9 @@ class LossKernelCallback:
         cache_probe_on_device: Union[bool, str] = "auto",
         num_train: Optional[int] = None,
         probe_train_mask=None,
+        snapshot_every: Union[int, Sequence[int], None] = None,
+        snapshot_rows: Union[int, Sequence[int], None] = None,
+        snapshot_seed: int = 0,
     ):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
@@ -116,6 +159,11 @@ class LossKernelCallback:
         self._num_samples: Optional[int] = None
         self._first_mean_per_chain: Dict[int, float] = {}
         self._pbar = None
+        self._snapshot_schedule = _snapshot_schedule(snapshot_every)
+        self._snapshot_rows_arg = _check_snapshot_rows(snapshot_rows)
+        self.snapshot_seed = snapshot_seed
+        self.snapshot_indices: Optional[torch.Tensor] = None
+        self.snapshots: List[Tuple[int, torch.Tensor]] = []
 
     # -- devinterp entry points -------------------------------------------------------------
     def __call__(self, *, model: nn.Module, chain: int = 0, draw: Optional[int] = None,
@@ -144,6 +192,7 @@ class LossKernelCallback:
             self.accumulator.update(losses, check_finite=False)
             self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
             self._check_drift(chain, mean_loss)
+            self._maybe_snapshot()
         if self._pbar is not None:
             self._pbar.update(1)
             self._pbar.set_postfix(chain=chain, probe_loss=f"{mean_loss:.4g}", refresh=False)
@@ -172,6 +221,8 @@ class LossKernelCallback:
         if kernel.init_loss is not None:
             results["init_loss"] = kernel.init_loss.numpy()
         results.update(self.slt_summary(kernel))
+        if self.snapshots:
+            results["cka_convergence"] = self.cka_convergence()
         return {RESULT_PREFIX + key: value for key, value in results.items()}
 
     def slt_summary(self, kernel: Optional[LossKernel] = None) -> Dict[str, float]:
@@ -214,6 +265,49 @@ class LossKernelCallback:
             metadata=metadata,
         )
 
+    def cka_convergence(self, use: str = "covariance") -> List[Tuple[int, float]]:
+        """[(t, CKA(K̂_t, K̂))] over the snapshots, on the snapshot samples (paper, Fig. 6A);
+        ``use="correlation"`` compares R̂ instead. Plot with
+        :func:`~devinterp_losskernel.plotting.plot_cka_convergence`."""
+        from .analysis import cka_convergence
+
+        if not self.snapshots:
+            raise ValueError("no snapshots: pass snapshot_every= to LossKernelCallback "
+                             "(and sample at least that many draws)")
+        final = self.accumulator.covariance_block(self.snapshot_indices).cpu()
+        return cka_convergence(self.snapshots, final, use=use)
+
+    def _maybe_snapshot(self) -> None:
+        if self._snapshot_schedule is None:
+            return
+        count = self.accumulator.count
+        every, at = self._snapshot_schedule
+        if count >= 2 and ((every is not None and count % every == 0) or (at is not None and count in at)):
+            block = self.accumulator.covariance_block(self.snapshot_indices)
+            self.snapshots.append((int(count), block.to("cpu", copy=True)))
+
+    def _choose_snapshot_indices(self) -> Optional[torch.Tensor]:
+        """The fixed sample subset S the snapshots keep (sorted indices), or None."""
+        if self._snapshot_schedule is None:
+            return None
+        choice = self._snapshot_rows_arg
+        pool = (torch.arange(self._num_samples) if self.rows is None
+                else torch.as_tensor(self.rows, dtype=torch.long).flatten().unique())
+        if choice is None:
+            return pool
+        if isinstance(choice, int):
+            if choice >= len(pool):
+                return pool
+            generator = torch.Generator().manual_seed(int(self.snapshot_seed))
+            return pool[torch.randperm(len(pool), generator=generator)[:choice]].sort().values
+        indices = torch.as_tensor(choice, dtype=torch.long).flatten()
+        if indices.min() < 0 or indices.max() >= self._num_samples:
+            raise ValueError(f"snapshot_rows must be sample indices in [0, {self._num_samples}), got "
+                             f"values in [{int(indices.min())}, {int(indices.max())}]")
+        if self.rows is not None and not bool(torch.isin(indices, pool).all()):
+            raise ValueError("snapshot_rows must be among rows= in rectangular mode")
+        return indices
+
     # -- the work ---------------------------------------------------------------------------
     def probe_losses(self, model: nn.Module) -> torch.Tensor:
         """ℓ(x_i; w) for the model's current weights w, [n]."""
@@ -238,6 +332,7 @@ class LossKernelCallback:
             self._num_samples, device=device, dtype=self.dtype,
             block_size=self.block_size, rows=self.rows,
         )
+        self.snapshot_indices = self._choose_snapshot_indices()
         if self.total_draws is not None:
             from tqdm.auto import tqdm
 

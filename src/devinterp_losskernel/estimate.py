@@ -117,7 +117,7 @@ def estimate_loss_kernel(
         probe_train_mask: bool [n], which probe samples belong to ``loader``'s training set
             (default: all); the singular fluctuation uses those. ``False``: none (held-out probe).
         callback_kwargs: extra :class:`LossKernelCallback` arguments (``block_size``, ``rows``,
-            ``autocast_dtype``, …).
+            ``autocast_dtype``, ``snapshot_every``, ``snapshot_rows``, …).
 
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
@@ -125,7 +125,9 @@ def estimate_loss_kernel(
         − L_m(w*)) with L_m devinterp's minibatch loss, ``llc/mean`` and ``llc/std`` over
         chains; ``probe_llc`` (the paired LLC from the probe losses); ``singular_fluctuation``
         ν = βV/2 and ``empirical_variance`` V (β = nβ/n; see
-        :func:`~devinterp_losskernel.analysis.singular_fluctuation`).
+        :func:`~devinterp_losskernel.analysis.singular_fluctuation`). With
+        ``callback_kwargs=dict(snapshot_every=t)``: ``cka_convergence`` = [(draws, CKA(K̂_t,
+        K̂))] on the samples ``snapshot_indices`` (paper, Fig. 6A).
 
     A chain that diverges (devinterp raises on a NaN minibatch loss, or the probe losses turn
     non-finite) keeps its finite draws in the kernel; it is reported by a warning and in
@@ -168,6 +170,9 @@ def estimate_loss_kernel(
                                     "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
     kernel = callback.kernel
     kernel.metadata.update(callback.slt_summary(kernel))  # probe_llc, singular_fluctuation, …
+    if callback.snapshots:
+        kernel.metadata["cka_convergence"] = callback.cka_convergence()
+        kernel.metadata["snapshot_indices"] = callback.snapshot_indices.tolist()
     return kernel
 
 
@@ -258,6 +263,7 @@ class _Checkpoint:
         cb.accumulator.load_state_dict(state["accumulator"])
         cb.draws_per_chain = dict(state["draws_per_chain"])
         cb.rejected_per_chain = dict(state["rejected_per_chain"])
+        cb.snapshots = [(int(t), block) for t, block in state.get("snapshots", [])]
         return _Progress(state["llc_per_chain"], state["diverged"])
 
     def save(self, progress: _Progress) -> None:
@@ -267,6 +273,7 @@ class _Checkpoint:
             "accumulator": cb.accumulator.state_dict(),
             "draws_per_chain": cb.draws_per_chain,
             "rejected_per_chain": cb.rejected_per_chain,
+            "snapshots": cb.snapshots,
             "llc_per_chain": progress.llc_per_chain,
             "diverged": progress.diverged,
         }

@@ -126,20 +126,25 @@ def synchronize(device=None) -> None:
 
 
 class Timer:
-    """``with Timer() as t: ...`` then ``t.seconds`` (wall clock, CUDA synchronized)."""
+    """``with Timer() as t: ...`` then ``t.seconds`` (wall clock, CUDA synchronized) and
+    ``t.cpu_seconds`` (CPU time of this process, all threads: on a shared machine it counts
+    the work done, not the time spent waiting for a core)."""
 
     def __init__(self, device=None):
         self.device = device
         self.seconds = float("nan")
+        self.cpu_seconds = float("nan")
 
     def __enter__(self):
         synchronize(self.device)
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
         return self
 
     def __exit__(self, *exc):
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
+        self.cpu_seconds = time.process_time() - self._cpu_start
         return False
 
 

@@ -115,3 +115,19 @@ def test_lm_sequence_loss_against_manual():
     # dict probes batch themselves
     out = evaluate_probe_losses(model, ProbeSet({"input_ids": ids}, batch_size=3))
     torch.testing.assert_close(out, lm_sequence_loss(model, {"input_ids": ids}))
+
+
+def test_channels_last_gives_the_same_losses():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x, y = torch.randn(23, 3, 12, 12), torch.randint(0, 4, (23,))
+    plain = evaluate_probe_losses(net, ProbeSet((x, y), batch_size=8))
+    fast = evaluate_probe_losses(net, ProbeSet((x, y), batch_size=8), channels_last=True)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    # non-image tensors (the targets) pass through untouched
+    from devinterp_losskernel.probe import to_channels_last
+    out = to_channels_last({"x": x, "y": y, "pair": (x[:2], y[:2])})
+    assert out["x"].is_contiguous(memory_format=torch.channels_last) and out["y"] is y
+    assert out["pair"][0].is_contiguous(memory_format=torch.channels_last)

@@ -88,6 +88,8 @@ class LossKernelCallback:
         block_size: draws buffered per fold (one [n, B]×[B, n] product per block).
         rows: probe indices for a rectangular [len(rows), n] kernel (memory |rows|·n).
         autocast_dtype: run probe forwards under autocast in this dtype (e.g. bfloat16 on GPU).
+        channels_last: run probe forwards of a convolutional model in channels-last layout
+            (see :func:`~devinterp_losskernel.probe.evaluate_probe_losses`).
         drift_tolerance: warn (once per chain) when a draw's mean probe loss exceeds the mean
             loss at w* by more than ``drift_tolerance × (1 + |mean loss at w*|)``.
         total_draws: if given, a tqdm bar over all draws of all chains is shown.
@@ -132,6 +134,7 @@ class LossKernelCallback:
         snapshot_every: Union[int, Sequence[int], None] = None,
         snapshot_rows: Union[int, Sequence[int], None] = None,
         snapshot_seed: int = 0,
+        channels_last: bool = False,
     ):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
@@ -142,6 +145,7 @@ class LossKernelCallback:
         self.block_size = block_size
         self.rows = rows
         self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
         self.drift_tolerance = drift_tolerance
         self.reference_model = reference_model
         self.sample_ids = sample_ids
@@ -316,6 +320,7 @@ class LossKernelCallback:
             device=_model_device(model),
             autocast_dtype=self.autocast_dtype,
             expected_num_samples=self._num_samples,
+            channels_last=self.channels_last,
         )
 
     def allocate(self, model: nn.Module) -> KernelAccumulator:

@@ -194,7 +194,7 @@ def main(argv=None):
         "variants interleaved; 'ratio (CPU time)' is the same ratio in process CPU time, which "
         "other jobs on a shared machine do not inflate. 'forward only' evaluates the probe "
         "at every draw with the same ProbeSet/evaluate_probe_losses and discards the losses; "
-        "'loss kernel' is LossKernelCallback (float64 accumulator, block 64). The ratio "
+        "'loss kernel' is LossKernelCallback (float64 accumulator, default block size). The ratio "
         "includes the kernel's one-off costs: one extra probe pass (ℓ at w*, from devinterp's "
         "ref_model) and get_results() at the end (K, R and their numpy copies; 'results ms', "
         "timed again after the run). 'probe ms/draw' = (forward only − sgld only) / draws; "

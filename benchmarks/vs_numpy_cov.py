@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=2000, help="probe samples (default 2000)")
     parser.add_argument("--draws", type=ints, default=[500, 1000, 2000, 4000, 8000],
                         help="comma-separated total draws; default 500,1000,2000,4000,8000")
-    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=1,
                         help="repetitions per point; the median time is reported")
     add_common_arguments(parser)

@@ -281,3 +281,90 @@ def test_make_mlp_has_only_linear_layers():
     model = make_mlp(64, hidden=32, depth=3, num_classes=10)
     linear = [m for m in model if isinstance(m, torch.nn.Linear)]
     assert len(linear) == 4 and linear[0].in_features == 64 and linear[-1].out_features == 10
+
+
+# -- pooling, neighbour share, ROC figure, the whole run --------------------------------------
+def test_pool_images_averages_blocks():
+    from devinterp_losskernel.tasks.memorization import pool_images
+
+    images = np.arange(2 * 16, dtype=np.float32).reshape(2, 16)  # two 4x4 images
+    pooled = pool_images(images, 2)
+    assert pooled.shape == (2, 4) and pooled.dtype == np.float32
+    # first image: rows [0..3], [4..7], ...; the top-left block is 0, 1, 4, 5
+    np.testing.assert_allclose(pooled[0], [2.5, 4.5, 10.5, 12.5])
+    np.testing.assert_allclose(pooled[1], pooled[0] + 16)
+    assert pool_images(images, 1) is images
+    with pytest.raises(ValueError, match="divisible"):
+        pool_images(images, 3)
+    with pytest.raises(ValueError, match="positive int"):
+        pool_images(images, 0)
+
+
+def test_pool_applies_to_fashion_mnist_only(tiny_fashion):
+    root, images, _ = tiny_fashion
+    cfg = MemorizationConfig(dataset="fashion_mnist", num_train=7, flip_fraction=0.0, pool=2)
+    data = memorization_data(cfg, root=root, verbose=False)
+    assert data.x.shape == (7, 196) and data.images.shape == (7, 14, 14)
+    block = images.reshape(7, 14, 2, 14, 2).mean(axis=(2, 4)) / 255.0
+    order = np.sort(np.random.default_rng(cfg.seed).choice(7, 7, replace=False))
+    np.testing.assert_allclose(data.images, block[order], rtol=1e-5)
+    digits = memorization_data(MemorizationConfig(dataset="digits", num_train=50, pool=2), verbose=False)
+    assert digits.x.shape == (50, 64)
+
+
+def test_knn_share_counts_positive_neighbours():
+    from devinterp_losskernel.tasks.memorization import knn_share
+
+    positive = np.array([True, True, False, False])
+    knn = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0], [3, 2, 1]])
+    share, base = knn_share(knn, positive)
+    assert share == pytest.approx(0.5) and base == pytest.approx(0.5)  # 0→{1,2}, 1→{0,3}
+    knn[0] = [0, 1, -1]
+    assert knn_share(knn, positive)[0] == pytest.approx(2 / 3)  # padding ignored
+
+
+def test_plot_detector_rocs_orders_by_auc(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from devinterp_losskernel.tasks.memorization import plot_detector_rocs
+
+    positive = np.array([True, True, False, False, False])
+    fig = plot_detector_rocs({"weak": np.array([1, 2, 5, 4, 3.0]), "strong": np.array([5, 4, 1, 2, 3.0])},
+                             positive, path=tmp_path / "roc.png")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["strong: 1.000", "weak: 0.000"]
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="at least one"):
+        plot_detector_rocs({}, positive)
+
+
+def test_run_memorization_end_to_end_without_optional_libraries(monkeypatch, capsys):
+    """Digits, a small SGLD run; the attribution libraries 'missing': their rows are notes."""
+    from devinterp_losskernel.tasks import memorization as mem
+
+    def missing(module, package):
+        raise mem.MissingOptionalDependency(f"{package} is not installed (test)")
+
+    monkeypatch.setattr(mem, "_require", missing)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = mem.run_memorization(
+            MemorizationConfig(dataset="digits", num_train=400, hidden=128, train_epochs=80,
+                               train_batch_size=50, train_lr=3e-3, tracin_checkpoints=2,
+                               num_chains=2, num_draws=60, num_burnin_steps=20, lr=3e-4,
+                               localization=300.0, sgld_batch_size=100),
+            device="cpu", verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    table = result.table.set_index("score")
+    assert set(table.index) == {"loss-kernel variance K(x,x)", *mem.BASELINES}
+    for name in mem.BASELINES[2:]:
+        assert np.isnan(table.loc[name, "roc_auc"]) and "not installed" in table.loc[name, "note"]
+    assert "skipped" not in capsys.readouterr().out  # verbose=False: no print
+    variance_auc = table.loc["loss-kernel variance K(x,x)", "roc_auc"]
+    assert variance_auc > 0.75  # 40 relabelled digits among 400: far above chance
+    summary = result.summary()
+    assert summary["num_flipped"] == 40 and summary["train_accuracy_on_noisy_labels"] == 1.0
+    assert summary["mean_self_covariance/mislabelled"] > summary["mean_self_covariance/normal"]
+    np.testing.assert_allclose(result.scores["loss-kernel variance K(x,x)"], result.kernel.variance.numpy())

@@ -99,7 +99,7 @@ def _available_bytes(device: torch.device) -> Optional[int]:
 
 def estimate_kernel_memory(
     num_samples: int, *, num_rows: Optional[int] = None, dtype: torch.dtype = torch.float64,
-    block_size: int = 64,
+    block_size: int = 256,
 ) -> int:
     """Bytes the accumulator allocates: co-moment [q, n], mean [n], a [block_size, n] buffer
     and the centred-block workspace, all in ``dtype``. q = n unless ``num_rows`` is given.
@@ -107,7 +107,7 @@ def estimate_kernel_memory(
     ``LossKernel.correlation`` one more q×n, so budget 2–3× this to also read the results.
 
     >>> estimate_kernel_memory(10_000) / 1e9   # the n×n co-moment dominates: 8 n² bytes
-    0.80816
+    0.84104
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = num_samples if num_rows is None else num_rows
@@ -123,6 +123,9 @@ class KernelAccumulator:
         dtype: storage and arithmetic dtype of the state. float64 by default; float32 halves
             memory at the cost of ~1e-7 relative rounding per fold.
         block_size: B, draws buffered before one [n, B] × [B, n] product folds them in.
+            The default 256 keeps that product efficient (on a 2-core CPU, B = 64 ran the
+            fold at about half of numpy.cov's single product, B = 256 beat it; see
+            benchmarks/RESULTS.md); the buffer costs B·n, small beside n².
         rows: optional sample indices; if given the co-moment is rectangular [len(rows), n]
             (query rows × all probe columns, the BIF shape) and costs |rows|·n memory.
             Variances of all n samples are still kept exactly.
@@ -144,7 +147,7 @@ class KernelAccumulator:
         *,
         device: DeviceLike = None,
         dtype: torch.dtype = torch.float64,
-        block_size: int = 64,
+        block_size: int = 256,
         rows: Optional[Sequence[int] | torch.Tensor] = None,
         check_memory: bool = True,
     ):

@@ -123,7 +123,7 @@ class LossKernelCallback:
         reference_model: Optional[nn.Module] = None,
         sample_ids: Optional[Sequence] = None,
         labels: Optional[Sequence] = None,
-        block_size: int = 64,
+        block_size: int = 256,
         rows: Optional[Sequence[int]] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         drift_tolerance: float = 1.0,

@@ -38,4 +38,10 @@ def test_tutorial_runs(notebook, tmp_path, monkeypatch):
     source = code_of(notebook)
     for line in source.splitlines():
         assert not line.lstrip().startswith(("%", "!")), f"{notebook.name}: no magics ({line!r})"
-    exec(compile(source, str(notebook), "exec"), {"__name__": "__main__"})
+    import torch
+
+    threads = torch.get_num_threads()  # a notebook may pin torch to one thread on a CPU
+    try:
+        exec(compile(source, str(notebook), "exec"), {"__name__": "__main__"})
+    finally:
+        torch.set_num_threads(threads)

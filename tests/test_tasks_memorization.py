@@ -205,6 +205,7 @@ def test_get_config_scales(monkeypatch):
     monkeypatch.setenv("LOSSKERNEL_TUTORIAL_SCALE", "ci")
     assert get_config() == get_config("ci")
     assert get_config("full", num_draws=7).num_draws == 7
+    assert get_config("cpu") == get_config("paper") == get_config("full")
     with pytest.raises(ValueError, match="scale"):
         get_config("huge")
 

@@ -153,3 +153,17 @@ def test_embedding_plots(kernel, fitted, aligned, tmp_path):
         plotting.plot_embedding(np.zeros(5))
     with pytest.raises(ValueError, match="titles"):
         plotting.plot_aligned_embeddings(aligned[1], titles=["one"])
+
+
+def test_umap_keeps_torch_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = np.random.default_rng(0)
+        x = g.normal(size=(40, 60))
+        umap_embedding(np.cov(x), exclude_same_label_edges=False, n_neighbors=5, random_state=0, n_epochs=20)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

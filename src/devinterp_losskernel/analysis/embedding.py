@@ -31,6 +31,7 @@ AlignedUMAP on a 2-core machine); later calls in the same process are fast.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -77,6 +78,23 @@ class Embedding:
     graph: Any
     excluded_same_label: bool
     params: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _umap_context():
+    """Silence umap-learn's known warnings and keep torch's thread count: numba's OpenMP
+    layer resets the thread count torch shares (1 → all cores), which made a following
+    single-threaded SGLD run many times slower on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            for message in _UMAP_NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _distance(kernel: Any, name: str) -> np.ndarray:
@@ -209,9 +227,7 @@ def umap_embedding(
 
     import umap
 
-    with warnings.catch_warnings():
-        for message in _UMAP_NOISE:
-            warnings.filterwarnings("ignore", message=message)
+    with _umap_context():
         # copies: umap-learn writes into the kNN arrays it is given
         reducer = umap.UMAP(metric="precomputed",
                             precomputed_knn=(indices.copy(), distances.copy()), **params)
@@ -292,9 +308,7 @@ def aligned_umap_embeddings(
     import umap
 
     relations = [{j: j for j in range(n)} for _ in range(len(kernels) - 1)]
-    with warnings.catch_warnings():
-        for message in _UMAP_NOISE:
-            warnings.filterwarnings("ignore", message=message)
+    with _umap_context():
         aligned = umap.AlignedUMAP(metric="precomputed", **params)
         aligned.fit(matrices, relations=relations)
     return [

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from ._scale import SamplingScale
 from .fashion_mnist import FashionMNISTNotFound
 from .fashion_wordnet import (
     FashionData,
@@ -57,7 +58,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class DevelopmentScale:
+class DevelopmentScale(SamplingScale):
     """Sizes of one development run: training (``num_train`` images, ``epochs``), the
     checkpoints kept (optimiser steps; 0 = the initialisation; the last must be the end of
     training), the probe and the SGLD settings, the same at every checkpoint."""
@@ -65,24 +66,11 @@ class DevelopmentScale:
     num_train: Optional[int]
     epochs: float
     checkpoint_steps: Tuple[int, ...]
-    num_probe: int
-    num_chains: int
-    num_draws: int
-    num_burnin_steps: int
-    num_steps_bw_draws: int
-    batch_size: int
-    lr: float
-    nbeta: float
-    localization: float
     note: str = ""
 
     def kernel_scale(self) -> FashionScale:
         """The :class:`~.fashion_wordnet.FashionScale` that :func:`~.fashion_wordnet.sample_kernel` takes."""
-        return FashionScale(num_train=self.num_train, epochs=self.epochs, num_probe=self.num_probe,
-                            num_chains=self.num_chains, num_draws=self.num_draws,
-                            num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
-                            batch_size=self.batch_size, lr=self.lr, nbeta=self.nbeta,
-                            localization=self.localization, note=self.note)
+        return FashionScale(**{f.name: getattr(self, f.name) for f in fields(FashionScale)})
 
 
 # the SGLD settings of tutorial 03b (see fashion_wordnet._SGLD), unchanged at every checkpoint

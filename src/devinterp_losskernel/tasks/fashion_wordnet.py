@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._scale import SamplingScale
 from .fashion_mnist import CLASS_NAMES, load_fashion_mnist
 
 __all__ = [
@@ -286,7 +287,7 @@ def train_cnn(
 # The kernel
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FashionScale:
+class FashionScale(SamplingScale):
     """One run's sizes and SGLD settings (the paper's symbols: m, C, T, b, ε, nβ, γ).
 
     ``num_train`` training images (None: all 60,000) are used to train the CNN for
@@ -296,21 +297,8 @@ class FashionScale:
 
     num_train: Optional[int]
     epochs: float
-    num_probe: int
-    num_chains: int
-    num_draws: int
-    num_burnin_steps: int
-    num_steps_bw_draws: int
-    batch_size: int
-    lr: float
-    nbeta: float
-    localization: float
     note: str = ""
 
-    def sampler_kwargs(self) -> Dict[str, Any]:
-        return dict(num_chains=self.num_chains, num_draws=self.num_draws,
-                    num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
-                    lr=self.lr, nbeta=self.nbeta, localization=self.localization)
 
 
 # SGLD around the trained CNN (sweep at CI size, 2 chains × 100 draws, in tutorials/README.md,

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._scale import SamplingScale
+
 __all__ = [
     "ADD",
     "DIV",
@@ -411,27 +413,14 @@ def train_and_save(path: Union[str, Path, None] = None, *, threads: int = 1, ver
 # The loss kernel of the trained model
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class KernelScale:
+class KernelScale(SamplingScale):
     """Probe size and SGLD settings of one run (the paper's symbols: m, C, T, b, ε, nβ, γ).
 
     ``num_steps_bw_draws`` thins each chain (one draw every so many SGLD steps).
     """
 
-    num_probe: int
-    num_chains: int
-    num_draws: int
-    num_burnin_steps: int
-    num_steps_bw_draws: int
-    batch_size: int
-    lr: float
-    nbeta: float
-    localization: float
     note: str = ""
 
-    def sampler_kwargs(self) -> Dict[str, Any]:
-        return dict(num_chains=self.num_chains, num_draws=self.num_draws,
-                    num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
-                    lr=self.lr, nbeta=self.nbeta, localization=self.localization)
 
 
 # Table 1 (Section 3): m=512, C=30, T=800, b=200, ε=2e-7, nβ=500, γ=30,000 for p=97.

@@ -1,15 +1,7 @@
 import os, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_nb import notebook
+from make_nb import notebook, install_cell
 
-INSTALL = '''
-# Colab / fresh machine: install this package (and devinterp 1.3) from the repository.
-# Set REPO to where this repository lives if you use a fork.
-import importlib.util, subprocess, sys
-
-REPO = "https://github.com/timaeus-research/devinterp-losskernel"
-if importlib.util.find_spec("devinterp_losskernel") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "devinterp>=1.3,<2"])
-'''
+INSTALL = install_cell()
 
 cells = [
 ("md", '''

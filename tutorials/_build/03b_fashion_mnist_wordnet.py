@@ -1,24 +1,7 @@
 import os, sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_nb import notebook
+from make_nb import notebook, install_cell, FASHION_MNIST_COLAB
 
-INSTALL = '''
-# Colab / fresh machine: install this package (and devinterp 1.3) from the repository.
-# Set REPO to where this repository lives if you use a fork.
-import importlib.util, os, subprocess, sys
-
-REPO = "https://github.com/timaeus-research/devinterp-losskernel"
-if importlib.util.find_spec("devinterp_losskernel") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "devinterp>=1.3,<2"])
-# Fashion-MNIST is read from local IDX files (Debian: apt-get install dataset-fashion-mnist).
-# On Colab, where that package is missing, fetch the same files once with torchvision and
-# point the reader at them; WordNet comes from nltk's downloader there.
-if "google.colab" in sys.modules and not os.path.isdir("/usr/share/datasets/fashion-mnist"):
-    import nltk, torchvision
-    torchvision.datasets.FashionMNIST("/content/data", train=True, download=True)
-    torchvision.datasets.FashionMNIST("/content/data", train=False, download=True)
-    os.environ["LOSSKERNEL_FASHION_MNIST_DIR"] = "/content/data/FashionMNIST/raw"
-    nltk.download("wordnet", quiet=True)
-'''
+INSTALL = install_cell(FASHION_MNIST_COLAB)
 
 cells = [
 ("md", '''

@@ -2,6 +2,36 @@
 """Build a notebook from a list of ("md"|"code", text) cells."""
 import json, sys
 
+# The first code cell of every notebook: install this package in Colab or on a fresh machine.
+INSTALL_PACKAGE = '''
+# Colab / fresh machine: install this package (and devinterp 1.3) from the repository.
+# Set REPO to where this repository lives if you use a fork.
+import importlib.util, os, subprocess, sys
+
+REPO = "https://github.com/timaeus-research/devinterp-losskernel"
+if importlib.util.find_spec("devinterp_losskernel") is None:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "devinterp>=1.3,<2"])
+'''
+
+# For the notebooks on Fashion-MNIST and its WordNet tree.
+FASHION_MNIST_COLAB = '''
+# Fashion-MNIST is read from local IDX files (Debian: apt-get install dataset-fashion-mnist).
+# On Colab, where that package is missing, fetch the same files once with torchvision and
+# point the reader at them; WordNet comes from nltk's downloader there.
+if "google.colab" in sys.modules and not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    import nltk, torchvision
+    torchvision.datasets.FashionMNIST("/content/data", train=True, download=True)
+    torchvision.datasets.FashionMNIST("/content/data", train=False, download=True)
+    os.environ["LOSSKERNEL_FASHION_MNIST_DIR"] = "/content/data/FashionMNIST/raw"
+    nltk.download("wordnet", quiet=True)
+'''
+
+
+def install_cell(*extras: str) -> str:
+    """The install cell's code: INSTALL_PACKAGE followed by a notebook's own extra steps."""
+    return "\n".join(part.strip("\n") for part in (INSTALL_PACKAGE, *extras)) + "\n"
+
+
 def notebook(cells, path, devinterp_major=None):
     nb = {
         "cells": [

@@ -207,3 +207,23 @@ def test_run_modular_kernel_tiny():
     assert 0.5 <= numbers["pc1_auc"] <= 1.0 and -1 <= numbers["split_half_agreement"] <= 1
     assert np.array_equal(result.task, np.repeat([ADD, DIV], 30))
     assert numbers["probe_loss/mean_over_draws"] > numbers["probe_loss/at_w_star"]
+
+
+def test_run_modular_kernel_halves_in_separate_calls_pool_to_the_one_call_result(tmp_path):
+    """``only_half`` lets two processes sample the halves; pooling them afterwards gives the
+    kernel of one uninterrupted call."""
+    require_devinterp(1)
+    tiny = KernelScale(num_probe=40, num_chains=2, num_draws=6, num_burnin_steps=4, num_steps_bw_draws=1,
+                       batch_size=64, lr=1.5e-6, nbeta=500.0, localization=300_000.0)
+    whole = run_modular_kernel(tiny, device="cpu", verbose=False)
+    for half in (1, 0):
+        assert run_modular_kernel(tiny, device="cpu", verbose=False, checkpoint_dir=tmp_path, only_half=half) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half0", "half1"]
+    pooled = run_modular_kernel(tiny, device="cpu", verbose=False, checkpoint_dir=tmp_path)
+    torch.testing.assert_close(pooled.kernel.covariance, whole.kernel.covariance, rtol=1e-12, atol=1e-15)
+    assert pooled.numbers["pc1_auc"] == whole.numbers["pc1_auc"]
+    assert pooled.split_half == pytest.approx(whole.split_half, abs=1e-12)
+    with pytest.raises(ValueError, match="only_half"):
+        run_modular_kernel(tiny, device="cpu", verbose=False, only_half=0)  # no checkpoint_dir
+    with pytest.raises(ValueError, match="only_half"):
+        run_modular_kernel(tiny, device="cpu", verbose=False, checkpoint_dir=tmp_path, only_half=2)

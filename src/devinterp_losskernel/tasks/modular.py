@@ -565,7 +565,8 @@ def run_modular_kernel(
     dtype: torch.dtype = torch.float64,
     verbose: bool = True,
     checkpoint_dir: Union[str, Path, None] = None,
-) -> ModularKernelResult:
+    only_half: Optional[int] = None,
+) -> Optional[ModularKernelResult]:
     """The tutorial as a script: load the trained model, sample the loss kernel over a probe
     split evenly between the tasks, and measure how well it separates them.
 
@@ -579,6 +580,10 @@ def run_modular_kernel(
             the agreement of their R̂; the kernel returned pools both halves.
         dtype: accumulator dtype (float32 halves the memory of a 10,000-sample kernel).
         checkpoint_dir: resume a killed run (one sub-folder per half).
+        only_half: sample just this half (0 or 1) into ``checkpoint_dir`` and return None.
+            Two processes with ``only_half=0`` and ``only_half=1`` and the same
+            ``checkpoint_dir`` use two cores (or two GPUs); a last call without it then finds
+            both halves finished and only pools and measures them (same result as one call).
 
     Returns:
         A :class:`ModularKernelResult`; ``result.numbers`` holds accuracy, PC1 AUC,
@@ -593,6 +598,10 @@ def run_modular_kernel(
         raise ValueError(f"scale must be one of {sorted(SCALES)} or a KernelScale, got {scale!r}")
     if split_half and cfg.num_chains < 2:
         raise ValueError("split_half needs num_chains ≥ 2 (one half per seed)")
+    if only_half is not None and (only_half not in (0, 1) or not split_half or checkpoint_dir is None):
+        raise ValueError(f"only_half must be 0 or 1, with split_half=True and a checkpoint_dir "
+                         f"to leave the half in; got only_half={only_half!r}, split_half={split_half}, "
+                         f"checkpoint_dir={checkpoint_dir!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
     model, data, _ = load_checkpoint(checkpoint, device=device)
@@ -607,11 +616,15 @@ def run_modular_kernel(
     halves = [cfg.num_chains // 2, cfg.num_chains - cfg.num_chains // 2] if split_half else [cfg.num_chains]
     kernels = []
     for half, chains in enumerate(halves):
+        if only_half is not None and half != only_half:
+            continue
         kwargs = cfg.sampler_kwargs()
         kwargs["num_chains"] = chains
         sub_dir = None if checkpoint_dir is None else Path(checkpoint_dir) / f"half{half}"
         kernels.append(estimate_loss_kernel(model, loader, probe, seed=seed + half, checkpoint_dir=sub_dir,
                                             **common, **kwargs))
+    if only_half is not None:
+        return None
     sampled = time.perf_counter()
     agreement = split_half_agreement(*kernels) if split_half else None
     kernel = pool_kernels(*kernels) if split_half else kernels[0]
@@ -669,6 +682,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     kernel.add_argument("--float32", action="store_true", help="float32 accumulator (half the memory)")
     kernel.add_argument("--out", default=None, help="folder for kernel.pt and numbers.json")
     kernel.add_argument("--resume-dir", default=None)
+    kernel.add_argument("--half", type=int, default=None, choices=(0, 1),
+                        help="sample only this half of the chains into --resume-dir and exit; run "
+                             "--half 0 and --half 1 in two processes, then the same command "
+                             "without --half to pool them")
     args = parser.parse_args(argv)
     if args.command == "train":
         print(train_and_save(args.out, threads=args.threads))
@@ -677,7 +694,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     result = run_modular_kernel(args.scale, device=args.device, seed=args.seed,
                                 dtype=torch.float32 if args.float32 else torch.float64,
-                                checkpoint_dir=args.resume_dir)
+                                checkpoint_dir=args.resume_dir, only_half=args.half)
+    if result is None:
+        print(f"half {args.half} sampled into {args.resume_dir}")
+        return
     print(json.dumps(result.numbers, indent=2))
     if args.out:
         out = Path(args.out)

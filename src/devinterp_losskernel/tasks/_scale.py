@@ -3,28 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SamplingScale:
-    """Probe size n (``num_probe``) and SGLD settings of one run: minibatch m
-    (``batch_size``), C chains, T draws per chain, b burn-in steps, ε (``lr``), nβ, γ
-    (``localization``); ``num_steps_bw_draws`` thins each chain (a draw every so many steps).
-    Each tutorial's scale class adds its own fields after these."""
+    """Probe size n (``num_probe``; None means all of the probe data, where a tutorial
+    allows it) and SGLD settings of one run: minibatch m (``batch_size``), C chains, T draws
+    per chain, b burn-in steps, ε (``lr``), nβ, γ (``localization``); ``num_steps_bw_draws``
+    thins each chain (a draw every so many steps, default every step).
+    Each tutorial's scale class adds its own fields; all are keyword-only."""
 
-    num_probe: int
+    num_probe: Optional[int]
     num_chains: int
     num_draws: int
     num_burnin_steps: int
-    num_steps_bw_draws: int
     batch_size: int
     lr: float
     nbeta: float
     localization: float
+    num_steps_bw_draws: int = 1
 
-    def sampler_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments for :func:`~devinterp_losskernel.estimate_loss_kernel`."""
-        return dict(num_chains=self.num_chains, num_draws=self.num_draws,
-                    num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
-                    lr=self.lr, nbeta=self.nbeta, localization=self.localization)
+    def sampler_kwargs(self, **changes) -> Dict[str, Any]:
+        """Keyword arguments for :func:`~devinterp_losskernel.estimate_loss_kernel`,
+        with ``changes`` applied (e.g. another ``localization`` for a γ sweep)."""
+        kwargs = dict(num_chains=self.num_chains, num_draws=self.num_draws,
+                      num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
+                      lr=self.lr, nbeta=self.nbeta, localization=self.localization)
+        kwargs.update(changes)
+        return kwargs

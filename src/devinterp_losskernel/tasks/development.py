@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DevelopmentScale(SamplingScale):
     """Sizes of one development run: training (``num_train`` images, ``epochs``), the
     checkpoints kept (optimiser steps; 0 = the initialisation; the last must be the end of

@@ -286,7 +286,7 @@ def train_cnn(
 # ---------------------------------------------------------------------------------------------
 # The kernel
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FashionScale(SamplingScale):
     """One run's sizes and SGLD settings (the paper's symbols: m, C, T, b, ε, nβ, γ).
 

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ._scale import SamplingScale
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -568,13 +570,12 @@ def imagenet_evaluate(model: nn.Module, batch) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Scales
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageNetScale:
+@dataclass(frozen=True, kw_only=True)
+class ImageNetScale(SamplingScale):
     """Sizes and SGLD settings of one run of the pipeline (the paper's symbols in brackets).
 
-    num_probe: n, probe images (None: all of the probe folder). image_size: S (paper 256).
-    batch_size: m. num_chains, num_draws, num_burnin_steps, num_steps_bw_draws: C, T, b,
-    thinning. lr, nbeta, localization: ε, nβ, γ. k: neighbours for lifts and top-k (paper 30).
+    The SGLD fields are :class:`SamplingScale`'s (n, m, C, T, b, thinning, ε, nβ, γ);
+    num_probe None takes all of the probe folder. image_size: S (paper 256). k: neighbours for lifts and top-k (paper 30).
     n_neighbors: UMAP's. colour_groups: colour groups (App. D.6). node_depth: depth of the
     WordNet node used for node lift. cka_snapshots: snapshots for the CKA convergence curve;
     snapshot_rows: samples they keep (None: all). gamma_sweep: γ values of the sweep (empty:
@@ -582,16 +583,7 @@ class ImageNetScale:
     of the generated folder when no ImageNet is given. num_workers: image-decoding processes.
     """
 
-    num_probe: Optional[int]
     image_size: int
-    batch_size: int
-    num_chains: int
-    num_draws: int
-    num_burnin_steps: int
-    lr: float
-    nbeta: float
-    localization: float
-    num_steps_bw_draws: int = 1
     k: int = 30
     n_neighbors: int = 15
     colour_groups: int = 8
@@ -609,13 +601,6 @@ class ImageNetScale:
     num_workers: int = 0
     probe_batch_size: int = 256
     note: str = ""
-
-    def sampler_kwargs(self, **changes) -> Dict[str, Any]:
-        kwargs = dict(num_chains=self.num_chains, num_draws=self.num_draws,
-                      num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
-                      lr=self.lr, nbeta=self.nbeta, localization=self.localization)
-        kwargs.update(changes)
-        return kwargs
 
     def sweep_kwargs(self, localization: float) -> Dict[str, Any]:
         return self.sampler_kwargs(

@@ -412,7 +412,7 @@ def train_and_save(path: Union[str, Path, None] = None, *, threads: int = 1, ver
 # ---------------------------------------------------------------------------------------------
 # The loss kernel of the trained model
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KernelScale(SamplingScale):
     """Probe size and SGLD settings of one run (the paper's symbols: m, C, T, b, ε, nβ, γ).
 

@@ -146,7 +146,8 @@ assert agreement > 0.05, "the two halves of the chains should agree on R beyond 
 
 Row i of R̂ is input i's *loss-response vector*: how its loss co-moves with every probe
 input. We project the centred rows on their first principal component and score the
-projection against the task labels by ROC-AUC (paper: 0.931).
+projection against the task labels by ROC-AUC (paper: 0.931). Measured with this model
+(tutorials/README.md): 0.960 at ci scale, 0.974 at cpu scale, 0.992 at the paper's 24,000 draws.
 '''),
 ("code", '''
 pc1 = pc1_separation(kernel, task_name)

@@ -444,7 +444,8 @@ SCALES: Dict[str, KernelScale] = {
                        note="the tutorial's default: minutes on a laptop CPU"),
     "paper": KernelScale(num_probe=10_000, num_chains=30, num_draws=800, num_burnin_steps=200,
                          num_steps_bw_draws=3, batch_size=512, **_SGLD,
-                         note="the paper's sizes (n=10,000, C×T = 24,000 draws, m=512, b=200); GPU"),
+                         note="the paper's sizes (n=10,000, C×T = 24,000 draws, m=512, b=200); GPU, or "
+                              "2 CPU processes with --half 0 / --half 1 (1 h 40 min on a 2-core VM)"),
 }
 
 

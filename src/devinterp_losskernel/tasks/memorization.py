@@ -101,12 +101,12 @@ class MemorizationConfig:
     train_batch_size: int = 128
     tracin_checkpoints: int = 5
     num_chains: int = 8
-    num_draws: int = 200
+    num_draws: int = 1000
     num_burnin_steps: int = 100
     num_steps_bw_draws: int = 1
     lr: float = 3e-4
     nbeta: float = 100.0
-    localization: float = 300.0
+    localization: float = 200.0
     sgld_batch_size: int = 256
     seed: int = 0
 
@@ -115,7 +115,8 @@ SCALES: Dict[str, MemorizationConfig] = {
     "full": MemorizationConfig(),
     # 1,000 images pooled to 14×14, a narrower MLP (3e-3 to memorize in 100 epochs): a 2-minute test
     "ci": MemorizationConfig(num_train=1000, pool=2, hidden=256, train_epochs=100, train_lr=3e-3,
-                             num_chains=2, num_draws=100, num_burnin_steps=50, tracin_checkpoints=3),
+                             num_chains=2, num_draws=100, num_burnin_steps=50, localization=300.0,
+                             tracin_checkpoints=3),
 }
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._metrics import accuracy
 from ._scale import SamplingScale
 from .fashion_mnist import CLASS_NAMES, load_fashion_mnist
 
@@ -177,20 +178,6 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
-    """Top-1 accuracy (eval mode; the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == y[start:start + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(x))
-
-
 @dataclass
 class TrainResult:
     """The trained model, its training curve and (optionally) weight snapshots.
@@ -298,7 +285,6 @@ class FashionScale(SamplingScale):
     num_train: Optional[int]
     epochs: float
     note: str = ""
-
 
 
 # SGLD around the trained CNN (sweep at CI size, 2 chains × 100 draws, in tutorials/README.md,

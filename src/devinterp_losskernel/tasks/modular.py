@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._metrics import accuracy
 from ._scale import SamplingScale
 
 __all__ = [
@@ -248,20 +249,6 @@ class ModularTransformer(nn.Module):
         return self.unembed(self.ln_f(x[:, -1]))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 4096) -> float:
-    """Fraction of ``inputs`` whose result token is the arg-max prediction."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        logits = model(inputs[start : start + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == targets[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(inputs))
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +407,6 @@ class KernelScale(SamplingScale):
     """
 
     note: str = ""
-
 
 
 # Table 1 (Section 3): m=512, C=30, T=800, b=200, ε=2e-7, nβ=500, γ=30,000 for p=97.
@@ -619,11 +605,9 @@ def run_modular_kernel(
     for half, chains in enumerate(halves):
         if only_half is not None and half != only_half:
             continue
-        kwargs = cfg.sampler_kwargs()
-        kwargs["num_chains"] = chains
         sub_dir = None if checkpoint_dir is None else Path(checkpoint_dir) / f"half{half}"
         kernels.append(estimate_loss_kernel(model, loader, probe, seed=seed + half, checkpoint_dir=sub_dir,
-                                            **common, **kwargs))
+                                            **common, **cfg.sampler_kwargs(num_chains=chains)))
     if only_half is not None:
         return None
     sampled = time.perf_counter()

@@ -18,16 +18,21 @@ runs part 1 only. On a device machine, write the results where they come back:
 
     python benchmarks/gpu_check.py --results "$OUT/RESULTS_gpu.md"
     python benchmarks/gpu_check.py --quick          # smaller sizes, ~2 minutes
+
+``--device cpu`` runs every part on the CPU at whatever sizes are given (memory columns
+then read "n/a"): a smoke run, so that the one call on a lent GPU does not fail on a bug
+(tests/test_benchmarks.py runs it at tiny sizes). Its numbers are not GPU numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import _common  # noqa: F401  (puts src/ on sys.path)
-from _common import add_common_arguments, append_results, apply_common_arguments, print_table
+from _common import add_common_arguments, append_results, apply_common_arguments, print_table, synchronize
 
 PAPER = dict(probe_images=10_000, chains=15, draws=500, burnin=100, batch=256, image=256)
 
@@ -48,17 +53,54 @@ class Budget:
 
 def timed(fn, device, *, min_time: float = 1.0, min_calls: int = 3, warmup: int = 1):
     """Seconds per call of fn (CUDA synchronized), after ``warmup`` calls."""
-    import torch
-
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize(device)
+    synchronize(device)
     calls, start = 0, time.perf_counter()
     while calls < min_calls or time.perf_counter() - start < min_time:
         fn()
         calls += 1
-        torch.cuda.synchronize(device)
+        synchronize(device)
     return (time.perf_counter() - start) / calls
+
+
+# -- device memory: CUDA's allocator statistics; on the CPU (smoke runs) only free memory --
+def empty_cache(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device) -> int:
+    """Reset the peak statistic; returns the bytes allocated now (the baseline of a peak)."""
+    import torch
+
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_gib(device, baseline: int = 0) -> str:
+    import torch
+
+    if device.type != "cuda":
+        return "n/a"
+    return f"{(torch.cuda.max_memory_allocated(device) - baseline) / 2**30:.2f}"
+
+
+def free_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def titled_table(headers, rows, title: str) -> str:
+    """Print the table under its title; return both for RESULTS.md."""
+    return f"**{title}**\n\n" + print_table(headers, rows, title)
 
 
 # -- 1. accumulator ----------------------------------------------------------------------
@@ -77,21 +119,20 @@ def accumulator_section(device, sizes, block, budget, min_time):
             itemsize = torch.empty((), dtype=dtype).element_size()
             # the state (n² + buffers) plus the n×n product each flush allocates, plus slack
             need = 2 * itemsize * n * n + 64 * 2**20
-            torch.cuda.empty_cache()
-            free, _total = torch.cuda.mem_get_info(device)
+            empty_cache(device)
+            free = free_bytes(device)
             if need > free:
                 rows.append([name, n, block, f"skipped: needs ~{need / 2**30:.1f} GiB, "
                              f"{free / 2**30:.1f} GiB free", "", "", "", "", ""])
                 continue
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
+            base = reset_peak(device)
             try:
                 acc = KernelAccumulator(n, block_size=block, dtype=dtype, device=device)
                 pool = torch.randn(block, n, device=device, dtype=torch.float32)
                 per_block = timed(lambda: acc.update(pool), device, min_time=min_time)
-                peak = torch.cuda.max_memory_allocated(device) - base
+                peak = peak_gib(device, base)
                 del acc
-                torch.cuda.empty_cache()
+                empty_cache(device)
                 a = torch.randn(block, n, device=device, dtype=dtype)
                 out = torch.empty(n, n, device=device, dtype=dtype)
                 per_mm = timed(lambda: torch.mm(a.T, a, out=out), device, min_time=min_time)
@@ -99,14 +140,14 @@ def accumulator_section(device, sizes, block, budget, min_time):
             except torch.cuda.OutOfMemoryError as error:
                 rows.append([name, n, block, f"out of memory: {str(error).splitlines()[0][:60]}",
                              "", "", "", "", ""])
-                torch.cuda.empty_cache()
+                empty_cache(device)
                 continue
-            torch.cuda.empty_cache()
+            empty_cache(device)
             flops = 2.0 * n * n * block
             fold_seconds[(name, n)] = per_block / block
             rows.append([name, n, block, f"{block / per_block:,.0f}", f"{flops / per_block / 1e9:,.0f}",
                          f"{flops / per_mm / 1e9:,.0f}", f"{per_mm / per_block:.2f}",
-                         f"{peak / 2**30:.2f}",
+                         peak,
                          f"{estimate_kernel_memory(n, dtype=dtype, block_size=block) / 2**30:.2f}"])
             print("  ".join(str(c) for c in rows[-1]), flush=True)
     headers = ["dtype", "n", "B", "draws/s", "GFLOP/s", "matmul GFLOP/s", "fraction",
@@ -127,7 +168,7 @@ def probe_section(device, num_images, batch_size, image, budget, min_time):
 
     from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
 
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.randn(num_images, 3, image, image, device=device, generator=g)
     labels = torch.randint(0, 1000, (num_images,), device=device, generator=g)
@@ -143,18 +184,18 @@ def probe_section(device, num_images, batch_size, image, budget, min_time):
         model = googlenet(device).to(memory_format=fmt)
         data = images.contiguous(memory_format=fmt)
         probe = ProbeSet((data, labels), batch_size=batch_size)
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         seconds = timed(lambda: evaluate_probe_losses(model, probe, autocast_dtype=autocast),
                         device, min_time=min_time, min_calls=2)
         rates[label] = num_images / seconds
         rows.append([label, batch_size, f"{num_images / seconds:,.0f}",
                      f"{1e3 * seconds / num_images * PAPER['probe_images']:,.0f}",
-                     f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"])
+                     peak_gib(device)])
         print("  ".join(str(c) for c in rows[-1]), flush=True)
         del model, data, probe
-        torch.cuda.empty_cache()
+        empty_cache(device)
     del images, labels
-    torch.cuda.empty_cache()
+    empty_cache(device)
     headers = ["variant", "probe batch", "images/s", "ms per 10k-image pass", "peak GiB"]
     return headers, rows, rates
 
@@ -212,19 +253,18 @@ def sgld_section(device, batch_size, image, budget, min_time):
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=autocast, enabled=autocast is not None):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 loss = F.cross_entropy(model(data).float(), y)
             loss.backward()
             optimizer.step()
 
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         seconds = timed(step, device, min_time=min_time, min_calls=5, warmup=2)
         step_seconds[label] = seconds
-        rows.append([label, batch_size, f"{1e3 * seconds:.1f}",
-                     f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"])
+        rows.append([label, batch_size, f"{1e3 * seconds:.1f}", peak_gib(device)])
         print("  ".join(str(c) for c in rows[-1]), flush=True)
         del model, data, optimizer
-        torch.cuda.empty_cache()
+        empty_cache(device)
     headers = ["variant", "batch", "ms per SGLD step", "peak GiB"]
     return headers, rows, step_seconds, which
 
@@ -268,6 +308,8 @@ def main(argv=None):
                         help="wall-clock budget in seconds; later sections are skipped past it")
     parser.add_argument("--quick", action="store_true",
                         help="n = 10k, 20k; 1,024 probe images; 1 s per measurement")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run of every part (not GPU numbers); default %(default)s")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -276,7 +318,7 @@ def main(argv=None):
     except ImportError:
         print("gpu_check.py: torch is not installed; nothing measured.")
         return 0
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check.py: no CUDA GPU is available on this machine; nothing measured. "
               "Run it on a machine with an NVIDIA GPU.")
         return 0
@@ -285,16 +327,20 @@ def main(argv=None):
         args.sizes = [n for n in args.sizes if n <= 20_000] or [10_000]
         args.probe_images, args.min_time = 1024, 1.0
     budget = Budget(args.budget)
-    device = torch.device("cuda", torch.cuda.current_device())
-    sections = []
+    if args.device == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device, device_name = torch.device("cpu"), "the CPU (smoke run: not GPU numbers)"
+    sections = [] if device.type == "cuda" else ["**CPU smoke run (--device cpu): not GPU numbers.**"]
 
-    print("1. accumulator throughput on", torch.cuda.get_device_name(device), flush=True)
+    print("1. accumulator throughput on", device_name, flush=True)
     headers, rows, fold_seconds = accumulator_section(device, args.sizes, args.block_size,
                                                       budget, args.min_time)
-    sections.append(print_table(headers, rows, "KernelAccumulator.update() on GPU"))
+    sections.append(titled_table(headers, rows, f"KernelAccumulator.update() on {device_name}"))
     sections.append("GFLOP/s counts the 2·n²·B flops of each block's product; 'fraction' is "
                     "against torch.mm of the same shapes into a preallocated output (TF32 "
-                    f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}). 'peak GiB' "
+                    f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'} on CUDA). 'peak GiB' "
                     "is torch.cuda.max_memory_allocated while feeding; 'estimate GiB' is "
                     "estimate_kernel_memory().")
 
@@ -309,19 +355,19 @@ def main(argv=None):
         print("\n2. GoogLeNet probe throughput", flush=True)
         headers, rows, rates = probe_section(device, args.probe_images, args.probe_batch_size,
                                              args.image_size, budget, args.min_time)
-        sections.append(print_table(headers, rows, f"GoogLeNet probe pass, {args.image_size}×"
+        sections.append(titled_table(headers, rows, f"GoogLeNet probe pass, {args.image_size}×"
                                     f"{args.image_size}, {args.probe_images} images (evaluate_probe_losses)"))
         print("\n3. SGLD step", flush=True)
         headers, rows, steps, which = sgld_section(device, args.sgld_batch_size, args.image_size,
                                                    budget, args.min_time)
-        sections.append(print_table(headers, rows, f"GoogLeNet SGLD step ({which})"))
+        sections.append(titled_table(headers, rows, f"GoogLeNet SGLD step ({which})"))
         headers, rows = extrapolate(fold_seconds, rates, steps)
         if rows:
-            sections.append(print_table(
+            sections.append(titled_table(
                 headers, rows,
                 f"Extrapolated: paper's ImageNet run ({PAPER['probe_images']:,} probe images, "
                 f"{PAPER['chains']} chains × ({PAPER['draws']} draws + {PAPER['burnin']} burn-in), "
-                f"batch {PAPER['batch']}, {args.image_size}×{args.image_size}), one GPU"))
+                f"batch {PAPER['batch']}, {args.image_size}×{args.image_size}), one {device.type} device"))
             sections.append("Total = 9,000 SGLD steps + 7,500 probe passes of 10,000 images + "
                             "7,500 folds at n = 10,000 (per-draw fold time from part 1). Data "
                             "loading is not included: the probe set is assumed resident on the "

@@ -92,6 +92,15 @@ class LossKernelCallback:
             (see :func:`~devinterp_losskernel.probe.evaluate_probe_losses`).
         drift_tolerance: warn (once per chain) when a draw's mean probe loss exceeds the mean
             loss at w* by more than ``drift_tolerance × (1 + |mean loss at w*|)``.
+        divergence_tolerance: a draw whose mean probe loss exceeds the reference (the mean
+            loss at w*, else the chain's first draw) by more than ``divergence_tolerance ×
+            (1 + |reference|)`` means the chain has diverged, as does a draw with a NaN/Inf
+            probe loss. ``None``: only non-finite losses do.
+        divergence_window: each chain's last ``divergence_window`` draws are held back
+            ([window, n] memory) and folded in only when newer draws arrive or the chain ends.
+            When a chain diverges, the held draws (the blow-up before the NaN, whose huge
+            finite losses would otherwise dominate K̂), the diverging draw and all its later
+            draws are left out and counted in ``rejected_per_chain``. 0 holds nothing back.
         total_draws: if given, a tqdm bar over all draws of all chains is shown.
         num_train: n, the training-set size the SGLD loss averages over (for the singular
             fluctuation); taken from devinterp 1.x's ``loader`` when not given.
@@ -106,7 +115,9 @@ class LossKernelCallback:
             ``snapshot_seed``; memory m² per snapshot), or a sequence of indices. In
             rectangular mode (``rows=``) the subset is drawn from ``rows``.
 
-    After sampling: ``callback.kernel`` is the :class:`LossKernel` (computed on access);
+    After sampling: ``callback.kernel`` is the :class:`LossKernel` (computed on access; it
+    folds in the draws still held back, as :meth:`finalize` does — call that before using
+    ``callback.accumulator`` directly, e.g. before an all-reduce across ranks);
     ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*`` entries;
     ``callback.snapshots`` is [(num_draws, K̂_t[S, S])] and ``callback.cka_convergence()``
     the curve CKA(K̂_t[S, S], K̂[S, S]) against t, S = ``callback.snapshot_indices``.
@@ -127,6 +138,8 @@ class LossKernelCallback:
         rows: Optional[Sequence[int]] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         drift_tolerance: float = 1.0,
+        divergence_tolerance: Optional[float] = 100.0,
+        divergence_window: int = 16,
         total_draws: Optional[int] = None,
         cache_probe_on_device: Union[bool, str] = "auto",
         num_train: Optional[int] = None,
@@ -147,6 +160,14 @@ class LossKernelCallback:
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
         self.drift_tolerance = drift_tolerance
+        if divergence_tolerance is not None and not (isinstance(divergence_tolerance, numbers.Real)
+                                                     and divergence_tolerance > 0):
+            raise ValueError(f"divergence_tolerance must be a positive number or None, got {divergence_tolerance!r}")
+        if isinstance(divergence_window, bool) or not isinstance(divergence_window, numbers.Integral) \
+                or divergence_window < 0:
+            raise ValueError(f"divergence_window must be a non-negative int, got {divergence_window!r}")
+        self.divergence_tolerance = divergence_tolerance
+        self.divergence_window = int(divergence_window)
         self.reference_model = reference_model
         self.sample_ids = sample_ids
         self.labels = labels
@@ -160,6 +181,8 @@ class LossKernelCallback:
         self.draws_per_chain: Dict[int, int] = {}
         self.rejected_per_chain: Dict[int, int] = {}
         self._drift_warned: set = set()
+        self.diverged_chains: List[int] = []
+        self._held: Dict[int, List[torch.Tensor]] = {}  # chain → its latest draws, not yet folded
         self._num_samples: Optional[int] = None
         self._first_mean_per_chain: Dict[int, float] = {}
         self._pbar = None
@@ -186,23 +209,60 @@ class LossKernelCallback:
                 k: group[k] for k in _HYPERPARAMETER_KEYS
                 if k in group and isinstance(group[k], (int, float))
             }
-        losses = self.probe_losses(model)
         chain = int(chain) if chain is not None else 0
-        # One host sync per draw: the float64 mean is finite iff every loss is.
-        mean_loss = float(losses.double().mean())
-        if not math.isfinite(mean_loss):
-            self._reject(chain, draw, losses)
+        self._commit_other_chains(chain)
+        if chain in self.diverged_chains:
+            self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + 1
+            mean_loss = float("nan")
         else:
-            self.accumulator.update(losses, check_finite=False)
-            self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
-            self._check_drift(chain, mean_loss)
-            self._maybe_snapshot()
+            losses = self.probe_losses(model)
+            # One host sync per draw: the float64 mean is finite iff every loss is.
+            mean_loss = float(losses.double().mean())
+            reason = self._divergence(chain, losses, mean_loss)
+            if reason is not None:
+                self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + 1
+                self.mark_diverged(chain, f"draw {draw} {reason}", stacklevel=4)
+            else:
+                self._check_drift(chain, mean_loss)
+                held = self._held.setdefault(chain, [])
+                held.append(losses.detach())
+                while len(held) > self.divergence_window:
+                    self._fold(chain, held.pop(0))
         if self._pbar is not None:
             self._pbar.update(1)
             self._pbar.set_postfix(chain=chain, probe_loss=f"{mean_loss:.4g}", refresh=False)
 
+    def end_chain(self, chain: Optional[int] = None) -> None:
+        """The chain ended without diverging: fold in its held-back draws (all chains' when
+        ``chain`` is None). Called for you when another chain's draws arrive, by
+        :meth:`finalize` and by reading :attr:`kernel`."""
+        for c in ([chain] if chain is not None else list(self._held)):
+            for losses in self._held.pop(c, []):
+                self._fold(c, losses)
+
+    def mark_diverged(self, chain: int, reason: str = "diverged", *, stacklevel: int = 2) -> None:
+        """Leave chain ``chain`` out from here on: its held-back draws are dropped and its
+        later draws rejected (all counted in ``rejected_per_chain``); warns once. The sampler
+        wrapper calls this when devinterp reports a NaN minibatch loss."""
+        dropped = len(self._held.pop(chain, []))
+        if dropped:
+            self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + dropped
+        if chain in self.diverged_chains:
+            return
+        self.diverged_chains.append(chain)
+        warnings.warn(
+            f"chain {chain}: {reason}; the chain has diverged. The {dropped} draws held back "
+            f"before it (divergence_window={self.divergence_window}) and all later draws of the "
+            f"chain are left out of the kernel; its {self.draws_per_chain.get(chain, 0)} earlier "
+            "draws are kept. Lower lr or raise localization. Kept/rejected draws per chain are in "
+            "kernel.draws_per_chain / kernel.rejected_per_chain.",
+            RuntimeWarning, stacklevel=stacklevel,
+        )
+
     def finalize(self, *args, **kwargs) -> None:
-        """Flush buffered draws (devinterp 1.x calls this once after all chains)."""
+        """Fold in held-back and buffered draws (devinterp 1.x calls this once after all
+        chains)."""
+        self.end_chain()
         if self.accumulator is not None:
             self.accumulator.flush()
         if self._pbar is not None:
@@ -253,6 +313,13 @@ class LossKernelCallback:
         """The loss kernel of all draws so far (works whether or not finalize() was called)."""
         if self.accumulator is None:
             raise ValueError("no draws yet: the callback has not been called by a sampler")
+        self.end_chain()
+        if self.accumulator.count < 2 and self.rejected_per_chain:
+            raise ValueError(
+                f"only {self.accumulator.count} draws were kept: chains {self.diverged_chains} "
+                f"diverged (rejected draws per chain: {dict(self.rejected_per_chain)}), and a "
+                "covariance needs at least 2. Lower lr or raise localization."
+            )
         metadata = {
             "devinterp_version": devinterp_version(),
             "sampler": dict(self.hyperparameters),
@@ -275,6 +342,7 @@ class LossKernelCallback:
         :func:`~devinterp_losskernel.plotting.plot_cka_convergence`."""
         from .analysis import cka_convergence
 
+        self.end_chain()
         if not self.snapshots:
             raise ValueError("no snapshots: pass snapshot_every= to LossKernelCallback "
                              "(and sample at least that many draws)")
@@ -351,28 +419,38 @@ class LossKernelCallback:
         self.init_loss = losses.detach().to("cpu", torch.float64)
         return self.init_loss
 
-    def _reject(self, chain: int, draw, losses: torch.Tensor) -> None:
-        bad = int((~torch.isfinite(losses)).sum())
-        first = chain not in self.rejected_per_chain
-        self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + 1
-        if first:
-            warnings.warn(
-                f"chain {chain}: draw {draw} has {bad} non-finite probe losses (NaN/Inf); the draw "
-                "was not folded into the kernel. The chain has likely diverged: lower lr or raise "
-                "localization. Kept/rejected draws per chain are in kernel.draws_per_chain / "
-                "kernel.rejected_per_chain.",
-                RuntimeWarning, stacklevel=3,
-            )
+    def _fold(self, chain: int, losses: torch.Tensor) -> None:
+        self.accumulator.update(losses, check_finite=False)
+        self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
+        self._maybe_snapshot()
+
+    def _commit_other_chains(self, chain: int) -> None:
+        """Chains run one after another: a draw of a new chain ends the earlier ones."""
+        for other in [c for c in self._held if c != chain]:
+            self.end_chain(other)
+
+    def _reference(self, chain: int, current: float) -> Tuple[float, str]:
+        """The mean probe loss a chain is compared with: at w* if known, else its first draw."""
+        if self.init_loss is not None:
+            return float(self.init_loss.mean()), "the probe loss at w*"
+        return self._first_mean_per_chain.setdefault(chain, current), "the chain's first draw"
+
+    def _divergence(self, chain: int, losses: torch.Tensor, mean_loss: float) -> Optional[str]:
+        """Why this draw shows the chain has diverged, or None."""
+        if not math.isfinite(mean_loss):
+            return f"has {int((~torch.isfinite(losses)).sum())} non-finite probe losses (NaN/Inf)"
+        if self.divergence_tolerance is None:
+            return None
+        reference, source = self._reference(chain, mean_loss)
+        if mean_loss - reference > self.divergence_tolerance * (1.0 + abs(reference)):
+            return (f"has mean probe loss {mean_loss:.4g}, more than divergence_tolerance="
+                    f"{self.divergence_tolerance:g} × (1 + |{reference:.4g}|) above {source}")
+        return None
 
     def _check_drift(self, chain: int, current: float) -> None:
         if chain in self._drift_warned:
             return
-        if self.init_loss is not None:
-            reference = float(self.init_loss.mean())
-            source = "the probe loss at w*"
-        else:
-            reference = self._first_mean_per_chain.setdefault(chain, current)
-            source = "the chain's first draw"
+        reference, source = self._reference(chain, current)
         if current - reference > self.drift_tolerance * (1.0 + abs(reference)):
             self._drift_warned.add(chain)
             warnings.warn(

@@ -51,6 +51,7 @@ Launch example — ``torchrun --nproc_per_node=4 run_kernel.py`` with ``run_kern
                optimizer_kwargs=dict(lr=5e-5, nbeta=20.0, localization=4000.0),
                num_chains=len(mine), seed=[seeds[c] for c in mine],
                num_draws=500, num_burnin_steps=100, device=device, cores=1, verbose=False)
+    cb.finalize()                    # fold the draws still held back (divergence_window)
     all_reduce_accumulator(cb.accumulator)                      # every rank: all 15 chains
     if rank == 0:
         cb.accumulator.compute().save("kernel.pt")

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,9 +130,13 @@ def estimate_loss_kernel(
         ``callback_kwargs=dict(snapshot_every=t)``: ``cka_convergence`` = [(draws, CKA(K̂_t,
         K̂))] on the samples ``snapshot_indices`` (paper, Fig. 6A).
 
-    A chain that diverges (devinterp raises on a NaN minibatch loss, or the probe losses turn
-    non-finite) keeps its finite draws in the kernel; it is reported by a warning and in
-    ``kernel.rejected_per_chain`` / ``metadata["diverged_chains"]``.
+    A chain that diverges (devinterp raises on a NaN minibatch loss, a probe loss turns
+    non-finite, or the mean probe loss rises far above the loss at w*: the callback's
+    ``divergence_tolerance``) is cut off: its last ``divergence_window`` draws before the
+    divergence (the blow-up) and all later ones are left out of the kernel, its earlier draws
+    are kept, its LLC is left out of ``llc/mean``. It is reported by a warning and in
+    ``kernel.rejected_per_chain`` / ``metadata["diverged_chains"]``. Both settings can be
+    changed through ``callback_kwargs``.
     """
     _validate(num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr, nbeta, localization, loader)
     major = devinterp_major()
@@ -201,17 +206,18 @@ def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, 
         try:
             mean_loss = run_chain(model, loader, _ChainLabel(callback, chain), evaluate, settings,
                                   device, seeds[chain], init_loss)
-            progress.llc_per_chain[chain] = settings["nbeta"] * (mean_loss - init_loss)
         except RuntimeError as error:
             if "NaN" not in str(error):
                 raise
-            progress.llc_per_chain[chain] = None
+            # devinterp numbers the chains of each single-chain call from 0: name ours
+            message = re.sub(r"\b([Cc]hain) 0\b", rf"\g<1> {chain}", str(error))
+            callback.mark_diverged(chain, f"devinterp stopped it: {message}", stacklevel=4)
+        if chain in callback.diverged_chains:
+            progress.llc_per_chain[chain] = None  # the minibatch losses blew up with the probe's
             progress.diverged.append(chain)
-            warnings.warn(
-                f"chain {chain} diverged ({error}); its {callback.draws_per_chain.get(chain, 0)} "
-                "finite draws are kept in the kernel, its LLC is left out. Lower lr or raise "
-                "localization.", RuntimeWarning, stacklevel=4,
-            )
+        else:
+            callback.end_chain(chain)
+            progress.llc_per_chain[chain] = settings["nbeta"] * (mean_loss - init_loss)
         if checkpoint:
             checkpoint.save(progress)
         warnings.filterwarnings("ignore", module=r"devinterp(\.|$)")  # said once is enough

@@ -67,6 +67,18 @@ def test_diverged_chain_does_not_poison_the_kernel():
     assert k.metadata["llc/per_chain"][1] is None and np.isfinite(k.metadata["llc/mean"])
 
 
+def test_real_sgld_blow_up_gives_a_clear_error_not_a_kernel_of_huge_numbers():
+    # lr 3 with no localization: the mean probe loss passes 100 × (1 + loss at w*) within a
+    # few SGLD steps in both chains, so no draw survives (before divergence_tolerance, the
+    # finite draws of the blow-up made a kernel with variances up to 1.6e46)
+    torch.manual_seed(0)
+    x, y = classification_data(64)
+    with pytest.warns(RuntimeWarning, match="chain 0: draw .* has mean probe loss .* the chain has diverged"):
+        with pytest.raises(ValueError, match=r"only 0 draws were kept: chains \[0, 1\] diverged.*Lower lr"):
+            estimate_loss_kernel(MLP(), loader_for(x, y), (x[:16], y[:16]), num_chains=2, num_draws=30,
+                                 num_burnin_steps=0, lr=3.0, nbeta=10.0, localization=0.0, seed=0, verbose=False)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_chains=0), "num_chains must be a positive int"),
     (dict(num_draws=1, num_chains=1), "at least 2"),

@@ -27,8 +27,15 @@ class SamplingScale:
     def sampler_kwargs(self, **changes) -> Dict[str, Any]:
         """Keyword arguments for :func:`~devinterp_losskernel.estimate_loss_kernel`,
         with ``changes`` applied (e.g. another ``localization`` for a γ sweep)."""
-        kwargs = dict(num_chains=self.num_chains, num_draws=self.num_draws,
-                      num_burnin_steps=self.num_burnin_steps, num_steps_bw_draws=self.num_steps_bw_draws,
-                      lr=self.lr, nbeta=self.nbeta, localization=self.localization)
-        kwargs.update(changes)
-        return kwargs
+        return sampler_kwargs(self, **changes)
+
+
+def sampler_kwargs(settings: Any, **changes) -> Dict[str, Any]:
+    """The SGLD arguments of :func:`~devinterp_losskernel.estimate_loss_kernel` read off any
+    config with the fields ``num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr,
+    nbeta, localization`` (a :class:`SamplingScale`, the memorization tutorial's config), with
+    ``changes`` applied."""
+    kwargs = {name: getattr(settings, name) for name in (
+        "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "lr", "nbeta", "localization")}
+    kwargs.update(changes)
+    return kwargs

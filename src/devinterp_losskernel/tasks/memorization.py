@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._scale import sampler_kwargs
 from .fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
 
 __all__ = [
@@ -504,10 +505,8 @@ def sample_kernel(model: nn.Module, data: MemorizationData, cfg: MemorizationCon
     from ..estimate import estimate_loss_kernel
 
     loader = DataLoader(TensorDataset(data.x, data.y_train), batch_size=cfg.sgld_batch_size, shuffle=True)
-    kwargs = dict(num_chains=cfg.num_chains, num_draws=cfg.num_draws, num_burnin_steps=cfg.num_burnin_steps,
-                  num_steps_bw_draws=cfg.num_steps_bw_draws, lr=cfg.lr, nbeta=cfg.nbeta, localization=cfg.localization, seed=cfg.seed,
-                  device=device, verbose=verbose, labels=data.y_train)
-    kwargs.update(overrides)
+    kwargs = sampler_kwargs(cfg, **{**dict(seed=cfg.seed, device=device, verbose=verbose, labels=data.y_train),
+                                    **overrides})
     return estimate_loss_kernel(model, loader, (data.x, data.y_train), **kwargs)
 
 

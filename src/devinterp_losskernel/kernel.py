@@ -72,8 +72,10 @@ class LossKernel:
         num_draws: N, draws folded in (all chains).
         init_loss: ℓ(x; w*), [n] — probe losses at the trained weights, or None if unknown.
         rows: for a rectangular kernel, the [q] probe indices of K̂'s rows; else None.
-        draws_per_chain: {chain: draws kept}. rejected_per_chain: {chain: draws dropped
-            because their probe losses were not finite}.
+        draws_per_chain: {chain: draws kept}. rejected_per_chain: {chain: draws left out
+            because the chain diverged: the diverging draw (NaN/Inf or far too large probe
+            losses), the draws held back before it and the chain's later draws; see
+            ``LossKernelCallback(divergence_tolerance=, divergence_window=)``}.
         sample_ids: [n] identifiers of the probe samples, when known (list or tensor).
         labels: [n] labels of the probe samples, when known (tensor).
         metadata: sampler hyperparameters, devinterp version, LLC results of the run, ….

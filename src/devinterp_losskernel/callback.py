@@ -242,8 +242,11 @@ class LossKernelCallback:
 
     def mark_diverged(self, chain: int, reason: str = "diverged", *, stacklevel: int = 2) -> None:
         """Leave chain ``chain`` out from here on: its held-back draws are dropped and its
-        later draws rejected (all counted in ``rejected_per_chain``); warns once. The sampler
-        wrapper calls this when devinterp reports a NaN minibatch loss."""
+        later draws rejected (all counted in ``rejected_per_chain``); warns once.
+        :func:`~devinterp_losskernel.estimate_loss_kernel` calls this when devinterp stops a
+        chain on a NaN minibatch loss; in your own loop over devinterp's samplers, call it when
+        you catch that error and go on with the next chain (else the next chain's first draw
+        folds in the held draws of the failed one)."""
         dropped = len(self._held.pop(chain, []))
         if dropped:
             self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + dropped

@@ -145,6 +145,25 @@ def test_held_back_draws_are_all_folded_in_at_the_end():
     np.testing.assert_allclose(cb.kernel.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
 
 
+def test_mark_diverged_by_hand_keeps_the_failed_chains_held_draws_out():
+    """A user loop that catches the sampler's NaN error and goes on with the next chain."""
+    model = MLP()
+    probe = classification_data(10)
+    cb = LossKernelCallback(probe, divergence_window=4)
+    witness = ProbeRecorder(probe)
+    for chain, draw, m in perturbed_draws(model, 3, 6):
+        if chain == 1 and draw == 5:
+            with pytest.warns(RuntimeWarning, match="chain 1: sampler raised NaN; the chain has diverged. The 4 draws"):
+                cb.mark_diverged(1, "sampler raised NaN")  # instead of draw 5
+            continue
+        cb(model=m, chain=chain, draw=draw)
+        if chain != 1 or draw < 1:  # chain 1's draws 1-4 were still held back
+            witness(model=m, chain=chain)
+    k = cb.kernel
+    assert k.draws_per_chain == {0: 6, 1: 1, 2: 6} and k.rejected_per_chain == {1: 4}
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
+
+
 def test_every_chain_diverged_says_so():
     model = MLP()
     cb = LossKernelCallback(classification_data(8))

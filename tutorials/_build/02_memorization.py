@@ -216,9 +216,9 @@ neighbour graph (so that samples are not neighbours merely because noise in the 
 moves all losses of one label together); here a relabelled sample's *training* label is
 exactly what is wrong about it, so we draw the map from the full graph and report the
 neighbour share both ways. (Measured at full scale: 57% of the neighbours of relabelled
-samples are relabelled with all edges, 43% with same-label edges removed; base rate 10%.
-With the earlier γ = 300 it was 43% / 29%, and the relabelled samples concentrated in one
-part of the map, mixed with clean samples, rather than forming a separate island.)
+samples are relabelled with all edges, 43% with same-label edges removed; base rate 10%. The
+map has one cluster per training label; the relabelled samples form tails and small
+satellite strands on the rims of their clusters rather than one separate island.)
 '''),
 ("code", '''
 emb = umap_embedding(kernel, exclude_same_label_edges=False, n_neighbors=15, random_state=0)

@@ -212,7 +212,7 @@ class LossKernelCallback:
         chain = int(chain) if chain is not None else 0
         self._commit_other_chains(chain)
         if chain in self.diverged_chains:
-            self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + 1
+            self._count_rejected(chain)
             mean_loss = float("nan")
         else:
             losses = self.probe_losses(model)
@@ -220,7 +220,7 @@ class LossKernelCallback:
             mean_loss = float(losses.double().mean())
             reason = self._divergence(chain, losses, mean_loss)
             if reason is not None:
-                self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + 1
+                self._count_rejected(chain)
                 self.mark_diverged(chain, f"draw {draw} {reason}", stacklevel=4)
             else:
                 self._check_drift(chain, mean_loss)
@@ -249,7 +249,7 @@ class LossKernelCallback:
         folds in the held draws of the failed one)."""
         dropped = len(self._held.pop(chain, []))
         if dropped:
-            self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + dropped
+            self._count_rejected(chain, dropped)
         if chain in self.diverged_chains:
             return
         self.diverged_chains.append(chain)
@@ -426,6 +426,9 @@ class LossKernelCallback:
         self.accumulator.update(losses, check_finite=False)
         self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
         self._maybe_snapshot()
+
+    def _count_rejected(self, chain: int, draws: int = 1) -> None:
+        self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + draws
 
     def _commit_other_chains(self, chain: int) -> None:
         """Chains run one after another: a draw of a new chain ends the earlier ones."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .tasks._metrics import accuracy
 from .tasks.memorization import relabel
 
 
@@ -90,7 +91,7 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
     started = time.perf_counter()
     x, y_true, y_train, flipped = digits_with_flipped_labels(cfg)
     model = train_memorizing_mlp(x, y_train, cfg)
-    train_accuracy = float((model(x).argmax(1) == y_train).float().mean())
+    train_accuracy = accuracy(model, x, y_train)
     trained_at = time.perf_counter()
 
     # probe: the first num_probe training samples, sorted by (training) label for the picture

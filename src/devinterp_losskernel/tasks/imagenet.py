@@ -576,11 +576,12 @@ class ImageNetScale(SamplingScale):
 
     The SGLD fields are :class:`SamplingScale`'s (n, m, C, T, b, thinning, ε, nβ, γ);
     num_probe None takes all of the probe folder. image_size: S (paper 256). k: neighbours
-    for lifts and top-k (paper 30). n_neighbors: UMAP's. colour_groups: colour groups (App. D.6). node_depth: depth of the
-    WordNet node used for node lift. cka_snapshots: snapshots for the CKA convergence curve;
-    snapshot_rows: samples they keep (None: all). gamma_sweep: γ values of the sweep (empty:
-    none); sweep_*: its settings (None: the main run's). tiny_train/tiny_val: images per class
-    of the generated folder when no ImageNet is given. num_workers: image-decoding processes.
+    for lifts and top-k (paper 30). n_neighbors: UMAP's. colour_groups: colour groups (App.
+    D.6). node_depth: depth of the WordNet node used for node lift. cka_snapshots: snapshots
+    for the CKA convergence curve; snapshot_rows: samples they keep (None: all).
+    gamma_sweep: γ values of the sweep (empty: none); sweep_*: its settings (None: the main
+    run's). tiny_train/tiny_val: images per class of the generated folder when no ImageNet
+    is given. num_workers: image-decoding processes.
     """
 
     image_size: int

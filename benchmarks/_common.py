@@ -186,6 +186,27 @@ def median(values: Iterable[float]) -> float:
 
 
 # -- memory -------------------------------------------------------------------------------
+def cuda_reset_peak(device) -> int:
+    """On a CUDA device, reset torch's peak-allocation statistic and return the bytes allocated
+    now (the baseline of the next peak); 0 elsewhere."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_peak_bytes(device, baseline: int = 0) -> Optional[int]:
+    """Peak bytes allocated by torch on a CUDA device since :func:`cuda_reset_peak`, above
+    ``baseline``; None elsewhere (measure the CPU with :class:`PeakRSS`)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
 def _status_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as fh:

@@ -18,6 +18,8 @@ import argparse
 import _common  # noqa: F401  (puts src/ on sys.path)
 from _common import (
     PeakRSS,
+    cuda_peak_bytes,
+    cuda_reset_peak,
     add_common_arguments,
     append_results,
     apply_common_arguments,
@@ -61,17 +63,16 @@ def measure_accumulator(n: int, block: int, dtype, device, min_time: float) -> d
     """Time update() of whole blocks of float32 losses (what the probe produces)."""
     pool = torch.randn(block, n, dtype=torch.float32, device=device)
     release_freed_memory()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+    base = cuda_reset_peak(device)
     with PeakRSS() as mem:
         acc = KernelAccumulator(n, block_size=block, dtype=dtype, device=device)
         acc.update(pool)  # warm-up: first block (allocations, page faults)
         calls, seconds = time_until(lambda: acc.update(pool), min_time=min_time, device=device)
         acc.flush()
         synchronize(device)
-    peak = (torch.cuda.max_memory_allocated(device) - base if device.type == "cuda"
-            else mem.peak_bytes)
+    peak = cuda_peak_bytes(device, base)
+    if peak is None:
+        peak = mem.peak_bytes
     draws = calls * block
     del acc, pool
     release_freed_memory()

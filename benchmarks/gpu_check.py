@@ -32,7 +32,8 @@ import sys
 import time
 
 import _common  # noqa: F401  (puts src/ on sys.path)
-from _common import add_common_arguments, append_results, apply_common_arguments, print_table, synchronize
+from _common import (add_common_arguments, append_results, apply_common_arguments, cuda_peak_bytes,
+                     cuda_reset_peak, print_table, time_until)
 
 PAPER = dict(probe_images=10_000, chains=15, draws=500, burnin=100, batch=256, image=256)
 
@@ -55,13 +56,8 @@ def timed(fn, device, *, min_time: float = 1.0, min_calls: int = 3, warmup: int 
     """Seconds per call of fn (CUDA synchronized), after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    synchronize(device)
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < min_time:
-        fn()
-        calls += 1
-        synchronize(device)
-    return (time.perf_counter() - start) / calls
+    calls, seconds = time_until(fn, min_time=min_time, min_calls=min_calls, device=device)
+    return seconds / calls
 
 
 # -- device memory: CUDA's allocator statistics; on the CPU (smoke runs) only free memory --
@@ -72,22 +68,9 @@ def empty_cache(device) -> None:
         torch.cuda.empty_cache()
 
 
-def reset_peak(device) -> int:
-    """Reset the peak statistic; returns the bytes allocated now (the baseline of a peak)."""
-    import torch
-
-    if device.type != "cuda":
-        return 0
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device)
-
-
 def peak_gib(device, baseline: int = 0) -> str:
-    import torch
-
-    if device.type != "cuda":
-        return "n/a"
-    return f"{(torch.cuda.max_memory_allocated(device) - baseline) / 2**30:.2f}"
+    peak = cuda_peak_bytes(device, baseline)
+    return "n/a" if peak is None else f"{peak / 2**30:.2f}"
 
 
 def free_bytes(device) -> int:
@@ -125,7 +108,7 @@ def accumulator_section(device, sizes, block, budget, min_time):
                 rows.append([name, n, block, f"skipped: needs ~{need / 2**30:.1f} GiB, "
                              f"{free / 2**30:.1f} GiB free", "", "", "", "", ""])
                 continue
-            base = reset_peak(device)
+            base = cuda_reset_peak(device)
             try:
                 acc = KernelAccumulator(n, block_size=block, dtype=dtype, device=device)
                 pool = torch.randn(block, n, device=device, dtype=torch.float32)
@@ -184,7 +167,7 @@ def probe_section(device, num_images, batch_size, image, budget, min_time):
         model = googlenet(device).to(memory_format=fmt)
         data = images.contiguous(memory_format=fmt)
         probe = ProbeSet((data, labels), batch_size=batch_size)
-        reset_peak(device)
+        cuda_reset_peak(device)
         seconds = timed(lambda: evaluate_probe_losses(model, probe, autocast_dtype=autocast),
                         device, min_time=min_time, min_calls=2)
         rates[label] = num_images / seconds
@@ -258,7 +241,7 @@ def sgld_section(device, batch_size, image, budget, min_time):
             loss.backward()
             optimizer.step()
 
-        reset_peak(device)
+        cuda_reset_peak(device)
         seconds = timed(step, device, min_time=min_time, min_calls=5, warmup=2)
         step_seconds[label] = seconds
         rows.append([label, batch_size, f"{1e3 * seconds:.1f}", peak_gib(device)])

@@ -26,7 +26,7 @@ def test_killed_run_resumes_to_the_same_kernel(tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / "never.pt").exists()
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert sorted(state["llc_per_chain"]) == [0], "only chain 0 had finished"
+    assert sorted(state["progress"]["llc_per_chain"]) == [0], "only chain 0 had finished"
 
     resumed = _resume_run.run(checkpoint_dir=tmp_path)
     uninterrupted = _resume_run.run()
@@ -85,6 +85,12 @@ def test_real_sgld_blow_up_gives_a_clear_error_not_a_kernel_of_huge_numbers():
     (dict(lr=-1.0), "lr must be a positive number"),
     (dict(localization=-1.0), "localization must be a non-negative number"),
     (dict(num_burnin_steps=-1), "num_burnin_steps"),
+    # non-finite values pass `> 0` checks; they must be refused by name, before sampling
+    (dict(lr=float("nan")), r"lr must be a positive number \(finite"),
+    (dict(nbeta=float("inf")), r"nbeta must be a positive number \(finite"),
+    (dict(localization=float("nan")), "localization must be a non-negative number"),
+    (dict(num_draws=2.0), "num_draws must be a positive int"),
+    (dict(device="cuda:7" if not torch.cuda.is_available() else "nope"), "device must be"),
 ])
 def test_bad_arguments(kwargs, match):
     x, y = classification_data(16)

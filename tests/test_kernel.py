@@ -44,13 +44,15 @@ def test_save_load_round_trip_is_exact(rng, tmp_path):
     assert loaded.num_draws == 40
     assert loaded.sample_ids == ["a", "b", "c", "d", "e", "f"]
     assert loaded.draws_per_chain == {0: 20, 1: 20} and loaded.rejected_per_chain == {1: 3}
+    identity = loaded.metadata.pop("identity")
+    assert identity == k.metadata["identity"] and identity["num_samples"] == 6
     assert loaded.metadata == {"sampler": {"lr": 1e-4, "nbeta": 10.0}, "llc/mean": 3.5, "llc/means": [3.0, 4.0]}
     assert torch.equal(loaded.correlation, k.correlation)
 
 
 def test_load_rejects_other_files(tmp_path):
     torch.save({"something": torch.ones(2)}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not a file written by LossKernel.save"):
+    with pytest.raises(ValueError, match="not a file written by its save"):
         LossKernel.load(tmp_path / "x.pt")
 
 
@@ -67,7 +69,7 @@ def test_to_xarray(rng):
 def test_shape_validation():
     with pytest.raises(ValueError, match="covariance must have shape"):
         LossKernel(covariance=torch.zeros(3, 2), mean=torch.zeros(3), variance=torch.zeros(3), num_draws=2)
-    with pytest.raises(ValueError, match="labels must have length 3"):
+    with pytest.raises(ValueError, match="labels must have one entry per probe sample: length 3"):
         LossKernel(covariance=torch.zeros(3, 3), mean=torch.zeros(3), variance=torch.zeros(3),
                    num_draws=2, labels=torch.zeros(4))
 

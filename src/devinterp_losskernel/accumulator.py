@@ -15,8 +15,12 @@ Chan, Golub & LeVeque (1979):
     μ  = μ_a + δ · N_b / N
     M2 = M2_a + M2_b + δ δᵀ · N_a N_b / N
 
-The same update merges whole accumulators (other chains, processes, GPUs), so the result
-does not depend on how draws were split. Because nothing of the form Σ ℓℓᵀ − N μμᵀ is
+The same update, in its k-way form (:func:`merge_moments`), merges whole accumulators (other
+chains, processes, GPUs), so the result does not depend on how draws were split. The state
+(:class:`Moments`) is declared once here; what identifies it (n, rows, dtype, probe, sampler,
+run id: :class:`~devinterp_losskernel.provenance.KernelIdentity`) travels with it through
+``state_dict``/``load_state_dict``, ``clone``/``to``, merges and all-reduces, and states of
+different identities are never mixed. Because nothing of the form Σ ℓℓᵀ − N μμᵀ is
 formed, losses with a huge mean and a tiny variance lose no digits to cancellation.
 """
 
@@ -24,57 +28,125 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from . import distributed as _collectives
 from .kernel import LossKernel
+from .provenance import IdentityMismatchError, KernelIdentity, new_run_id
 
-__all__ = ["KernelAccumulator", "KernelMemoryError", "estimate_kernel_memory", "merge_moments"]
+__all__ = ["KernelAccumulator", "KernelMemoryError", "Moments", "estimate_kernel_memory",
+           "merge_moments", "validate_rows"]
 
 DeviceLike = Union[str, torch.device, None]
+STATE_FORMAT = "devinterp_losskernel.KernelAccumulator"
+STATE_VERSION = 2
 
 
 class KernelMemoryError(MemoryError):
     """The n×n co-moment would not fit on the requested device."""
 
 
+# -- the state, declared once ----------------------------------------------------------------
 @dataclass
 class Moments:
-    """Sufficient statistics of a set of draws: count N, mean μ [n], co-moment M2 [q, n], and
-    its diagonal part Σ (ℓ − μ)² [n] (kept apart so variances stay exact for rectangular M2)."""
+    """Sufficient statistics of a set of draws — the whole state of an accumulator.
+
+    count N; shift s [n] (float64): a fixed reference the draws are stored relative to (the
+    first draw), so that a float32 state keeps its digits when the losses' mean dwarfs their
+    spread; mean μ − s [n] (state dtype); co-moment M2 = Σ (ℓ − μ)(ℓ − μ)ᵀ [q, n]; and its
+    diagonal Σ (ℓ − μ)² [n] (kept apart so variances stay exact for a rectangular M2).
+    ``m2=None`` marks a part whose own co-moment the caller has already added into the
+    target of :func:`merge_moments` (a freshly folded block).
+    """
 
     count: int
+    shift: torch.Tensor
     mean: torch.Tensor
-    m2: torch.Tensor
+    m2: Optional[torch.Tensor]
     m2_diag: torch.Tensor
 
+    TENSORS = ("shift", "mean", "m2", "m2_diag")
 
-def _fold(a: Moments, count_b: int, mean_b: torch.Tensor, add_m2_b, m2_diag_b: torch.Tensor,
-          rows: Optional[torch.Tensor]) -> Moments:
-    """The pairwise update of ``a`` with a set b of draws; ``add_m2_b(m2)`` adds b's own
-    co-moment into ``m2`` in place (so no separate q×n tensor for b need exist)."""
-    if count_b == 0:
-        return a
-    total = a.count + count_b
-    delta = mean_b - a.mean
-    weight = a.count * count_b / total
-    add_m2_b(a.m2)
-    a.m2.addr_(delta if rows is None else delta[rows], delta, alpha=weight)
-    a.m2_diag.add_(m2_diag_b)
-    a.m2_diag.add_(delta.square(), alpha=weight)
-    a.mean.add_(delta, alpha=count_b / total)
-    a.count = total
-    return a
+    @classmethod
+    def zeros(cls, num_samples: int, num_rows: int, device, dtype) -> "Moments":
+        z = lambda *shape, dt=dtype: torch.zeros(*shape, device=device, dtype=dt)  # noqa: E731
+        return cls(0, z(num_samples, dt=torch.float64), z(num_samples), z(num_rows, num_samples), z(num_samples))
+
+    def copy(self, device=None) -> "Moments":
+        """A deep copy (never an alias), optionally on another device."""
+        move = lambda t: None if t is None else t.to(device=device or t.device, copy=True)  # noqa: E731
+        return Moments(self.count, *(move(getattr(self, name)) for name in self.TENSORS))
+
+    def absolute_mean(self) -> torch.Tensor:
+        """μ in float64, [n]."""
+        return self.shift + self.mean.double()
 
 
-def merge_moments(a: Moments, b: Moments, rows: Optional[torch.Tensor] = None) -> Moments:
-    """Pairwise (Chan et al.) merge of two sets of moments; updates and returns ``a``.
+def merge_moments(parts: Sequence[Moments], rows: Optional[torch.Tensor] = None, *,
+                  out: Optional[Moments] = None) -> Moments:
+    """The k-way pairwise (Chan, Golub & LeVeque) merge of sets of draws:
 
-    ``a.mean``/``b.mean``: [n]; ``a.m2``/``b.m2``: [q, n] where q = n, or q = len(rows) for a
-    rectangular co-moment whose rows are the samples ``rows``. ``b`` is left unchanged.
+        N = Σ_p N_p,  μ = Σ_p N_p μ_p / N,  M2 = Σ_p [M2_p + N_p (μ_p − μ)(μ_p − μ)ᵀ]
+
+    with the means taken relative to the first non-empty part's shift (float64), so a huge
+    common offset costs no digits. Pure: the parts are not changed and a new state is
+    returned, unless ``out`` is given — then the result is written into ``out``'s tensors (which
+    may be one of the parts, to merge in place without a second q×n tensor).
+    ``rows``: the row indices of a rectangular [q, n] co-moment, else None.
     """
-    return _fold(a, b.count, b.mean, lambda m2: m2.add_(b.m2), b.m2_diag, rows)
+    if not parts:
+        raise ValueError("parts must hold at least one Moments")
+    template = parts[0]
+    nonempty = [p for p in parts if p.count > 0]
+    if out is None:
+        out = Moments.zeros(template.mean.shape[0], template.m2_diag.shape[0] if template.m2 is None
+                            else template.m2.shape[0], template.mean.device, template.mean.dtype)
+    if not nonempty:
+        out.count = 0
+        return out
+    dtype, device = out.mean.dtype, out.mean.device
+    reference = nonempty[0].shift.to(device, copy=True)
+    total = sum(p.count for p in nonempty)
+    relative = [(p.shift.to(device) - reference) + p.mean.to(device).double() for p in nonempty]
+    base = relative[0]
+    mean = base + sum(p.count * (m - base) for p, m in zip(nonempty, relative)) / total
+    in_place = [p is out for p in nonempty]
+    if not any(p is out for p in parts):  # out is a fresh target: it starts from nothing
+        out.m2.zero_()
+        out.m2_diag.zero_()
+    for part, rel, already in zip(nonempty, relative, in_place):
+        if not already:
+            if part.m2 is not None:
+                out.m2.add_(part.m2.to(device))
+            out.m2_diag.add_(part.m2_diag.to(device))
+        delta = (rel - mean).to(dtype)
+        out.m2.addr_(delta if rows is None else delta[rows], delta, alpha=part.count)
+        out.m2_diag.add_(delta.square(), alpha=part.count)
+    out.shift = reference
+    out.mean = mean.to(dtype)
+    out.count = total
+    return out
+
+def validate_rows(rows, num_samples: int) -> torch.Tensor:
+    """``rows`` as a [q] int64 CPU tensor of sample indices in [0, num_samples), or a
+    ValueError naming ``rows`` and what was expected."""
+    try:
+        rows = torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"rows must be a sequence of sample indices, got {type(rows).__name__}") from None
+    if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+        raise ValueError(f"rows must be integer sample indices, got dtype {rows.dtype}")
+    rows = rows.to("cpu", torch.long).flatten()
+    if rows.numel() == 0:
+        raise ValueError("rows must name at least one sample index, got an empty sequence")
+    if rows.min() < 0 or rows.max() >= num_samples:
+        raise ValueError(
+            f"rows must be indices in [0, {num_samples}), got values in "
+            f"[{int(rows.min())}, {int(rows.max())}]"
+        )
+    return rows
 
 
 def _available_bytes(device: torch.device) -> Optional[int]:
@@ -121,7 +193,8 @@ class KernelAccumulator:
         num_samples: n, the number of probe samples (length of each loss vector).
         device: where the state lives (the model's device, normally). Default: CPU.
         dtype: storage and arithmetic dtype of the state. float64 by default; float32 halves
-            memory at the cost of ~1e-7 relative rounding per fold.
+            memory. Draws are stored relative to the first draw (a float64 shift), so float32
+            stays accurate when the losses' mean dwarfs their spread (mean 1e4, variance 1e-6).
         block_size: B, draws buffered before one [n, B] × [B, n] product folds them in.
             The default 256 keeps that product efficient (n = 4,000, 16,000 draws on a
             2-core CPU: 9.8 s at B = 64, 7.9 s at 256, 7.6 s at 1,024, against 5.7 s for
@@ -131,6 +204,15 @@ class KernelAccumulator:
             (query rows × all probe columns, the BIF shape) and costs |rows|·n memory.
             Variances of all n samples are still kept exactly.
         check_memory: refuse with :class:`KernelMemoryError` when the state cannot fit.
+        probe, sampler, run_id: the rest of the accumulator's :class:`KernelIdentity` (the
+            probe's fingerprint, the SGLD arguments as a dict, a run id); the callback fills
+            them in. Accumulators whose identities disagree are never merged or loaded into
+            each other.
+
+    Every accumulator also knows the *sources* of its draws (one random id per accumulator
+    that received draws, the union after merges): a merge whose draws are already in —
+    ``acc.merge(acc)``, the same accumulator merged twice, an all-reduce run twice — is
+    refused instead of double-counting.
 
     Example:
         >>> acc = KernelAccumulator(3)
@@ -151,44 +233,38 @@ class KernelAccumulator:
         block_size: int = 256,
         rows: Optional[Sequence[int] | torch.Tensor] = None,
         check_memory: bool = True,
+        probe: Optional[str] = None,
+        sampler: Optional[dict] = None,
+        run_id: Optional[str] = None,
     ):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not isinstance(block_size, int) or block_size < 1:
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         self.num_samples = num_samples
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device must be available: got device={str(self.device)!r}, but "
+                             "torch.cuda.is_available() is False here; use device='cpu'")
         self.dtype = dtype
         self.block_size = block_size
-        self.rows = self._validate_rows(rows)
+        self.rows = None if rows is None else validate_rows(rows, num_samples).to(self.device)
         num_rows = num_samples if self.rows is None else len(self.rows)
         if check_memory:
             self._check_memory(num_rows)
-        self._moments = Moments(
-            0,
-            torch.zeros(num_samples, device=self.device, dtype=dtype),
-            torch.zeros(num_rows, num_samples, device=self.device, dtype=dtype),
-            torch.zeros(num_samples, device=self.device, dtype=dtype),
-        )
+        self.identity = KernelIdentity(
+            num_samples, rows=None if self.rows is None else self.rows.tolist(),
+            dtype=str(dtype).removeprefix("torch."), probe=probe, sampler=sampler,
+            run_id=run_id or new_run_id())
+        self._own_source = new_run_id()
+        self.sources: FrozenSet[str] = frozenset()
+        self._moments = Moments.zeros(num_samples, num_rows, self.device, dtype)
         self._buffer = torch.empty(block_size, num_samples, device=self.device, dtype=dtype)
         self._buffered = 0
 
     # -- validation -------------------------------------------------------------------------
-    def _validate_rows(self, rows) -> Optional[torch.Tensor]:
-        if rows is None:
-            return None
-        rows = torch.as_tensor(rows, dtype=torch.long).flatten()
-        if rows.numel() == 0:
-            raise ValueError("rows must name at least one sample index, got an empty sequence")
-        if rows.min() < 0 or rows.max() >= self.num_samples:
-            raise ValueError(
-                f"rows must be indices in [0, {self.num_samples}), got values in "
-                f"[{int(rows.min())}, {int(rows.max())}]"
-            )
-        return rows.to(self.device)
-
     def _check_memory(self, num_rows: int) -> None:
         need = estimate_kernel_memory(
             self.num_samples, num_rows=num_rows, dtype=self.dtype, block_size=self.block_size
@@ -214,9 +290,9 @@ class KernelAccumulator:
             )
         if not (block.is_floating_point()):
             raise ValueError(f"losses must be floating point, got dtype {block.dtype}")
-        return block.to(device=self.device, dtype=self.dtype)
+        return block.to(device=self.device)
 
-    # -- the three verbs --------------------------------------------------------------------
+    # -- the verbs --------------------------------------------------------------------------
     @property
     def count(self) -> int:
         """N, the number of draws folded in or buffered."""
@@ -231,15 +307,21 @@ class KernelAccumulator:
             check_finite: verify that (one device sync); skip only if the caller has.
         """
         block = self._as_block(losses)
+        if block.shape[0] == 0:
+            return
         if check_finite and not bool(torch.isfinite(block).all()):
             raise ValueError(
                 "losses contain NaN or Inf; drop those draws before update() "
                 "(LossKernelCallback does this and reports the chain)"
             )
+        if self.count == 0:  # the first draw becomes the shift the state is stored against
+            self._moments.shift = block[0].to(torch.float64, copy=True)
+        self.sources = self.sources | {self._own_source}
+        shifted = (block.to(torch.float64) - self._moments.shift).to(self.dtype)
         start = 0
-        while start < block.shape[0]:
-            take = min(self.block_size - self._buffered, block.shape[0] - start)
-            self._buffer[self._buffered : self._buffered + take] = block[start : start + take]
+        while start < shifted.shape[0]:
+            take = min(self.block_size - self._buffered, shifted.shape[0] - start)
+            self._buffer[self._buffered : self._buffered + take] = shifted[start : start + take]
             self._buffered += take
             start += take
             if self._buffered == self.block_size:
@@ -253,44 +335,73 @@ class KernelAccumulator:
         block_mean = block.mean(dim=0)
         centred = block - block_mean
         lhs = centred if self.rows is None else centred[:, self.rows]
-        # M2 += centredᵀ centred in place: no second q×n tensor at any time.
-        _fold(self._moments, self._buffered, block_mean, lambda m2: m2.addmm_(lhs.T, centred),
-              centred.square().sum(dim=0), self.rows)
+        # the block's own co-moment straight into M2 (no second q×n tensor), then the merge
+        self._moments.m2.addmm_(lhs.T, centred)
+        part = Moments(self._buffered, self._moments.shift, block_mean, None, centred.square().sum(dim=0))
+        merge_moments([self._moments, part], self.rows, out=self._moments)
         self._buffered = 0
+
+    def _check_mergeable(self, other: "KernelAccumulator", what: str) -> None:
+        if not isinstance(other, KernelAccumulator):
+            raise TypeError(f"other must be a KernelAccumulator, got {type(other).__name__}")
+        if other is self:
+            raise ValueError(f"{what}: an accumulator cannot be merged with itself (it would count "
+                             "every draw twice); merge a clone() only if you mean to")
+        self.identity.check_matches(other.identity, what=what, mine="this", theirs="other")
+        overlap = self.sources & other.sources
+        if overlap and other.count > 0:
+            raise ValueError(
+                f"{what}: other's draws are already in this accumulator (shared sources "
+                f"{sorted(overlap)}); merging would count them twice. Merge each accumulator once.")
 
     def merge(self, other: "KernelAccumulator") -> "KernelAccumulator":
         """Fold another accumulator's draws into this one (exact; ``other`` is unchanged
-        except that its buffer is flushed). Returns ``self``."""
-        if not isinstance(other, KernelAccumulator):
-            raise TypeError(f"other must be a KernelAccumulator, got {type(other).__name__}")
-        if other.num_samples != self.num_samples:
-            raise ValueError(
-                f"other.num_samples must equal this accumulator's num_samples="
-                f"{self.num_samples}, got {other.num_samples}"
-            )
-        if other.dtype != self.dtype:
-            raise ValueError(f"other.dtype must be {self.dtype}, got {other.dtype}")
-        same_rows = (self.rows is None and other.rows is None) or (
-            self.rows is not None and other.rows is not None
-            and torch.equal(self.rows.cpu(), other.rows.cpu())
-        )
-        if not same_rows:
-            raise ValueError("other.rows must equal this accumulator's rows (both None or equal)")
+        except that its buffer is flushed). Returns ``self``. Refused for itself, for an
+        accumulator whose draws are already in, and for one of another identity."""
+        self._check_mergeable(other, "merge")
         self.flush()
         other.flush()
-        theirs = Moments(
-            other._moments.count,
-            other._moments.mean.to(self.device),
-            other._moments.m2.to(self.device),
-            other._moments.m2_diag.to(self.device),
-        )
-        merge_moments(self._moments, theirs, self.rows)
+        merge_moments([self._moments, other._moments.copy(self.device)], self.rows, out=self._moments)
+        self.identity = self.identity.combined(other.identity)
+        self.sources = self.sources | other.sources
         return self
+
+    @classmethod
+    def merged(cls, accumulators: Iterable["KernelAccumulator"]) -> "KernelAccumulator":
+        """A new accumulator holding the draws of all ``accumulators`` (none is changed except
+        for flushing); the k-way form of :meth:`merge`."""
+        accs = list(accumulators)
+        if not accs:
+            raise ValueError("accumulators must hold at least one KernelAccumulator")
+        out = accs[0].clone()
+        for acc in accs[1:]:
+            out.merge(acc)
+        return out
+
+    def clone(self) -> "KernelAccumulator":
+        """An independent copy (same identity and sources: merging it back is refused)."""
+        return self.to(self.device, copy=True)
+
+    def to(self, device: DeviceLike, *, copy: bool = False) -> "KernelAccumulator":
+        """This accumulator on ``device`` (a new object when the device differs or ``copy``)."""
+        device = torch.device(device) if device is not None else self.device
+        if device == self.device and not copy:
+            return self
+        self.flush()
+        new = object.__new__(KernelAccumulator)
+        new.__dict__.update(self.__dict__)
+        new.device = device
+        new.rows = None if self.rows is None else self.rows.to(device, copy=True)
+        new._moments = self._moments.copy(device)
+        new._buffer = torch.empty_like(self._buffer, device=device)
+        new._buffered = 0
+        return new
 
     def compute(self, **kernel_fields) -> LossKernel:
         """The unbiased kernel K = M2 / (N − 1) as a :class:`LossKernel`.
 
-        Extra keyword arguments (``init_loss``, ``metadata``, …) are passed to LossKernel.
+        Extra keyword arguments (``init_loss``, ``metadata``, …) are passed to LossKernel;
+        the accumulator's identity is added to the metadata under ``"identity"``.
         """
         self.flush()
         n_draws = self._moments.count
@@ -299,12 +410,15 @@ class KernelAccumulator:
                 f"compute() needs at least 2 draws for an unbiased covariance (1/(N-1)), "
                 f"got num_draws={n_draws}"
             )
+        metadata = dict(kernel_fields.pop("metadata", None) or {})
+        metadata.setdefault("identity", self.identity.to_dict())
         return LossKernel(
             covariance=self._moments.m2 / (n_draws - 1),
-            mean=self._moments.mean.clone(),
+            mean=self._moments.absolute_mean().to(self.dtype),
             variance=self._moments.m2_diag / (n_draws - 1),
             num_draws=n_draws,
             rows=None if self.rows is None else self.rows.clone(),
+            metadata=metadata,
             **kernel_fields,
         )
 
@@ -330,44 +444,124 @@ class KernelAccumulator:
 
     def all_reduce(self, group=None) -> "KernelAccumulator":
         """Merge this accumulator exactly with those of all torch.distributed ranks of
-        ``group``; see :func:`devinterp_losskernel.distributed.all_reduce_accumulator`."""
-        from .distributed import all_reduce_accumulator
+        ``group``; every rank ends with the state of all draws of all ranks.
 
-        return all_reduce_accumulator(self, group)
+        Collective: every rank must call it. First every rank's identity, sources and count
+        are gathered (small objects) and checked on every rank — the same n, rows, dtype,
+        probe and sampler, and no draws on two ranks from the same source (an all-reduce run
+        twice) — so a mismatch raises ``ValueError`` on all ranks instead of hanging or
+        double-counting. Then counts and means are gathered (a [world, n + 1] table), each
+        rank corrects its co-moment to the global mean in place,
+        M2_r ← M2_r + N_r (μ_r − μ)(μ_r − μ)ᵀ, and one all-reduce (SUM) of M2 and one of its
+        diagonal finish the k-way Chan merge (see :func:`merge_moments`). No second q×n
+        buffer is allocated; if the collective itself fails (a rank dies) this rank's state
+        is undefined. A rank with no draws takes part with count 0.
+        """
+        _collectives.check_backend_reaches(self.device, group)
+        self.flush()
+        infos = _collectives.all_gather_objects(
+            {"identity": self.identity, "sources": sorted(self.sources), "count": self._moments.count}, group)
+        problems = []
+        for rank, info in enumerate(infos):
+            diffs = infos[0]["identity"].differences(info["identity"])
+            if diffs:
+                problems.append(f"rank {rank}: " + ", ".join(
+                    f"{name}={theirs!r} (rank 0: {mine!r})" for name, mine, theirs in diffs))
+        seen: Dict[str, int] = {}
+        for rank, info in enumerate(infos):
+            if info["count"] == 0:
+                continue
+            for source in info["sources"]:
+                if source in seen:
+                    problems.append(f"ranks {seen[source]} and {rank} hold the same draws (source "
+                                    f"{source}): was all_reduce called twice?")
+                seen.setdefault(source, rank)
+        if problems:
+            raise ValueError("all ranks must merge accumulators of one kernel (the same num_samples, "
+                             "rows, dtype, probe and sampler) and distinct draws; got " + "; ".join(problems))
+
+        rank, world = _collectives.rank_and_world(group)
+        moments = self._moments
+        mine = torch.empty(self.num_samples + 1, dtype=torch.float64, device=self.device)
+        mine[0] = moments.count
+        mine[1:] = moments.absolute_mean() if moments.count else 0.0
+        table = _collectives.gather_rows(mine, group)
+        counts, means = table[:, 0], table[:, 1:]
+        total = int(round(float(counts.sum())))
+        if total > 0:
+            # around a reference rank's mean, so a large common offset loses no digits;
+            # every rank computes it from the same table and gets the same values
+            reference = means[int(torch.nonzero(counts > 0)[0, 0])]
+            global_mean = reference + (counts[:, None] * (means - reference)).sum(dim=0) / total
+            if moments.count > 0:
+                delta = (means[rank] - global_mean).to(self.dtype)
+                moments.m2.addr_(delta if self.rows is None else delta[self.rows], delta, alpha=moments.count)
+                moments.m2_diag.add_(delta.square(), alpha=moments.count)
+            _collectives.all_reduce_sum_(moments.m2, group)
+            _collectives.all_reduce_sum_(moments.m2_diag, group)
+            moments.shift = global_mean
+            moments.mean = torch.zeros_like(moments.mean)
+            moments.count = total
+        identity = self.identity
+        for info in infos:
+            identity = identity.combined(info["identity"])
+        self.identity = identity
+        self.sources = frozenset(s for info in infos if info["count"] for s in info["sources"]) | \
+            (self.sources if moments.count == 0 else frozenset())
+        return self
 
     # -- state, for checkpoints and distributed merges --------------------------------------
     def state_dict(self) -> dict:
-        """Tensors and counts that fully describe the accumulator (buffer flushed first)."""
+        """A copy of the whole state (buffer flushed first): never aliases the live tensors,
+        so a saved snapshot does not change as more draws arrive. ``mean`` is μ in float64;
+        ``identity`` and ``sources`` say which kernel and which draws it holds."""
         self.flush()
+        m = self._moments
         return {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "identity": self.identity.to_dict(),
+            "sources": sorted(self.sources),
             "num_samples": self.num_samples,
-            "count": self._moments.count,
-            "mean": self._moments.mean,
-            "m2": self._moments.m2,
-            "m2_diag": self._moments.m2_diag,
-            "rows": self.rows,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "count": m.count,
+            "shift": m.shift.detach().clone(),
+            "mean": m.absolute_mean(),
+            "m2": m.m2.detach().clone(),
+            "m2_diag": m.m2_diag.detach().clone(),
+            "rows": None if self.rows is None else self.rows.detach().clone(),
+            "dtype": self.identity.dtype,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"state['num_samples'] must be {self.num_samples}, got {state['num_samples']}"
-            )
-        if state["dtype"] != str(self.dtype).removeprefix("torch."):
-            raise ValueError(f"state['dtype'] must be {self.dtype}, got {state['dtype']}")
-        if state["m2"].shape != self._moments.m2.shape:
-            raise ValueError(
-                f"state['m2'] must have shape {tuple(self._moments.m2.shape)}, "
-                f"got {tuple(state['m2'].shape)}"
-            )
+        """Replace this accumulator's state by ``state`` (from :meth:`state_dict`).
+
+        Every identity field is checked first — n, rows, dtype, and the probe fingerprint and
+        sampler where both sides know them — and :class:`IdentityMismatchError` names each one
+        that differs with both values. The run id and sources are taken from ``state``."""
+        if not isinstance(state, dict) or "m2" not in state or "count" not in state:
+            raise ValueError("state must be a dict from KernelAccumulator.state_dict()")
+        if "identity" in state:
+            saved = KernelIdentity.from_dict(state["identity"])
+        else:  # a version-1 state: no identity or shift was kept
+            rows = state.get("rows")
+            saved = KernelIdentity(int(state["num_samples"]), rows=None if rows is None else
+                                   torch.as_tensor(rows).tolist(), dtype=state["dtype"], run_id=self.identity.run_id)
+        saved.check_matches(self.identity, what="load_state_dict", mine="state", theirs="accumulator",
+                            advice="Load it into an accumulator built with the state's arguments.")
+        expected = tuple(self._moments.m2.shape)
+        if tuple(state["m2"].shape) != expected:
+            raise ValueError(f"state['m2'] must have shape {expected}, got {tuple(state['m2'].shape)}")
+        mean = state["mean"].to(self.device, torch.float64)
+        shift = state["shift"].to(self.device, torch.float64) if "shift" in state else torch.zeros_like(mean)
         self._buffered = 0
         self._moments = Moments(
-            int(state["count"]),
-            state["mean"].to(self.device, self.dtype).clone(),
-            state["m2"].to(self.device, self.dtype).clone(),
-            state["m2_diag"].to(self.device, self.dtype).clone(),
+            int(state["count"]), shift.clone(), (mean - shift).to(self.dtype),
+            state["m2"].to(self.device, self.dtype, copy=True),
+            state["m2_diag"].to(self.device, self.dtype, copy=True),
         )
+        self.identity = self.identity.combined(saved).with_known(run_id=saved.run_id)
+        self.sources = frozenset(state.get("sources", [])) or (
+            frozenset({self._own_source}) if int(state["count"]) else frozenset())
 
     def __repr__(self) -> str:
         shape = "square" if self.rows is None else f"rows={len(self.rows)}"

@@ -3,13 +3,30 @@
 One class serves both devinterp majors:
 
 - devinterp 1.x calls ``callback(**locals())`` at every draw (``model``, ``chain``, ``draw``,
-  ``ref_model``, ``optimizer``, …), then ``finalize()``, and merges ``get_results()`` into
-  the dict that ``estimate_learning_coeff_with_summary`` returns.
+  ``ref_model``, ``optimizer``, ``num_draws``, …), then ``finalize()``, and merges
+  ``get_results()`` into the dict that ``estimate_learning_coeff_with_summary`` returns.
 - devinterp 2.x's ``sample_single_chain(callbacks=[…])`` calls
   ``callback(loss=, draw=, chain=, model=, optimizer=)``.
 
 Both hand over the chain's model in train mode; the probe pass switches to eval mode and
 back (see :mod:`devinterp_losskernel.probe`).
+
+What the callback refuses to do silently (each is either a clear error before sampling can be
+wasted, or a warning and a record in the kernel):
+
+- **Bad arguments** — the probe is passed over twice in the constructor (n, its fingerprint,
+  and whether it yields the same samples in the same order); labels, sample ids, rows, the
+  training mask and snapshot rows are checked against n there; ``loss_fn`` is checked on the
+  first probe pass (at w* when ``reference_model`` is given: in the constructor).
+- **Mixing runs** — a callback that sees a *new run* (draws after ``finalize()``, a chain that
+  starts again at an earlier draw, another ``ref_model`` or other SGLD settings) starts a
+  fresh kernel for it and warns; the previous kernel is replaced (save it, or use one
+  callback per run, to keep both). A callback registered twice in one run
+  (``callbacks=[cb, cb]``) is refused at its first draw.
+- **Failed chains** — a chain that diverges (NaN/Inf or exploding probe losses) or that the
+  sampler aborts (it delivered fewer than ``num_draws`` draws when the next chain starts or at
+  ``finalize()``) is cut off: its held-back draws are dropped, and the chain is recorded in
+  ``diverged_chains`` / ``chain_failures`` and the kernel's metadata.
 """
 
 from __future__ import annotations
@@ -17,16 +34,20 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .accumulator import KernelAccumulator
-from .kernel import LossKernel
+from .accumulator import KernelAccumulator, validate_rows
+from .kernel import LossKernel, as_labels
 from .probe import LossFn, ProbeSet, _model_device, evaluate_probe_losses
+from .provenance import IdentityMismatchError, checksum
 
-__all__ = ["LossKernelCallback", "devinterp_version"]
+__all__ = ["DivergenceGuard", "KernelStorage", "LossKernelCallback", "ProbeOptions", "SnapshotSchedule",
+           "devinterp_version"]
 
 RESULT_PREFIX = "loss_kernel/"
 _HYPERPARAMETER_KEYS = ("lr", "nbeta", "localization", "noise_level", "weight_decay", "temperature")
@@ -41,11 +62,113 @@ def devinterp_version() -> Optional[str]:
         return None
 
 
-def _snapshot_schedule(snapshot_every) -> Optional[Tuple[Optional[int], Optional[frozenset]]]:
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# -- the callback's arguments, in four named groups -------------------------------------------
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How the probe is evaluated: ``batch_size`` (when the probe is not a DataLoader),
+    ``autocast_dtype`` (e.g. torch.bfloat16 on GPU), ``channels_last`` (convolutional models),
+    ``cache_on_device`` (True, False or "auto": keep the probe batches on the model's device)."""
+
+    batch_size: int = 512
+    autocast_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    cache_on_device: Union[bool, str] = "auto"
+
+    def __post_init__(self):
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.autocast_dtype is not None and not isinstance(self.autocast_dtype, torch.dtype):
+            raise ValueError(f"autocast_dtype must be a torch.dtype or None, got {self.autocast_dtype!r}")
+
+
+@dataclass(frozen=True)
+class KernelStorage:
+    """Where and how the kernel is accumulated: ``device`` (default: the model's), ``dtype``
+    (float64 default), ``block_size`` (draws per fold), ``rows`` (probe indices of a
+    rectangular [len(rows), n] kernel, memory |rows|·n)."""
+
+    device: Union[str, torch.device, None] = None
+    dtype: torch.dtype = torch.float64
+    block_size: int = 256
+    rows: Optional[Sequence[int]] = None
+
+    def __post_init__(self):
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
+        if not _is_int(self.block_size) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device must be available: got device={str(self.device)!r}, but "
+                                 "torch.cuda.is_available() is False here; use device='cpu' or None")
+
+
+@dataclass(frozen=True)
+class DivergenceGuard:
+    """When a chain counts as diverged, and what is held back against it.
+
+    tolerance: a draw whose mean probe loss exceeds the reference (the mean loss at w*, else
+        the chain's first draw) by more than ``tolerance × (1 + |reference|)`` means the chain
+        has diverged, as does a draw with a NaN/Inf probe loss. ``None``: only non-finite
+        losses do.
+    window: each chain's last ``window`` draws are held back ([window, n] memory) and folded
+        in only when newer draws arrive or the chain ends. When a chain diverges, the held
+        draws (the blow-up before the NaN, whose huge finite losses would otherwise dominate
+        K̂), the diverging draw and all its later draws are left out and counted in
+        ``rejected_per_chain``. 0 holds nothing back.
+    drift_tolerance: warn (once per chain) when a draw's mean probe loss exceeds the mean loss
+        at w* by more than ``drift_tolerance × (1 + |mean loss at w*|)``.
+    """
+
+    tolerance: Optional[float] = 100.0
+    window: int = 16
+    drift_tolerance: float = 1.0
+
+    def __post_init__(self):
+        if self.tolerance is not None and not (isinstance(self.tolerance, numbers.Real) and not isinstance(
+                self.tolerance, bool) and math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise ValueError(f"divergence_tolerance must be a positive number or None, got {self.tolerance!r}")
+        if not _is_int(self.window) or self.window < 0:
+            raise ValueError(f"divergence_window must be a non-negative int, got {self.window!r}")
+        if not (isinstance(self.drift_tolerance, numbers.Real) and self.drift_tolerance > 0):
+            raise ValueError(f"drift_tolerance must be a positive number, got {self.drift_tolerance!r}")
+
+
+@dataclass(frozen=True)
+class SnapshotSchedule:
+    """Copies of K̂ part-way through the run, for CKA convergence (paper, Fig. 6A).
+
+    every: an int t (after every t accepted draws) or a sequence of draw counts; None: none.
+        Draws are counted over all chains, in the order the sampler delivers them.
+    rows: which samples the snapshots keep — None (all n: each snapshot is n² numbers on the
+        CPU), an int m (a fixed random subset of m samples, drawn with ``seed``), or a
+        sequence of indices. In rectangular mode (``rows=`` of the storage) the subset is
+        drawn from those rows.
+    """
+
+    every: Union[int, Sequence[int], None] = None
+    rows: Union[int, Sequence[int], None] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "every", _snapshot_schedule(self.every))
+        object.__setattr__(self, "rows", _check_snapshot_rows(self.rows))
+
+
+def _snapshot_schedule(snapshot_every):
     """(every, None) for an int, (None, {counts}) for a sequence, None for no snapshots."""
-    if snapshot_every is None:
-        return None
-    if isinstance(snapshot_every, numbers.Integral) and not isinstance(snapshot_every, bool):
+    if snapshot_every is None or (isinstance(snapshot_every, tuple) and len(snapshot_every) == 2
+                                  and (snapshot_every[1] is None or isinstance(snapshot_every[1], frozenset))):
+        return snapshot_every
+    if _is_int(snapshot_every):
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, got {snapshot_every!r}")
         return int(snapshot_every), None
@@ -59,9 +182,11 @@ def _snapshot_schedule(snapshot_every) -> Optional[Tuple[Optional[int], Optional
 
 
 def _check_snapshot_rows(snapshot_rows):
-    if snapshot_rows is None:
-        return None
-    if isinstance(snapshot_rows, numbers.Integral) and not isinstance(snapshot_rows, bool):
+    if snapshot_rows is None or isinstance(snapshot_rows, torch.Tensor) and snapshot_rows.dtype == torch.long:
+        if isinstance(snapshot_rows, torch.Tensor) and snapshot_rows.numel() < 2:
+            raise ValueError("snapshot_rows must name at least 2 sample indices")
+        return snapshot_rows
+    if _is_int(snapshot_rows):
         if snapshot_rows < 2:
             raise ValueError(f"snapshot_rows must be at least 2 samples (CKA needs a matrix), got {snapshot_rows!r}")
         return int(snapshot_rows)
@@ -71,56 +196,119 @@ def _check_snapshot_rows(snapshot_rows):
     return indices
 
 
+# flat keyword → (group, field): the flat names users already call keep working
+_FLAT_ARGUMENTS = {
+    "batch_size": ("probe_options", "batch_size"),
+    "autocast_dtype": ("probe_options", "autocast_dtype"),
+    "channels_last": ("probe_options", "channels_last"),
+    "cache_probe_on_device": ("probe_options", "cache_on_device"),
+    "device": ("storage", "device"),
+    "dtype": ("storage", "dtype"),
+    "block_size": ("storage", "block_size"),
+    "rows": ("storage", "rows"),
+    "divergence_tolerance": ("divergence", "tolerance"),
+    "divergence_window": ("divergence", "window"),
+    "drift_tolerance": ("divergence", "drift_tolerance"),
+    "snapshot_every": ("snapshot_schedule", "every"),
+    "snapshot_rows": ("snapshot_schedule", "rows"),
+    "snapshot_seed": ("snapshot_schedule", "seed"),
+}
+_GROUPS = {"probe_options": ProbeOptions, "storage": KernelStorage, "divergence": DivergenceGuard,
+           "snapshot_schedule": SnapshotSchedule}
+
+
+def _groups_from(groups: Dict[str, Any], flat: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(flat) - set(_FLAT_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"LossKernelCallback got unexpected keyword arguments {unknown}; the groups are "
+                        f"{sorted(_GROUPS)} and the flat names {sorted(_FLAT_ARGUMENTS)}")
+    out = {}
+    for name, cls in _GROUPS.items():
+        given = groups.get(name)
+        changes = {f: flat[k] for k, (g, f) in _FLAT_ARGUMENTS.items() if g == name and k in flat}
+        if given is not None and not isinstance(given, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got {type(given).__name__}")
+        if given is not None and changes:
+            raise TypeError(f"pass either {name}={cls.__name__}(...) or its flat arguments "
+                            f"{sorted(k for k, (g, _) in _FLAT_ARGUMENTS.items() if g == name and k in flat)}, not both")
+        out[name] = given if given is not None else cls(**changes)
+    return out
+
+
+# -- what one run holds: reset as a whole when a new run starts --------------------------------
+@dataclass
+class _Run:
+    accumulator: Optional[KernelAccumulator] = None
+    init_loss: Optional[torch.Tensor] = None
+    hyperparameters: Dict[str, Any] = field(default_factory=dict)
+    draws_per_chain: Dict[int, int] = field(default_factory=dict)
+    rejected_per_chain: Dict[int, int] = field(default_factory=dict)
+    diverged_chains: List[int] = field(default_factory=list)
+    chain_failures: Dict[int, str] = field(default_factory=dict)
+    held: Dict[int, List[torch.Tensor]] = field(default_factory=dict)  # chain → latest draws, not yet folded
+    delivered: Dict[int, int] = field(default_factory=dict)  # chain → draws the sampler delivered
+    last_draw: Dict[int, int] = field(default_factory=dict)  # chain → last draw index seen
+    first_mean: Dict[int, float] = field(default_factory=dict)
+    drift_warned: set = field(default_factory=set)
+    snapshots: List[Tuple[int, torch.Tensor]] = field(default_factory=list)
+    snapshot_indices: Optional[torch.Tensor] = None
+    last_call: Optional[Tuple[int, Optional[int]]] = None
+    last_model: Any = None  # weakref to the model of the last call
+    ref_model: Any = None  # weakref to devinterp's ref_model of this run
+    finalized: bool = False
+    expected_draws: Optional[int] = None
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
 class LossKernelCallback:
     """Accumulate the loss kernel K(x, x') = Cov_w[ℓ(x; w), ℓ(x'; w)] over SGLD draws.
 
     Args:
-        probe: the n probe samples — a DataLoader (no shuffling), Dataset, tensor, tuple of
-            tensors or dict of tensors; see :class:`~devinterp_losskernel.probe.ProbeSet`.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[batch_size]``. Default: cross-entropy for
-            ``(inputs, targets)``, mean next-token cross-entropy for ``{"input_ids": …}``.
-        device: where the accumulator lives; default: the model's device at the first draw.
-        dtype: accumulator dtype (float64 default).
-        batch_size: probe batch size when ``probe`` is not a DataLoader.
-        reference_model: the model at w*, for the probe losses ℓ(x; w*) (``init_loss``).
-            With devinterp 1.x this is taken from the sampler's ``ref_model`` if not given.
-        sample_ids, labels: [n] identifiers and labels of the probe samples, kept with the kernel.
-        block_size: draws buffered per fold (one [n, B]×[B, n] product per block).
-        rows: probe indices for a rectangular [len(rows), n] kernel (memory |rows|·n).
-        autocast_dtype: run probe forwards under autocast in this dtype (e.g. bfloat16 on GPU).
-        channels_last: run probe forwards of a convolutional model in channels-last layout
-            (see :func:`~devinterp_losskernel.probe.evaluate_probe_losses`).
-        drift_tolerance: warn (once per chain) when a draw's mean probe loss exceeds the mean
-            loss at w* by more than ``drift_tolerance × (1 + |mean loss at w*|)``.
-        divergence_tolerance: a draw whose mean probe loss exceeds the reference (the mean
-            loss at w*, else the chain's first draw) by more than ``divergence_tolerance ×
-            (1 + |reference|)`` means the chain has diverged, as does a draw with a NaN/Inf
-            probe loss. ``None``: only non-finite losses do.
-        divergence_window: each chain's last ``divergence_window`` draws are held back
-            ([window, n] memory) and folded in only when newer draws arrive or the chain ends.
-            When a chain diverges, the held draws (the blow-up before the NaN, whose huge
-            finite losses would otherwise dominate K̂), the diverging draw and all its later
-            draws are left out and counted in ``rejected_per_chain``. 0 holds nothing back.
-        total_draws: if given, a tqdm bar over all draws of all chains is shown.
+        probe: the n probe samples — a DataLoader (no shuffling), Dataset, tensor, numpy
+            array, tuple of tensors/arrays (e.g. ``(inputs, labels)``) or dict of tensors;
+            see :class:`~devinterp_losskernel.probe.ProbeSet`.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[batch_size]`` of float losses. Default:
+            cross-entropy for ``(inputs, targets)``, mean next-token cross-entropy for
+            ``{"input_ids": …}``.
+        reference_model: the model at w*, for the probe losses ℓ(x; w*) (``init_loss``);
+            evaluated here, so a bad ``loss_fn`` fails before any sampling. With devinterp 1.x
+            the sampler's ``ref_model`` is used if this is not given.
+        sample_ids, labels: [n] identifiers and integer labels of the probe samples (lists,
+            numpy arrays or tensors; whole-number floats are taken as integers).
         num_train: n, the training-set size the SGLD loss averages over (for the singular
             fluctuation); taken from devinterp 1.x's ``loader`` when not given.
         probe_train_mask: bool [n_probe], which probe samples are training samples (default:
             all); the singular fluctuation uses only those. Pass all-False (or ``False``) for a
             probe of held-out data to leave the singular fluctuation out.
-        snapshot_every: keep copies of K̂ part-way through the run, for CKA convergence
-            (paper, Fig. 6A): an int t (after every t accepted draws) or a sequence of draw
-            counts. Draws are counted over all chains, in the order the sampler delivers them.
-        snapshot_rows: which samples the snapshots keep — ``None`` (all n: each snapshot is
-            n² numbers on the CPU), an int m (a fixed random subset of m samples, drawn with
-            ``snapshot_seed``; memory m² per snapshot), or a sequence of indices. In
-            rectangular mode (``rows=``) the subset is drawn from ``rows``.
+        num_draws: T, the draws each chain should deliver; a chain that delivers fewer (the
+            sampler aborted it) is recorded as failed and its held draws left out. Taken from
+            devinterp 1.x's sampler; pass it in a devinterp 2.x loop.
+        total_draws: if given, a tqdm bar over all draws of all chains is shown.
+        probe_options: :class:`ProbeOptions` (batch_size, autocast_dtype, channels_last,
+            cache_on_device).
+        storage: :class:`KernelStorage` (device, dtype, block_size, rows).
+        divergence: :class:`DivergenceGuard` (tolerance, window, drift_tolerance).
+        snapshot_schedule: :class:`SnapshotSchedule` (every, rows, seed).
+        **flat: the groups' fields by their flat names, as before: ``batch_size``,
+            ``autocast_dtype``, ``channels_last``, ``cache_probe_on_device``, ``device``,
+            ``dtype``, ``block_size``, ``rows``, ``divergence_tolerance``,
+            ``divergence_window``, ``drift_tolerance``, ``snapshot_every``, ``snapshot_rows``,
+            ``snapshot_seed``.
 
     After sampling: ``callback.kernel`` is the :class:`LossKernel` (computed on access; it
-    folds in the draws still held back, as :meth:`finalize` does — call that before using
-    ``callback.accumulator`` directly, e.g. before an all-reduce across ranks);
-    ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*`` entries;
-    ``callback.snapshots`` is [(num_draws, K̂_t[S, S])] and ``callback.cka_convergence()``
-    the curve CKA(K̂_t[S, S], K̂[S, S]) against t, S = ``callback.snapshot_indices``.
+    folds in the draws still held back of chains that are complete, as :meth:`finalize` does
+    — call that before using ``callback.accumulator`` directly, e.g. before an all-reduce
+    across ranks); ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*``
+    entries; ``callback.snapshots`` is [(num_draws, K̂_t[S, S])] and
+    ``callback.cka_convergence()`` the curve CKA(K̂_t[S, S], K̂[S, S]) against t,
+    S = ``callback.snapshot_indices``. ``state_dict()`` / ``load_state_dict()`` save and
+    restore everything the callback holds (checked against its arguments).
     """
 
     def __init__(
@@ -128,90 +316,116 @@ class LossKernelCallback:
         probe,
         loss_fn: Optional[LossFn] = None,
         *,
-        device: Union[str, torch.device, None] = None,
-        dtype: torch.dtype = torch.float64,
-        batch_size: int = 512,
         reference_model: Optional[nn.Module] = None,
         sample_ids: Optional[Sequence] = None,
         labels: Optional[Sequence] = None,
-        block_size: int = 256,
-        rows: Optional[Sequence[int]] = None,
-        autocast_dtype: Optional[torch.dtype] = None,
-        drift_tolerance: float = 1.0,
-        divergence_tolerance: Optional[float] = 100.0,
-        divergence_window: int = 16,
-        total_draws: Optional[int] = None,
-        cache_probe_on_device: Union[bool, str] = "auto",
         num_train: Optional[int] = None,
         probe_train_mask=None,
-        snapshot_every: Union[int, Sequence[int], None] = None,
-        snapshot_rows: Union[int, Sequence[int], None] = None,
-        snapshot_seed: int = 0,
-        channels_last: bool = False,
+        num_draws: Optional[int] = None,
+        total_draws: Optional[int] = None,
+        probe_options: Optional[ProbeOptions] = None,
+        storage: Optional[KernelStorage] = None,
+        divergence: Optional[DivergenceGuard] = None,
+        snapshot_schedule: Optional[SnapshotSchedule] = None,
+        **flat,
     ):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
-        self.probe = ProbeSet(probe, batch_size=batch_size, cache_on_device=cache_probe_on_device)
+        groups = _groups_from(dict(probe_options=probe_options, storage=storage, divergence=divergence,
+                                   snapshot_schedule=snapshot_schedule), flat)
+        self.probe_options: ProbeOptions = groups["probe_options"]
+        self.storage: KernelStorage = groups["storage"]
+        self.divergence: DivergenceGuard = groups["divergence"]
+        self.snapshot_schedule: SnapshotSchedule = groups["snapshot_schedule"]
+        for name, value in (("num_train", num_train), ("num_draws", num_draws), ("total_draws", total_draws)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if reference_model is not None and not isinstance(reference_model, nn.Module):
+            raise TypeError(f"reference_model must be a torch.nn.Module (the model at w*), got "
+                            f"{type(reference_model).__name__}")
+
+        self.probe = ProbeSet(probe, batch_size=self.probe_options.batch_size,
+                              cache_on_device=self.probe_options.cache_on_device)
+        n, self.probe_fingerprint = self.probe.check_stable()  # two passes: n, order, fingerprint
+        self._num_samples = n
         self.loss_fn = loss_fn
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.block_size = block_size
-        self.rows = rows
-        self.autocast_dtype = autocast_dtype
-        self.channels_last = channels_last
-        self.drift_tolerance = drift_tolerance
-        if divergence_tolerance is not None and not (isinstance(divergence_tolerance, numbers.Real)
-                                                     and divergence_tolerance > 0):
-            raise ValueError(f"divergence_tolerance must be a positive number or None, got {divergence_tolerance!r}")
-        if isinstance(divergence_window, bool) or not isinstance(divergence_window, numbers.Integral) \
-                or divergence_window < 0:
-            raise ValueError(f"divergence_window must be a non-negative int, got {divergence_window!r}")
-        self.divergence_tolerance = divergence_tolerance
-        self.divergence_window = int(divergence_window)
-        self.reference_model = reference_model
+        self.labels = None if labels is None else as_labels(labels, n, "labels")
+        if sample_ids is not None and len(sample_ids) != n:
+            raise ValueError(f"sample_ids must have one entry per probe sample: length {n}, got {len(sample_ids)}")
         self.sample_ids = sample_ids
-        self.labels = labels
-        self.total_draws = total_draws
+        self.rows = None if self.storage.rows is None else validate_rows(self.storage.rows, n)
+        self.probe_train_mask = self._check_train_mask(probe_train_mask, n)
         self.num_train = num_train
-        self.probe_train_mask = probe_train_mask
-        self.accumulator: Optional[KernelAccumulator] = None
-        self.init_loss: Optional[torch.Tensor] = None
-        self.hyperparameters: Dict[str, Any] = {}
+        self.num_draws = num_draws
+        self.total_draws = total_draws
+        self.reference_model = reference_model
         self.extra_metadata: Dict[str, Any] = {}
-        self.draws_per_chain: Dict[int, int] = {}
-        self.rejected_per_chain: Dict[int, int] = {}
-        self._drift_warned: set = set()
-        self.diverged_chains: List[int] = []
-        self._held: Dict[int, List[torch.Tensor]] = {}  # chain → its latest draws, not yet folded
-        self._num_samples: Optional[int] = None
-        self._first_mean_per_chain: Dict[int, float] = {}
         self._pbar = None
-        self._snapshot_schedule = _snapshot_schedule(snapshot_every)
-        self._snapshot_rows_arg = _check_snapshot_rows(snapshot_rows)
-        self.snapshot_seed = snapshot_seed
-        self.snapshot_indices: Optional[torch.Tensor] = None
-        self.snapshots: List[Tuple[int, torch.Tensor]] = []
+        self._run = _Run(expected_draws=num_draws)
+        self._run.snapshot_indices = self._choose_snapshot_indices()
+        if reference_model is not None:
+            self.set_reference(reference_model)  # ℓ(x; w*) now: a bad loss_fn fails before sampling
+
+    # -- the run's state, as attributes ------------------------------------------------------
+    accumulator = property(lambda self: self._run.accumulator)
+    init_loss = property(lambda self: self._run.init_loss)
+    hyperparameters = property(lambda self: self._run.hyperparameters)
+    draws_per_chain = property(lambda self: self._run.draws_per_chain)
+    rejected_per_chain = property(lambda self: self._run.rejected_per_chain)
+    diverged_chains = property(lambda self: self._run.diverged_chains)
+    chain_failures = property(lambda self: self._run.chain_failures)
+    snapshots = property(lambda self: self._run.snapshots)
+    snapshot_indices = property(lambda self: self._run.snapshot_indices)
+    # the flat names of the groups' fields, for reading
+    dtype = property(lambda self: self.storage.dtype)
+    block_size = property(lambda self: self.storage.block_size)
+    divergence_tolerance = property(lambda self: self.divergence.tolerance)
+    divergence_window = property(lambda self: self.divergence.window)
+
+    @staticmethod
+    def _check_train_mask(mask, n: int):
+        if mask is None or mask is False:
+            return mask
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"probe_train_mask must be a bool sequence of length {n}, False or None") from None
+        if mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"probe_train_mask must be a bool tensor of shape ({n},) (one entry per probe "
+                             f"sample), got dtype {mask.dtype} and shape {tuple(mask.shape)}")
+        return mask
 
     # -- devinterp entry points -------------------------------------------------------------
     def __call__(self, *, model: nn.Module, chain: int = 0, draw: Optional[int] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
-                 ref_model: Optional[nn.Module] = None, loader=None, **_ignored) -> None:
+                 ref_model: Optional[nn.Module] = None, loader=None, num_draws: Optional[int] = None,
+                 **_ignored) -> None:
         """Evaluate the probe at the chain's current weights and fold the losses in."""
+        chain = int(chain) if chain is not None else 0
+        draw = int(draw) if draw is not None else None
+        hyperparameters = self._read_hyperparameters(optimizer)
+        self._check_same_run(model, chain, draw, ref_model, hyperparameters)
+        run = self._run
+        run.last_call, run.last_model = (chain, draw), _weak(model)
+        if ref_model is not None and run.ref_model is None:
+            run.ref_model = _weak(ref_model)
+        if hyperparameters and not run.hyperparameters:
+            run.hyperparameters = hyperparameters
+        if _is_int(num_draws) and self.num_draws is None:
+            run.expected_draws = int(num_draws)
         if self.num_train is None and loader is not None and hasattr(loader, "dataset"):
             self.num_train = len(loader.dataset)  # devinterp 1.x passes its training loader
-        if self.init_loss is None and self.reference_model is None and ref_model is not None:
+        if run.init_loss is None and self.reference_model is None and ref_model is not None:
             self.set_reference(ref_model)  # devinterp 1.x hands over the model at w*
-        if self.accumulator is None:
+        if run.accumulator is None:
             self.allocate(model)
-        if optimizer is not None and not self.hyperparameters:
-            group = optimizer.param_groups[0]
-            self.hyperparameters = {
-                k: group[k] for k in _HYPERPARAMETER_KEYS
-                if k in group and isinstance(group[k], (int, float))
-            }
-        chain = int(chain) if chain is not None else 0
-        self._commit_other_chains(chain)
-        if chain in self.diverged_chains:
+        elif run.hyperparameters and run.accumulator.identity.sampler is None:
+            run.accumulator.identity = run.accumulator.identity.with_known(sampler=run.hyperparameters)
+        self._end_other_chains(chain)
+        run.delivered[chain] = run.delivered.get(chain, 0) + 1
+        if draw is not None:
+            run.last_draw[chain] = draw
+        if chain in run.diverged_chains:
             self._count_rejected(chain)
             mean_loss = float("nan")
         else:
@@ -224,72 +438,153 @@ class LossKernelCallback:
                 self.mark_diverged(chain, f"draw {draw} {reason}", stacklevel=4)
             else:
                 self._check_drift(chain, mean_loss)
-                held = self._held.setdefault(chain, [])
+                held = run.held.setdefault(chain, [])
                 held.append(losses.detach())
-                while len(held) > self.divergence_window:
+                while len(held) > self.divergence.window:
                     self._fold(chain, held.pop(0))
         if self._pbar is not None:
             self._pbar.update(1)
             self._pbar.set_postfix(chain=chain, probe_loss=f"{mean_loss:.4g}", refresh=False)
 
+    @staticmethod
+    def _read_hyperparameters(optimizer) -> Dict[str, Any]:
+        if optimizer is None or not getattr(optimizer, "param_groups", None):
+            return {}
+        group = optimizer.param_groups[0]
+        return {k: group[k] for k in _HYPERPARAMETER_KEYS
+                if k in group and isinstance(group[k], (int, float)) and not isinstance(group[k], bool)}
+
+    def _check_same_run(self, model, chain, draw, ref_model, hyperparameters) -> None:
+        """Refuse a double registration; start a fresh kernel when a new run begins."""
+        run = self._run
+        if run.accumulator is None and not run.delivered:
+            return
+        same_model = run.last_model is not None and run.last_model() is model
+        if draw is not None and run.last_call == (chain, draw) and same_model:
+            raise ValueError(
+                f"LossKernelCallback received chain {chain}, draw {draw} twice in a row from the same "
+                "model: it is registered twice in callbacks (e.g. callbacks=[cb, cb]), which would fold "
+                "every draw twice. Pass it once.")
+        reason = None
+        if run.finalized:
+            reason = "draws arrived after finalize() (the sampler finished the previous run)"
+        elif ref_model is not None and run.ref_model is not None and run.ref_model() is not ref_model:
+            reason = "the sampler's ref_model (w*) is another model than the previous run's"
+        elif hyperparameters and run.hyperparameters and hyperparameters != run.hyperparameters:
+            reason = f"the SGLD settings changed from {run.hyperparameters} to {hyperparameters}"
+        elif draw is not None and chain in run.last_draw and draw <= run.last_draw[chain]:
+            reason = f"chain {chain} started again at draw {draw} (it was at draw {run.last_draw[chain]})"
+        if reason is None:
+            return
+        previous = run.accumulator.count if run.accumulator is not None else 0
+        warnings.warn(
+            f"LossKernelCallback: a new run started ({reason}). The callback starts a fresh kernel for "
+            f"it; the previous run's kernel ({previous} draws) is replaced, not mixed in. To keep both, "
+            "save callback.kernel after each run or use one callback per run.",
+            RuntimeWarning, stacklevel=4)
+        self._reset()
+
+    def _reset(self) -> None:
+        indices = self._run.snapshot_indices
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._run = _Run(expected_draws=self.num_draws, snapshot_indices=indices)
+        if self.reference_model is not None:
+            self.set_reference(self.reference_model)  # w* may have changed since
+
     def end_chain(self, chain: Optional[int] = None) -> None:
         """The chain ended without diverging: fold in its held-back draws (all chains' when
         ``chain`` is None). Called for you when another chain's draws arrive, by
         :meth:`finalize` and by reading :attr:`kernel`."""
-        for c in ([chain] if chain is not None else list(self._held)):
-            for losses in self._held.pop(c, []):
+        for c in ([chain] if chain is not None else list(self._run.held)):
+            for losses in self._run.held.pop(c, []):
                 self._fold(c, losses)
 
     def mark_diverged(self, chain: int, reason: str = "diverged", *, stacklevel: int = 2) -> None:
         """Leave chain ``chain`` out from here on: its held-back draws are dropped and its
-        later draws rejected (all counted in ``rejected_per_chain``); warns once.
+        later draws rejected (all counted in ``rejected_per_chain``); recorded in
+        ``diverged_chains`` and ``chain_failures``; warns once.
         :func:`~devinterp_losskernel.estimate_loss_kernel` calls this when devinterp stops a
         chain on a NaN minibatch loss; in your own loop over devinterp's samplers, call it when
-        you catch that error and go on with the next chain (else the next chain's first draw
-        folds in the held draws of the failed one)."""
-        dropped = len(self._held.pop(chain, []))
+        you catch that error and go on with the next chain (or pass ``num_draws=`` so that a
+        short chain is caught for you)."""
+        run = self._run
+        dropped = len(run.held.pop(chain, []))
         if dropped:
             self._count_rejected(chain, dropped)
-        if chain in self.diverged_chains:
+        if chain in run.diverged_chains:
             return
-        self.diverged_chains.append(chain)
+        run.diverged_chains.append(chain)
+        run.chain_failures[chain] = reason
         warnings.warn(
             f"chain {chain}: {reason}; the chain has diverged. The {dropped} draws held back "
-            f"before it (divergence_window={self.divergence_window}) and all later draws of the "
-            f"chain are left out of the kernel; its {self.draws_per_chain.get(chain, 0)} earlier "
+            f"before it (divergence_window={self.divergence.window}) and all later draws of the "
+            f"chain are left out of the kernel; its {run.draws_per_chain.get(chain, 0)} earlier "
             "draws are kept. Lower lr or raise localization. Kept/rejected draws per chain are in "
             "kernel.draws_per_chain / kernel.rejected_per_chain.",
             RuntimeWarning, stacklevel=stacklevel,
         )
 
+    def _aborted(self, chain: int) -> Optional[str]:
+        """Why ``chain`` looks aborted by the sampler (fewer draws than expected), or None."""
+        expected = self._run.expected_draws
+        delivered = self._run.delivered.get(chain, 0)
+        if expected is None or chain in self._run.diverged_chains or delivered >= expected:
+            return None
+        return f"the sampler stopped it after {delivered} of num_draws={expected} draws"
+
+    def _end_other_chains(self, chain: int) -> None:
+        """Chains run one after another: a draw of a new chain ends the earlier ones."""
+        for other in [c for c in self._run.delivered if c != chain and c not in self._run.diverged_chains]:
+            reason = self._aborted(other)
+            if reason is not None:
+                self.mark_diverged(other, reason, stacklevel=5)
+            else:
+                self.end_chain(other)
+
     def finalize(self, *args, **kwargs) -> None:
         """Fold in held-back and buffered draws (devinterp 1.x calls this once after all
-        chains)."""
+        chains); a chain with fewer than ``num_draws`` draws is recorded as failed. Draws that
+        arrive after this belong to a new run."""
+        for chain in list(self._run.delivered):
+            reason = self._aborted(chain)
+            if reason is not None:
+                self.mark_diverged(chain, reason, stacklevel=3)
         self.end_chain()
-        if self.accumulator is not None:
-            self.accumulator.flush()
+        if self._run.accumulator is not None:
+            self._run.accumulator.flush()
+            self._run.finalized = True
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
 
     def get_results(self) -> Dict[str, Any]:
-        """devinterp 1.x dialect: numpy arrays and numbers under ``loss_kernel/``."""
-        kernel = self.kernel.cpu()
-        results = {
-            "covariance": kernel.covariance.numpy(),
-            "correlation": kernel.correlation.numpy(),
-            "mean": kernel.mean.numpy(),
-            "variance": kernel.variance.numpy(),
-            "num_draws": kernel.num_draws,
-            "trace": kernel.trace,
-            "draws_per_chain": dict(kernel.draws_per_chain),
-            "rejected_per_chain": dict(kernel.rejected_per_chain),
-        }
-        if kernel.init_loss is not None:
-            results["init_loss"] = kernel.init_loss.numpy()
-        results.update(self.slt_summary(kernel))
-        if self.snapshots:
-            results["cka_convergence"] = self.cka_convergence()
+        """devinterp 1.x dialect: numpy arrays and numbers under ``loss_kernel/``. If the kernel
+        cannot be computed, ``loss_kernel/error`` says why (and a warning repeats it), so that
+        devinterp's own results (the LLC) in the same dict are never lost to it."""
+        try:
+            kernel = self.kernel.cpu()
+            results = {
+                "covariance": kernel.covariance.numpy(),
+                "correlation": kernel.correlation.numpy(),
+                "mean": kernel.mean.numpy(),
+                "variance": kernel.variance.numpy(),
+                "num_draws": kernel.num_draws,
+                "trace": kernel.trace,
+                "draws_per_chain": dict(kernel.draws_per_chain),
+                "rejected_per_chain": dict(kernel.rejected_per_chain),
+            }
+            if kernel.init_loss is not None:
+                results["init_loss"] = kernel.init_loss.numpy()
+            results.update(self.slt_summary(kernel))
+            if self.snapshots:
+                results["cka_convergence"] = self.cka_convergence()
+        except Exception as error:  # report beside devinterp's results instead of losing them
+            message = f"{type(error).__name__}: {error}"
+            warnings.warn(f"LossKernelCallback: no loss kernel for this run: {message}", RuntimeWarning,
+                          stacklevel=2)
+            return {RESULT_PREFIX + "error": message}
         return {RESULT_PREFIX + key: value for key, value in results.items()}
 
     def slt_summary(self, kernel: Optional[LossKernel] = None) -> Dict[str, float]:
@@ -313,27 +608,37 @@ class LossKernelCallback:
 
     @property
     def kernel(self) -> LossKernel:
-        """The loss kernel of all draws so far (works whether or not finalize() was called)."""
-        if self.accumulator is None:
+        """The loss kernel of all draws so far (works whether or not finalize() was called).
+        Held-back draws of a chain that has not yet delivered its ``num_draws`` stay held
+        (out of this kernel; listed in ``metadata["incomplete_chains"]``) until it does."""
+        run = self._run
+        if run.accumulator is None:
             raise ValueError("no draws yet: the callback has not been called by a sampler")
-        self.end_chain()
-        if self.accumulator.count < 2 and self.rejected_per_chain:
+        incomplete = {c: f"{run.delivered.get(c, 0)} of {run.expected_draws} draws"
+                      for c in run.held if self._aborted(c) is not None}
+        for chain in [c for c in run.held if c not in incomplete]:
+            self.end_chain(chain)
+        if run.accumulator.count < 2 and run.rejected_per_chain:
             raise ValueError(
-                f"only {self.accumulator.count} draws were kept: chains {self.diverged_chains} "
-                f"diverged (rejected draws per chain: {dict(self.rejected_per_chain)}), and a "
+                f"only {run.accumulator.count} draws were kept: chains {run.diverged_chains} "
+                f"diverged (rejected draws per chain: {dict(run.rejected_per_chain)}), and a "
                 "covariance needs at least 2. Lower lr or raise localization."
             )
         metadata = {
             "devinterp_version": devinterp_version(),
-            "sampler": dict(self.hyperparameters),
-            "num_chains": len(self.draws_per_chain),
+            "sampler": dict(run.hyperparameters),
+            "num_chains": len(run.draws_per_chain),
             "settings": {"num_train": self.num_train},
+            "arguments": self.arguments(),
+            "diverged_chains": list(run.diverged_chains),
+            "chain_failures": dict(run.chain_failures),
+            **({"incomplete_chains": incomplete} if incomplete else {}),
             **self.extra_metadata,
         }
-        return self.accumulator.compute(
-            init_loss=self.init_loss,
-            draws_per_chain=dict(self.draws_per_chain),
-            rejected_per_chain=dict(self.rejected_per_chain),
+        return run.accumulator.compute(
+            init_loss=run.init_loss,
+            draws_per_chain=dict(run.draws_per_chain),
+            rejected_per_chain=dict(run.rejected_per_chain),
             sample_ids=self.sample_ids,
             labels=self.labels,
             metadata=metadata,
@@ -353,27 +658,27 @@ class LossKernelCallback:
         return cka_convergence(self.snapshots, final, use=use)
 
     def _maybe_snapshot(self) -> None:
-        if self._snapshot_schedule is None:
+        schedule = self.snapshot_schedule.every
+        if schedule is None:
             return
         count = self.accumulator.count
-        every, at = self._snapshot_schedule
+        every, at = schedule
         if count >= 2 and ((every is not None and count % every == 0) or (at is not None and count in at)):
             block = self.accumulator.covariance_block(self.snapshot_indices)
-            self.snapshots.append((int(count), block.to("cpu", copy=True)))
+            self._run.snapshots.append((int(count), block.to("cpu", copy=True)))
 
     def _choose_snapshot_indices(self) -> Optional[torch.Tensor]:
         """The fixed sample subset S the snapshots keep (sorted indices), or None."""
-        if self._snapshot_schedule is None:
+        if self.snapshot_schedule.every is None:
             return None
-        choice = self._snapshot_rows_arg
-        pool = (torch.arange(self._num_samples) if self.rows is None
-                else torch.as_tensor(self.rows, dtype=torch.long).flatten().unique())
+        choice = self.snapshot_schedule.rows
+        pool = (torch.arange(self._num_samples) if self.rows is None else self.rows.unique())
         if choice is None:
             return pool
         if isinstance(choice, int):
             if choice >= len(pool):
                 return pool
-            generator = torch.Generator().manual_seed(int(self.snapshot_seed))
+            generator = torch.Generator().manual_seed(int(self.snapshot_schedule.seed))
             return pool[torch.randperm(len(pool), generator=generator)[:choice]].sort().values
         indices = torch.as_tensor(choice, dtype=torch.long).flatten()
         if indices.min() < 0 or indices.max() >= self._num_samples:
@@ -389,82 +694,153 @@ class LossKernelCallback:
         return evaluate_probe_losses(
             model, self.probe, self.loss_fn,
             device=_model_device(model),
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.probe_options.autocast_dtype,
             expected_num_samples=self._num_samples,
-            channels_last=self.channels_last,
+            channels_last=self.probe_options.channels_last,
         )
 
-    def allocate(self, model: nn.Module) -> KernelAccumulator:
-        """Create the accumulator for this probe on the model's device (or ``device``).
+    def arguments(self) -> Dict[str, Any]:
+        """What this callback's kernel depends on, for checkpoints and kernel metadata: n, the
+        probe fingerprint, rows, dtype, labels, sample ids, the training mask, num_train and
+        the divergence guard (checksums stand for the long ones)."""
+        mask = self.probe_train_mask
+        return {
+            "num_samples": self._num_samples,
+            "probe": self.probe_fingerprint,
+            "rows": None if self.rows is None else self.rows.tolist(),
+            "dtype": str(self.storage.dtype).removeprefix("torch."),
+            "labels": None if self.labels is None else checksum(self.labels)[:16],
+            "sample_ids": None if self.sample_ids is None else checksum(
+                self.sample_ids if isinstance(self.sample_ids, torch.Tensor) else [str(s) for s in self.sample_ids])[:16],
+            "probe_train_mask": mask if mask is None or mask is False else checksum(mask)[:16],
+            "num_train": self.num_train,
+            "divergence": asdict(self.divergence),
+        }
+
+    def allocate(self, model: nn.Module, sampler: Optional[Dict[str, Any]] = None) -> KernelAccumulator:
+        """Create the accumulator for this probe on the model's device (or ``device``), with
+        its identity (n, rows, dtype, probe fingerprint, SGLD settings).
 
         Called by the first draw; call it yourself to restore a saved accumulator state first.
         """
-        if self.reference_model is not None and self.init_loss is None:
+        run = self._run
+        if self.reference_model is not None and run.init_loss is None:
             self.set_reference(self.reference_model)
-        if self._num_samples is None:
-            self._num_samples = int(self.probe_losses(model).shape[0])
-        device = self.device if self.device is not None else _model_device(model)
-        self.accumulator = KernelAccumulator(
-            self._num_samples, device=device, dtype=self.dtype,
-            block_size=self.block_size, rows=self.rows,
+        if sampler:
+            run.hyperparameters = dict(sampler)
+        device = self.storage.device if self.storage.device is not None else _model_device(model)
+        run.accumulator = KernelAccumulator(
+            self._num_samples, device=device, dtype=self.storage.dtype,
+            block_size=self.storage.block_size, rows=self.rows,
+            probe=self.probe_fingerprint, sampler=run.hyperparameters or None,
         )
-        self.snapshot_indices = self._choose_snapshot_indices()
         if self.total_draws is not None:
             from tqdm.auto import tqdm
 
-            self._pbar = tqdm(total=self.total_draws, desc="loss kernel draws", unit="draw")
-        return self.accumulator
+            self._pbar = tqdm(total=self.total_draws, desc="loss kernel draws", unit="draw",
+                              mininterval=1.0)
+        return run.accumulator
 
     def set_reference(self, reference_model: nn.Module) -> torch.Tensor:
         """Record the probe losses at w* (``init_loss``) from the model at w*."""
         losses = self.probe_losses(reference_model)
-        self._num_samples = int(losses.shape[0])
-        self.init_loss = losses.detach().to("cpu", torch.float64)
-        return self.init_loss
+        self._run.init_loss = losses.detach().to("cpu", torch.float64)
+        return self._run.init_loss
 
     def _fold(self, chain: int, losses: torch.Tensor) -> None:
         self.accumulator.update(losses, check_finite=False)
-        self.draws_per_chain[chain] = self.draws_per_chain.get(chain, 0) + 1
+        self._run.draws_per_chain[chain] = self._run.draws_per_chain.get(chain, 0) + 1
         self._maybe_snapshot()
 
     def _count_rejected(self, chain: int, draws: int = 1) -> None:
-        self.rejected_per_chain[chain] = self.rejected_per_chain.get(chain, 0) + draws
-
-    def _commit_other_chains(self, chain: int) -> None:
-        """Chains run one after another: a draw of a new chain ends the earlier ones."""
-        for other in [c for c in self._held if c != chain]:
-            self.end_chain(other)
+        self._run.rejected_per_chain[chain] = self._run.rejected_per_chain.get(chain, 0) + draws
 
     def _reference(self, chain: int, current: float) -> Tuple[float, str]:
         """The mean probe loss a chain is compared with: at w* if known, else its first draw."""
         if self.init_loss is not None:
             return float(self.init_loss.mean()), "the probe loss at w*"
-        return self._first_mean_per_chain.setdefault(chain, current), "the chain's first draw"
+        return self._run.first_mean.setdefault(chain, current), "the chain's first draw"
 
     def _divergence(self, chain: int, losses: torch.Tensor, mean_loss: float) -> Optional[str]:
         """Why this draw shows the chain has diverged, or None."""
         if not math.isfinite(mean_loss):
             return f"has {int((~torch.isfinite(losses)).sum())} non-finite probe losses (NaN/Inf)"
-        if self.divergence_tolerance is None:
+        tolerance = self.divergence.tolerance
+        if tolerance is None:
             return None
         reference, source = self._reference(chain, mean_loss)
-        if mean_loss - reference > self.divergence_tolerance * (1.0 + abs(reference)):
+        if mean_loss - reference > tolerance * (1.0 + abs(reference)):
             return (f"has mean probe loss {mean_loss:.4g}, more than divergence_tolerance="
-                    f"{self.divergence_tolerance:g} × (1 + |{reference:.4g}|) above {source}")
+                    f"{tolerance:g} × (1 + |{reference:.4g}|) above {source}")
         return None
 
     def _check_drift(self, chain: int, current: float) -> None:
-        if chain in self._drift_warned:
+        if chain in self._run.drift_warned:
             return
         reference, source = self._reference(chain, current)
-        if current - reference > self.drift_tolerance * (1.0 + abs(reference)):
-            self._drift_warned.add(chain)
+        if current - reference > self.divergence.drift_tolerance * (1.0 + abs(reference)):
+            self._run.drift_warned.add(chain)
             warnings.warn(
                 f"chain {chain}: mean probe loss {current:.4g} has drifted far above {source} "
                 f"({reference:.4g}); the chain may have left the basin of w*. Consider a smaller "
                 "lr, larger localization or larger nbeta.",
                 RuntimeWarning, stacklevel=3,
             )
+
+    # -- state, for checkpoints ---------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything the callback holds about its run, as copies: the accumulator's state,
+        the draws still held back, the losses at w*, the SGLD settings, per-chain bookkeeping,
+        snapshots — and :meth:`arguments`, which :meth:`load_state_dict` checks."""
+        run = self._run
+        return {
+            "arguments": self.arguments(),
+            "accumulator": None if run.accumulator is None else run.accumulator.state_dict(),
+            "held": {int(c): torch.stack(v).cpu() for c, v in run.held.items() if v},
+            "init_loss": None if run.init_loss is None else run.init_loss.clone(),
+            "hyperparameters": dict(run.hyperparameters),
+            "draws_per_chain": dict(run.draws_per_chain),
+            "rejected_per_chain": dict(run.rejected_per_chain),
+            "diverged_chains": list(run.diverged_chains),
+            "chain_failures": dict(run.chain_failures),
+            "delivered": dict(run.delivered),
+            "last_draw": dict(run.last_draw),
+            "expected_draws": run.expected_draws,
+            "snapshots": [(int(t), b.clone()) for t, b in run.snapshots],
+            "num_train": self.num_train,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], model: Optional[nn.Module] = None) -> None:
+        """Restore a :meth:`state_dict`. Its ``arguments`` must equal this callback's (the same
+        probe, labels, rows, dtype, …): :class:`~devinterp_losskernel.provenance.IdentityMismatchError`
+        lists every one that differs, saved and current value side by side."""
+        saved, current = state["arguments"], self.arguments()
+        diffs = [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+                 if saved.get(k) != current.get(k) and not (k == "num_train" and saved.get(k) is None)]
+        if diffs:
+            lines = "\n".join(f"  {k}: saved = {a!r}   now = {b!r}" for k, a, b in diffs)
+            raise IdentityMismatchError(f"load_state_dict: the state was made with other arguments:\n{lines}")
+        run = _Run(expected_draws=state.get("expected_draws"), snapshot_indices=self._run.snapshot_indices)
+        run.init_loss = state["init_loss"]
+        run.hyperparameters = dict(state["hyperparameters"])
+        for name in ("draws_per_chain", "rejected_per_chain", "chain_failures", "delivered", "last_draw"):
+            setattr(run, name, {int(c): v for c, v in state.get(name, {}).items()})
+        run.diverged_chains = list(state["diverged_chains"])
+        run.snapshots = [(int(t), b) for t, b in state.get("snapshots", [])]
+        self._run = run
+        if state["accumulator"] is not None:
+            if model is None and self.storage.device is None:
+                device = state["accumulator"]["m2"].device
+            else:
+                device = self.storage.device if self.storage.device is not None else _model_device(model)
+            run.accumulator = KernelAccumulator(
+                self._num_samples, device=device, dtype=self.storage.dtype, block_size=self.storage.block_size,
+                rows=self.rows, probe=self.probe_fingerprint, sampler=run.hyperparameters or None)
+            run.accumulator.load_state_dict(state["accumulator"])
+            run.held = {int(c): [row.to(run.accumulator.device) for row in block]
+                        for c, block in state.get("held", {}).items()}
+        if self.num_train is None:
+            self.num_train = state.get("num_train")
 
     # -- guard against devinterp 1.x multiprocessing ----------------------------------------
     def __getstate__(self):
@@ -473,7 +849,7 @@ class LossKernelCallback:
             "each worker would fold its draws into its own copy, which is lost when the worker "
             "exits, leaving a kernel of no draws. Use cores=1 (the probe forward passes already "
             "use all threads), or run chains in separate processes/GPUs with torch.distributed "
-            "and merge the KernelAccumulators with KernelAccumulator.merge()."
+            "and merge the KernelAccumulators with KernelAccumulator.all_reduce()."
         )
 
     def __repr__(self) -> str:

@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from .presets import SGLDSettings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,6 +52,14 @@ class DemoConfig:
     localization: float = 200.0
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self):
+        self.sgld  # refuse bad SGLD values (a NaN lr from the command line) before any training
+
+    @property
+    def sgld(self) -> SGLDSettings:
+        """The SGLD arguments as the one validated record."""
+        return SGLDSettings.from_config(self)
 
 
 def digits_with_flipped_labels(cfg: DemoConfig):

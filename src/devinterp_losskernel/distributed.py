@@ -1,10 +1,19 @@
-"""Exact merge of :class:`KernelAccumulator` states across ``torch.distributed`` ranks.
+"""The torch.distributed collectives behind :meth:`KernelAccumulator.all_reduce`.
+
+This module holds only collectives (gathering small objects and tables, summing tensors in
+place, checking that the backend reaches a device) and the chain sharding; the merge itself
+— what is gathered and how the co-moments are corrected — belongs to the accumulator, which
+owns its state. Nothing here imports the accumulator, so the two never import each other.
+
+Exact merge of :class:`~devinterp_losskernel.accumulator.KernelAccumulator` states across ranks:
 
 Each rank (process, GPU, node) runs its share of the SGLD chains and folds their draws into
 its own accumulator. :func:`all_reduce_accumulator` then turns every rank's state into the
 state of *all* draws, as if one accumulator had seen them, with two small all-reduces of
 counts and means and one all-reduce of the co-moment:
 
+0. gather every rank's identity, draw sources and count, and refuse a mismatch on every
+   rank (other n, rows, dtype, probe or sampler; the same draws on two ranks);
 1. flush the buffer; gather every rank's count N_r and mean μ_r (an all-reduce of a
    zero-padded [world, n + 1] table, so it works on every backend: gloo on CPU or GPU,
    NCCL, MPI);
@@ -52,7 +61,7 @@ Launch example — ``torchrun --nproc_per_node=4 run_kernel.py`` with ``run_kern
                num_chains=len(mine), seed=[seeds[c] for c in mine],
                num_draws=500, num_burnin_steps=100, device=device, cores=1, verbose=False)
     cb.finalize()                    # fold the draws still held back (divergence_window)
-    all_reduce_accumulator(cb.accumulator)                      # every rank: all 15 chains
+    cb.accumulator.all_reduce()                                 # every rank: all 15 chains
     if rank == 0:
         cb.accumulator.compute().save("kernel.pt")
     dist.destroy_process_group()
@@ -63,16 +72,12 @@ Only the accumulator is merged; per-chain bookkeeping of the callback
 
 from __future__ import annotations
 
-import hashlib
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .accumulator import KernelAccumulator
-
-__all__ = ["all_reduce_accumulator", "shard_chains"]
-
-_DTYPE_CODES = {torch.float32: 32, torch.float64: 64}
+__all__ = ["all_gather_objects", "all_reduce_accumulator", "all_reduce_sum_", "check_backend_reaches",
+           "gather_rows", "rank_and_world", "shard_chains"]
 
 
 def _dist():
@@ -88,107 +93,57 @@ def _dist():
     return dist
 
 
-def _rows_fingerprint(rows: Optional[torch.Tensor]) -> int:
-    """A 62-bit fingerprint of the row indices (0 for a square accumulator)."""
-    if rows is None:
-        return 0
-    digest = hashlib.sha256(rows.detach().cpu().to(torch.int64).numpy().tobytes()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2 or 1
+def rank_and_world(group=None) -> Tuple[int, int]:
+    """(this rank, number of ranks) in ``group``."""
+    dist = _dist()
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _gather_rows(values: torch.Tensor, rank: int, world: int, group) -> torch.Tensor:
+def check_backend_reaches(device: torch.device, group=None) -> None:
+    """Refuse a state the backend cannot reduce (NCCL reduces CUDA tensors only)."""
+    dist = _dist()
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"the NCCL backend reduces CUDA tensors only, but the accumulator lives on "
+            f"{device}; create it on the rank's GPU (LossKernelCallback does so by default) "
+            "or use a gloo process group for CPU accumulators"
+        )
+
+
+def all_gather_objects(obj: Any, group=None) -> List[Any]:
+    """Every rank's ``obj`` (small, picklable), in rank order."""
+    dist = _dist()
+    out: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def gather_rows(values: torch.Tensor, group=None) -> torch.Tensor:
     """All ranks' ``values`` [k] as a [world, k] table, via one all-reduce of a zero-padded
     table (exact: every entry is a sum of one value and zeros). Unlike all_gather this works
     on every backend, including gloo with CUDA tensors."""
     dist = _dist()
+    rank, world = rank_and_world(group)
     table = torch.zeros(world, values.numel(), dtype=values.dtype, device=values.device)
     table[rank] = values
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     return table
 
 
-def all_reduce_accumulator(acc: KernelAccumulator, group=None) -> KernelAccumulator:
-    """Merge the accumulators of all ranks of ``group`` exactly; every rank ends up with the
-    state of all draws of all ranks (same count, mean and co-moment on every rank).
-
-    Collective: every rank of ``group`` must call it, each with an accumulator of the same
-    ``num_samples``, ``dtype`` and ``rows`` (checked on all ranks before any large transfer,
-    so a mismatch raises ``ValueError`` everywhere instead of hanging). A rank with no draws
-    takes part with count 0. The accumulator must live where the backend can reach it:
-    a CUDA device for NCCL; CPU (or CUDA) for gloo.
-
-    The co-moment is corrected and reduced in place, so if the collective itself fails
-    (a rank dies) this rank's accumulator is left in an undefined state.
-
-    Args:
-        acc: this rank's accumulator; its buffer is flushed first.
-        group: the process group (default: the world).
-
-    Returns:
-        ``acc``, now holding the merged state.
-    """
-    if not isinstance(acc, KernelAccumulator):
-        raise TypeError(f"acc must be a KernelAccumulator, got {type(acc).__name__}")
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place."""
     dist = _dist()
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "nccl" and acc.device.type != "cuda":
-        raise ValueError(
-            f"the NCCL backend reduces CUDA tensors only, but the accumulator lives on "
-            f"{acc.device}; create it on the rank's GPU (LossKernelCallback does so by default) "
-            "or use a gloo process group for CPU accumulators"
-        )
-    acc.flush()
-    moments = acc._moments
-    device = acc.device
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
 
-    # 1. Agree on the shape of the state before moving anything large.
-    num_rows = moments.m2.shape[0]
-    header = torch.tensor(
-        [acc.num_samples, num_rows, _DTYPE_CODES[acc.dtype], _rows_fingerprint(acc.rows)],
-        dtype=torch.int64, device=device,
-    )
-    headers = _gather_rows(header, rank, world, group).cpu()
-    if not bool((headers == headers[0]).all()):
-        described = ", ".join(
-            f"rank {r}: num_samples={int(h[0])}, rows={int(h[1])}, float{int(h[2])}"
-            + ("" if int(h[3]) == 0 else f", rows fingerprint={int(h[3]):x}")
-            for r, h in enumerate(headers)
-        )
-        raise ValueError(
-            "all ranks must merge accumulators with the same num_samples, dtype and rows; "
-            f"got {described}"
-        )
 
-    # 2. Counts and means of every rank, in float64 (counts are exact below 2**53).
-    mine = torch.empty(acc.num_samples + 1, dtype=torch.float64, device=device)
-    mine[0] = moments.count
-    mine[1:] = moments.mean
-    table = _gather_rows(mine, rank, world, group)
-    counts, means = table[:, 0], table[:, 1:]
-    total = int(round(float(counts.sum())))
-    if total == 0:
-        return acc  # no draws anywhere: every rank already holds the (empty) merged state
-    # Global mean around a reference rank's mean, so a large common offset loses no digits.
-    # Every rank computes it from the same table, so every rank gets the same values.
-    reference = means[int(torch.nonzero(counts > 0)[0, 0])]
-    global_mean = reference + (counts[:, None] * (means - reference)).sum(dim=0) / total
-
-    # 3. This rank's co-moment about the global mean.
-    if moments.count > 0:
-        delta = (means[rank] - global_mean).to(acc.dtype)
-        rows_delta = delta if acc.rows is None else delta[acc.rows]
-        moments.m2.addr_(rows_delta, delta, alpha=moments.count)
-        moments.m2_diag.add_(delta.square(), alpha=moments.count)
-
-    # 4. Sum the corrected co-moments: one all-reduce of M2, in place, and one of the diagonal.
-    dist.all_reduce(moments.m2, op=dist.ReduceOp.SUM, group=group)
-    dist.all_reduce(moments.m2_diag, op=dist.ReduceOp.SUM, group=group)
-    moments.mean.copy_(global_mean.to(acc.dtype))
-    moments.count = total
-    return acc
-
+def all_reduce_accumulator(acc, group=None):
+    """Merge the accumulators of all ranks of ``group`` exactly: ``acc.all_reduce(group)``
+    (see :meth:`~devinterp_losskernel.accumulator.KernelAccumulator.all_reduce`). Returns ``acc``."""
+    if not callable(getattr(acc, "all_reduce", None)) or not hasattr(acc, "state_dict"):
+        raise TypeError(f"acc must be a KernelAccumulator, got {type(acc).__name__}")
+    return acc.all_reduce(group)
 
 def shard_chains(num_chains: int, rank: Optional[int] = None,
                  world_size: Optional[int] = None) -> List[int]:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
-import os
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -29,7 +27,9 @@ from torch.utils.data import DataLoader
 
 from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
+from .presets import SGLDSettings
 from .probe import LossFn, _model_device, default_loss_fn, move_to_device
+from .provenance import IdentityMismatchError, load_verified, save_verified
 
 __all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
 
@@ -49,26 +49,15 @@ def chain_seeds(seed: int, num_chains: int) -> List[int]:
     return [int(s) for s in np.random.SeedSequence(seed).generate_state(num_chains)]
 
 
-def _check_positive(name: str, value, kind=int) -> None:
-    if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
-
-
-def _validate(num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr, nbeta, localization, loader):
-    for name, value in (("num_chains", num_chains), ("num_draws", num_draws),
-                        ("num_steps_bw_draws", num_steps_bw_draws)):
-        _check_positive(name, value)
-    if not isinstance(num_burnin_steps, int) or num_burnin_steps < 0:
-        raise ValueError(f"num_burnin_steps must be a non-negative int, got {num_burnin_steps!r}")
-    if num_chains * num_draws < 2:
-        raise ValueError("num_chains * num_draws must be at least 2 for an unbiased covariance")
-    for name, value in (("lr", lr), ("nbeta", nbeta)):
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not isinstance(localization, (int, float)) or localization < 0:
-        raise ValueError(f"localization must be a non-negative number, got {localization!r}")
-    if not isinstance(loader, DataLoader):
-        raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be available: got device={str(device)!r}, but torch.cuda.is_available() "
+                         "is False here; use device='cpu' (or None: the model's device)")
+    return device
 
 
 def estimate_loss_kernel(
@@ -138,9 +127,20 @@ def estimate_loss_kernel(
     ``kernel.rejected_per_chain`` / ``metadata["diverged_chains"]``. Both settings can be
     changed through ``callback_kwargs``.
     """
-    _validate(num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr, nbeta, localization, loader)
+    # every argument is checked before anything is sampled
+    sgld = SGLDSettings(batch_size=getattr(loader, "batch_size", None), num_chains=num_chains,
+                        num_draws=num_draws, num_burnin_steps=num_burnin_steps, lr=lr, nbeta=nbeta,
+                        localization=localization, num_steps_bw_draws=num_steps_bw_draws, seed=seed)
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"evaluate must be callable (model, batch) -> loss, got {evaluate!r}")
     major = devinterp_major()
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = _check_device(device) if device is not None else _model_device(model)
     # Work on a copy: devinterp evaluates the model in train mode, which would update the
     # caller's BatchNorm running statistics.
     model = copy.deepcopy(model).to(device)
@@ -149,29 +149,29 @@ def estimate_loss_kernel(
         def evaluate(model, batch):
             return per_sample(model, batch).mean()
 
-    settings = dict(
-        num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
-        num_steps_bw_draws=num_steps_bw_draws, lr=lr, nbeta=nbeta, localization=localization,
-        seed=int(np.random.SeedSequence().entropy % 2**32) if seed is None else int(seed),
-        batch_size=loader.batch_size, num_train=len(loader.dataset),
-    )
     callback = LossKernelCallback(
         probe, loss_fn, dtype=dtype, batch_size=probe_batch_size,
         sample_ids=sample_ids, labels=labels, num_train=len(loader.dataset),
         probe_train_mask=probe_train_mask,
         total_draws=num_chains * num_draws if verbose else None,
         **(callback_kwargs or {}),
-    )
-    callback.set_reference(model)  # ℓ(x; w*), before the sampler touches anything
+    )  # passes over the probe twice and checks labels, rows, … against it
+    callback.set_reference(model)  # ℓ(x; w*): loss_fn checked before the sampler touches anything
+    checkpoint = _Checkpoint(checkpoint_dir, sgld, callback, devinterp_major=major) if checkpoint_dir else None
+    if checkpoint is not None:
+        sgld = checkpoint.resolve_seed(sgld)  # seed=None resumes with the checkpoint's seed
+    if sgld.seed is None:
+        sgld = replace(sgld, seed=int(np.random.SeedSequence().entropy % 2**32))
+    settings = dict(sgld.to_dict(), num_train=len(loader.dataset))
     init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
-
     callback.allocate(model)  # before any checkpoint is restored into it
-    checkpoint = _Checkpoint(checkpoint_dir, settings, callback) if checkpoint_dir else None
-    progress = checkpoint.load() if checkpoint else _Progress()
-    with _quiet_devinterp():
-        _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
+    progress = checkpoint.load(model) if checkpoint else _Progress()
+    if checkpoint is None or not checkpoint.finished(progress, num_chains):
+        with _quiet_devinterp():
+            _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
     callback.finalize()
-    callback.extra_metadata.update({"settings": settings, "diverged_chains": progress.diverged,
+    callback.extra_metadata.update({"settings": settings, "sgld": sgld.to_dict(),
+                                    "diverged_chains": progress.diverged,
                                     "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
     kernel = callback.kernel
     kernel.metadata.update(callback.slt_summary(kernel))  # probe_llc, singular_fluctuation, …
@@ -245,48 +245,71 @@ class _Progress:
         self.diverged: List[int] = list(diverged or [])
 
 
-class _Checkpoint:
-    """Accumulator state and per-chain progress in ``<dir>/loss_kernel_checkpoint.pt``,
-    written atomically after each chain and tied to the run's settings by a fingerprint."""
+CHECKPOINT_FORMAT = "devinterp_losskernel.Checkpoint"
 
-    def __init__(self, directory, settings: dict, callback: LossKernelCallback):
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class _Checkpoint:
+    """Everything needed to finish or re-report a run, in ``<dir>/loss_kernel_checkpoint.pt``:
+    the run's arguments (SGLD settings with the seed actually used, the callback's probe
+    fingerprint, labels, rows, dtype, …), the callback's whole state and the per-chain LLC
+    progress; written atomically with a checksum after each chain. A resume with other
+    arguments is refused with every difference listed; a damaged file is refused by name."""
+
+    def __init__(self, directory, sgld: SGLDSettings, callback: LossKernelCallback, *, devinterp_major: int):
         self.path = Path(directory) / CHECKPOINT_NAME
         self.callback = callback
-        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        self.sgld = sgld
+        self.devinterp_major = devinterp_major
+        self._saved = load_verified(self.path, kind=CHECKPOINT_FORMAT) if self.path.exists() else None
 
-    def load(self) -> _Progress:
-        if not self.path.exists():
+    def arguments(self) -> Dict[str, Any]:
+        return {"sgld": {k: v for k, v in self.sgld.to_dict().items() if k != "source"},
+                "callback": self.callback.arguments(), "devinterp_major": self.devinterp_major}
+
+    def resolve_seed(self, sgld: SGLDSettings) -> SGLDSettings:
+        """With seed=None, the seed of the run in the checkpoint (if any)."""
+        if sgld.seed is None and self._saved is not None:
+            sgld = replace(sgld, seed=self._saved["arguments"]["sgld"]["seed"])
+        self.sgld = sgld
+        return sgld
+
+    def load(self, model) -> _Progress:
+        if self._saved is None:
             return _Progress()
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self.fingerprint:
-            raise ValueError(
-                f"checkpoint_dir holds a run with other settings ({self.path}); use a new "
-                "checkpoint_dir or the same arguments (seed included) to resume"
-            )
-        cb = self.callback
-        if cb.accumulator is None:
-            raise RuntimeError("the accumulator must be allocated before a checkpoint is loaded")
-        cb.accumulator.load_state_dict(state["accumulator"])
-        cb.draws_per_chain = dict(state["draws_per_chain"])
-        cb.rejected_per_chain = dict(state["rejected_per_chain"])
-        cb.snapshots = [(int(t), block) for t, block in state.get("snapshots", [])]
-        return _Progress(state["llc_per_chain"], state["diverged"])
+        saved, now = _flat(self._saved["arguments"]), _flat(self.arguments())
+        diffs = [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diffs:
+            lines = "\n".join(f"  {k}: checkpoint = {a!r}   now = {b!r}" for k, a, b in diffs)
+            raise IdentityMismatchError(
+                f"checkpoint_dir holds a run with other settings ({self.path}):\n{lines}\n"
+                "Resume with the same arguments (seed included), pass another checkpoint_dir, or delete "
+                f"{self.path} to start over.")
+        self.callback.load_state_dict(self._saved["callback"], model)
+        progress = self._saved["progress"]
+        return _Progress(progress["llc_per_chain"], progress["diverged"])
+
+    @staticmethod
+    def finished(progress: _Progress, num_chains: int) -> bool:
+        return all(c in progress.llc_per_chain for c in range(num_chains))
 
     def save(self, progress: _Progress) -> None:
-        cb = self.callback
-        state = {
-            "fingerprint": self.fingerprint,
-            "accumulator": cb.accumulator.state_dict(),
-            "draws_per_chain": cb.draws_per_chain,
-            "rejected_per_chain": cb.rejected_per_chain,
-            "snapshots": cb.snapshots,
-            "llc_per_chain": progress.llc_per_chain,
-            "diverged": progress.diverged,
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        save_verified({
+            "format": CHECKPOINT_FORMAT,
+            "format_version": 2,
+            "arguments": self.arguments(),
+            "callback": self.callback.state_dict(),
+            "progress": {"llc_per_chain": dict(progress.llc_per_chain), "diverged": list(progress.diverged)},
+        }, self.path)
 
 
 def _llc_summary(progress: _Progress, num_chains: int) -> Dict[str, Any]:

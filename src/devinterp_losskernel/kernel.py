@@ -11,9 +11,34 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["LossKernel", "correlation_from_covariance"]
+from .provenance import load_verified, save_verified, to_storable
 
-FORMAT_VERSION = 1
+__all__ = ["LossKernel", "as_labels", "correlation_from_covariance"]
+
+FORMAT = "devinterp_losskernel.LossKernel"
+FORMAT_VERSION = 2  # 2: metadata stored as values (NaN, Inf, int keys and tuples survive) and a checksum
+
+
+def as_labels(labels, num_samples: Optional[int] = None, name: str = "labels") -> torch.Tensor:
+    """[n] integer labels as an int64 tensor, from a tensor, numpy array or list of ints, bools
+    or whole-number floats; refused with a message naming ``name`` otherwise (wrong length,
+    non-whole floats, strings — map class names to integers first)."""
+    try:
+        array = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a sequence of integer class labels, got {type(labels).__name__} "
+                         "(for class names, map them to integers and keep the names yourself)") from None
+    if array.dim() != 1:
+        raise ValueError(f"{name} must be one-dimensional [n], got shape {tuple(array.shape)}")
+    if num_samples is not None and array.shape[0] != num_samples:
+        raise ValueError(f"{name} must have one entry per probe sample: length {num_samples}, got {array.shape[0]}")
+    if array.is_floating_point():
+        if not bool(torch.isfinite(array).all()) or not bool((array == array.round()).all()):
+            raise ValueError(f"{name} must be whole numbers (class labels), got values such as "
+                             f"{array[~(array == array.round())][:3].tolist()}")
+    elif array.is_complex():
+        raise ValueError(f"{name} must be integer class labels, got dtype {array.dtype}")
+    return array.long()
 
 
 def correlation_from_covariance(
@@ -41,7 +66,7 @@ def correlation_from_covariance(
     return corr
 
 
-def _to_jsonable(value: Any) -> Any:
+def _to_jsonable(value: Any) -> Any:  # reads format-1 files and writes xarray attributes
     """Metadata must survive JSON; numpy/torch scalars and arrays become Python values."""
     if isinstance(value, dict):
         return {str(k): _to_jsonable(v) for k, v in value.items()}
@@ -105,9 +130,7 @@ class LossKernel:
             if tuple(self.init_loss.shape) != (n,):
                 raise ValueError(f"init_loss must have shape ({n},), got {tuple(self.init_loss.shape)}")
         if self.labels is not None:
-            self.labels = torch.as_tensor(self.labels)
-            if self.labels.shape[0] != n:
-                raise ValueError(f"labels must have length {n}, got {self.labels.shape[0]}")
+            self.labels = as_labels(self.labels, n)
         if self.sample_ids is not None and len(self.sample_ids) != n:
             raise ValueError(f"sample_ids must have length {n}, got {len(self.sample_ids)}")
         self._correlation: Optional[torch.Tensor] = None
@@ -154,15 +177,16 @@ class LossKernel:
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the kernel (tensors bit-exact) and its metadata to ``path`` (a torch file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the kernel (tensors bit-exact) and its metadata to ``path`` (a torch file),
+        with a SHA-256 of everything in it that :meth:`load` verifies. Metadata keeps its
+        types (NaN and ±Inf floats, int dict keys, tuples, tensors); numpy arrays are stored as
+        lists, other objects as their repr."""
         k = self.cpu()
         sample_ids = k.sample_ids
         if sample_ids is not None and not isinstance(sample_ids, torch.Tensor):
             sample_ids = [str(s) if not isinstance(s, (int, float)) else s for s in sample_ids]
         payload = {
-            "format": "devinterp_losskernel.LossKernel",
+            "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "covariance": k.covariance,
             "mean": k.mean,
@@ -174,24 +198,30 @@ class LossKernel:
             "rejected_per_chain": {int(c): int(v) for c, v in k.rejected_per_chain.items()},
             "sample_ids": sample_ids,
             "labels": k.labels,
-            "metadata_json": json.dumps(_to_jsonable(k.metadata)),
+            "metadata": to_storable(k.metadata),
         }
-        torch.save(payload, path)
-        return path
+        return save_verified(payload, path)
 
     @classmethod
     def load(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "LossKernel":
-        """Read a kernel written by :meth:`save` (safe: no pickled code is executed)."""
-        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != "devinterp_losskernel.LossKernel":
-            raise ValueError(f"path {str(path)!r} is not a file written by LossKernel.save()")
+        """Read a kernel written by :meth:`save` (safe: no pickled code is executed). The
+        file's checksum is verified: a damaged file raises
+        :class:`~devinterp_losskernel.provenance.FileIntegrityError` naming it."""
+        payload = load_verified(path, kind=FORMAT, map_location=map_location, 
+                                require_checksum=lambda p: p.get("format_version", 1) >= 2)
+        if payload.get("format_version", 1) >= 2 and "metadata" not in payload:
+            raise ValueError(f"{str(path)!r} is a LossKernel file without metadata")
+        if payload.get("format_version", 1) >= 2:
+            metadata = payload["metadata"]
+        else:  # format 1: JSON metadata, no checksum
+            metadata = json.loads(payload["metadata_json"])
         return cls(
             covariance=payload["covariance"], mean=payload["mean"], variance=payload["variance"],
             num_draws=payload["num_draws"], init_loss=payload["init_loss"], rows=payload["rows"],
             draws_per_chain=payload["draws_per_chain"],
             rejected_per_chain=payload["rejected_per_chain"],
             sample_ids=payload["sample_ids"], labels=payload["labels"],
-            metadata=json.loads(payload["metadata_json"]),
+            metadata=metadata,
         )
 
     def to_xarray(self):

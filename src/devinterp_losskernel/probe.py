@@ -11,14 +11,17 @@ dropout would add noise that is not the posterior's.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import (DataLoader, Dataset, RandomSampler, SubsetRandomSampler, TensorDataset,
+                              WeightedRandomSampler)
 
 __all__ = [
     "LossFn",
@@ -50,10 +53,35 @@ def _logits(output: Any) -> torch.Tensor:
     )
 
 
+def class_targets(targets: torch.Tensor, name: str = "targets") -> torch.Tensor:
+    """Class-index targets as int64: any integer or bool dtype, and floats that hold whole
+    numbers (labels read from a CSV); anything else is refused, naming ``name``."""
+    if not isinstance(targets, torch.Tensor):
+        targets = torch.as_tensor(np.asarray(targets))
+    if targets.dtype == torch.long:
+        return targets
+    if targets.is_floating_point():
+        if not bool(torch.isfinite(targets).all()) or not bool((targets == targets.round()).all()):
+            raise ValueError(
+                f"{name} must be class indices (whole numbers), got float values such as "
+                f"{targets.flatten()[:3].tolist()}; for soft or regression targets pass "
+                "loss_fn=(model, batch) -> Tensor[batch_size]")
+        return targets.long()
+    if targets.is_complex():
+        raise ValueError(f"{name} must be class indices, got dtype {targets.dtype}")
+    return targets.long()
+
+
 def classification_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Per-sample cross-entropy for ``(inputs, targets)`` batches: [B, C] logits → [B]."""
-    inputs, targets = batch[0], batch[1]
+    """Per-sample cross-entropy for ``(inputs, targets)`` batches: [B, C] logits → [B].
+    Targets of any integer dtype (or whole-number floats) are taken as class indices."""
+    inputs, targets = batch[0], class_targets(batch[1])
     logits = _logits(model(inputs))
+    if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"the default loss_fn (cross-entropy) expects logits [batch_size, classes] = "
+            f"[{targets.shape[0]}, C] for (inputs, targets) batches, got {tuple(logits.shape)}; "
+            "pass loss_fn=(model, batch) -> Tensor[batch_size]")
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
@@ -116,6 +144,25 @@ def to_channels_last(batch):
                        if t.dim() == 4 and t.is_floating_point() else t)
 
 
+def cast_floating(batch, dtype: Optional[torch.dtype]):
+    """Every floating tensor of a (nested) batch in ``dtype`` (a float64 model fed a float32
+    probe); integer tensors (labels, token ids) are left alone."""
+    if dtype is None:
+        return batch
+    return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t)
+
+
+def as_tensors(batch):
+    """numpy arrays (and, inside a tuple or dict, lists of numbers) of a probe as tensors."""
+    if isinstance(batch, np.ndarray):
+        return torch.as_tensor(batch)
+    if isinstance(batch, Mapping):
+        return {k: as_tensors(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(torch.as_tensor(np.asarray(v)) if isinstance(v, (np.ndarray, list)) else v for v in batch)
+    return batch
+
+
 def batch_size_of(batch) -> int:
     """Leading dimension of the first tensor in a batch."""
     if isinstance(batch, torch.Tensor):
@@ -173,23 +220,29 @@ class ProbeSet:
         self.cache_on_device = cache_on_device
         self.cache_limit_bytes = cache_limit_bytes
         self._cache: Optional[List[Any]] = None
-        self._cache_device: Optional[torch.device] = None
+        self._cache_device = None
+        self._checked: Optional[Tuple[int, str]] = None
 
     @staticmethod
     def _as_loader(probe, batch_size: int):
         if isinstance(probe, DataLoader):
-            if isinstance(probe.sampler, RandomSampler):
-                raise ValueError(
-                    "probe must yield the same samples in the same order every draw: "
-                    "pass a DataLoader with shuffle=False"
-                )
+            _check_not_shuffled(probe)
             return probe
+        if isinstance(probe, np.ndarray):
+            probe = torch.as_tensor(probe)
+        elif isinstance(probe, (Mapping, tuple)) or (isinstance(probe, list) and probe and all(
+                isinstance(t, (torch.Tensor, np.ndarray)) for t in probe)):
+            probe = as_tensors(probe)
         if isinstance(probe, torch.Tensor):
             return DataLoader(TensorDataset(probe), batch_size=batch_size, shuffle=False,
                               collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
         if isinstance(probe, Mapping):
             return _DictBatches(probe, batch_size)
         if isinstance(probe, (tuple, list)) and probe and all(isinstance(t, torch.Tensor) for t in probe):
+            lengths = [len(t) if t.dim() else 0 for t in probe]
+            if len(set(lengths)) > 1:
+                raise ValueError(f"probe's tensors must share their first dimension (one row per sample), "
+                                 f"got lengths {lengths}")
             return DataLoader(TensorDataset(*probe), batch_size=batch_size, shuffle=False)
         if isinstance(probe, Dataset) or hasattr(probe, "__getitem__") and hasattr(probe, "__len__"):
             return DataLoader(probe, batch_size=batch_size, shuffle=False)
@@ -198,14 +251,43 @@ class ProbeSet:
             f"got {type(probe).__name__}"
         )
 
-    def batches(self, device: torch.device) -> Iterator:
-        """Yield the probe's batches on ``device`` (from the cache after the first pass)."""
-        if self._cache is not None and self._cache_device == device:
+    def fingerprint(self) -> Tuple[int, str]:
+        """(n, fingerprint) of one pass over the probe, without a model: a SHA-256 of each
+        batch's structure (keys, per-sample shapes, dtypes) and of every sample's sum and sum
+        of squares per tensor, in order — so the same samples in another order, other samples
+        of the same size, or other labels give another fingerprint."""
+        h, n = hashlib.sha256(), 0
+        for batch in self.loader:
+            size = batch_size_of(batch)
+            n += size
+            _fingerprint_into(h, batch, size)
+        if n == 0:
+            raise ValueError("probe is empty: it yielded no samples")
+        return n, h.hexdigest()[:32]
+
+    def check_stable(self) -> Tuple[int, str]:
+        """Pass over the probe twice and refuse one that yields its samples in another order
+        (or other samples) the second time; returns ``(n, fingerprint)``. Cached."""
+        if self._checked is None:
+            first, second = self.fingerprint(), self.fingerprint()
+            if first != second:
+                raise ValueError(
+                    "probe must yield the same samples in the same order every pass, but two passes "
+                    f"differed ({first[0]} samples, fingerprint {first[1][:12]}…, then {second[0]}, "
+                    f"{second[1][:12]}…): a shuffling sampler or a random transform? Pass a "
+                    "DataLoader with shuffle=False and no random augmentation, or the tensors themselves")
+            self._checked = first
+        return self._checked
+
+    def batches(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Iterator:
+        """Yield the probe's batches on ``device`` (from the cache after the first pass), with
+        floating tensors cast to ``dtype`` when given (the model's floating dtype)."""
+        if self._cache is not None and self._cache_device == (device, dtype):
             yield from self._cache
             return
         fresh, total_bytes, keep = [], 0, self.cache_on_device is not False
         for batch in self.loader:
-            batch = move_to_device(batch, device)
+            batch = cast_floating(move_to_device(batch, device), dtype)
             if keep:
                 total_bytes += _batch_nbytes(batch)
                 if self.cache_on_device == "auto" and total_bytes > self.cache_limit_bytes:
@@ -214,7 +296,44 @@ class ProbeSet:
                     fresh.append(batch)
             yield batch
         if keep:
-            self._cache, self._cache_device = fresh, device
+            self._cache, self._cache_device = fresh, (device, dtype)
+
+
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def _check_not_shuffled(loader: DataLoader) -> None:
+    """Refuse a loader whose sampler (or its batch sampler's) draws at random."""
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    for sampler in samplers:
+        shuffles = isinstance(sampler, _RANDOM_SAMPLERS) or bool(getattr(sampler, "shuffle", False))
+        if shuffles:
+            raise ValueError(
+                "probe must yield the same samples in the same order every draw, but its DataLoader "
+                f"draws them with a {type(sampler).__name__}: pass a DataLoader with shuffle=False "
+                "(for a subset, torch.utils.data.Subset with a fixed index list)")
+
+
+def _fingerprint_into(h, value, size: int) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        h.update(f"T{t.dtype}{tuple(t.shape[1:])}".encode())
+        flat = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
+        flat = flat.to("cpu", torch.float64)
+        stats = torch.stack([flat.sum(dim=1), flat.square().sum(dim=1)], dim=1)
+        h.update(stats.numpy().tobytes())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            h.update(f"K{key}".encode())
+            _fingerprint_into(h, value[key], size)
+    elif isinstance(value, (tuple, list)):
+        h.update(f"S{len(value)}".encode())
+        for item in value:
+            _fingerprint_into(h, item, size)
+    else:
+        h.update(repr(value).encode())
 
 
 class _DictBatches:
@@ -263,7 +382,7 @@ def evaluate_probe_losses(
         model.to(memory_format=torch.channels_last)
     pieces = []
     with eval_mode(model), torch.inference_mode(), autocast:
-        for batch in probe.batches(device):
+        for batch in probe.batches(device, _model_float_dtype(model)):
             size = batch_size_of(batch)
             if channels_last:
                 batch = to_channels_last(batch)
@@ -272,8 +391,13 @@ def evaluate_probe_losses(
                 got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(
                     f"loss_fn must return per-sample losses of shape [batch_size] = [{size}], "
-                    f"got {got}"
+                    f"got {got} (a mean over the batch? use reduction='none')"
                 )
+            if not losses.is_floating_point():
+                raise ValueError(
+                    f"loss_fn must return floating-point losses, got dtype {losses.dtype} "
+                    "(integer losses, e.g. 0/1 errors, have no meaningful covariance under SGLD "
+                    "noise; return the float loss)")
             pieces.append(losses.detach().float() if losses.dtype in (torch.float16, torch.bfloat16)
                           else losses.detach())
     if not pieces:
@@ -285,6 +409,14 @@ def evaluate_probe_losses(
             f"but this pass yielded {losses.shape[0]}"
         )
     return losses
+
+
+def _model_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating parameter, or None."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
 
 
 def _model_device(model: nn.Module) -> torch.device:

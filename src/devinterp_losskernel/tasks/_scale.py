@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+from ..presets import SGLDSettings
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingScale:
@@ -24,6 +26,14 @@ class SamplingScale:
     localization: float
     num_steps_bw_draws: int = 1
 
+    def __post_init__(self):
+        SGLDSettings.from_config(self, seed=None)  # refuse bad SGLD values when the scale is made
+
+    @property
+    def sgld(self) -> SGLDSettings:
+        """This scale's SGLD arguments as the one validated record."""
+        return SGLDSettings.from_config(self, seed=None)
+
     def sampler_kwargs(self, **changes) -> Dict[str, Any]:
         """Keyword arguments for :func:`~devinterp_losskernel.estimate_loss_kernel`,
         with ``changes`` applied (e.g. another ``localization`` for a γ sweep)."""
@@ -34,8 +44,9 @@ def sampler_kwargs(settings: Any, **changes) -> Dict[str, Any]:
     """The SGLD arguments of :func:`~devinterp_losskernel.estimate_loss_kernel` read off any
     config with the fields ``num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, lr,
     nbeta, localization`` (a :class:`SamplingScale`, the memorization tutorial's config), with
-    ``changes`` applied."""
-    kwargs = {name: getattr(settings, name) for name in (
-        "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "lr", "nbeta", "localization")}
-    kwargs.update(changes)
+    ``changes`` applied — validated by the one SGLD record,
+    :class:`~devinterp_losskernel.presets.SGLDSettings` (the seed stays the caller's)."""
+    seed_free = {k: v for k, v in changes.items() if k != "seed"}
+    kwargs = SGLDSettings.from_config(settings, seed=None, **seed_free).sampler_kwargs()
+    kwargs.update({k: v for k, v in changes.items() if k == "seed"})
     return kwargs

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..presets import SGLDSettings
 from ._scale import sampler_kwargs
 from .fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
 
@@ -110,6 +111,14 @@ class MemorizationConfig:
     localization: float = 200.0
     sgld_batch_size: int = 256
     seed: int = 0
+
+    def __post_init__(self):
+        self.sgld  # refuse bad SGLD values when the config is made
+
+    @property
+    def sgld(self) -> "SGLDSettings":
+        """The SGLD arguments as the one validated record (minibatch ``sgld_batch_size``)."""
+        return SGLDSettings.from_config(self, batch_size=self.sgld_batch_size, seed=self.seed)
 
 
 SCALES: Dict[str, MemorizationConfig] = {

@@ -1,0 +1,251 @@
+"""What made a kernel, and proof that a file still holds it.
+
+Two things live here, used by every state the package keeps (accumulators, callbacks,
+kernel files, checkpoints):
+
+- :class:`KernelIdentity` — the fields that say *which* kernel a state belongs to: n, the
+  rows of a rectangular kernel, the accumulator dtype, the probe's fingerprint, the SGLD
+  arguments and a run id. Two states may be merged, or one loaded into the other, only when
+  their identities agree; :meth:`KernelIdentity.differences` names every field that does not,
+  with both values side by side (as kronfluence does for its saved arguments).
+- :func:`checksum` / :func:`save_verified` / :func:`load_verified` — files carry the SHA-256
+  of everything in them (tensors bit for bit, and the metadata), and refuse to load when a
+  byte has changed, naming the file. ``torch.load`` alone does not verify anything.
+
+This module imports nothing else of the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FileIntegrityError",
+    "IdentityMismatchError",
+    "KernelIdentity",
+    "checksum",
+    "load_verified",
+    "new_run_id",
+    "save_verified",
+    "to_storable",
+]
+
+
+class IdentityMismatchError(ValueError):
+    """Two states that belong to different kernels were about to be merged or loaded."""
+
+
+class FileIntegrityError(ValueError):
+    """A kernel or checkpoint file is not what was written: damaged, truncated or foreign."""
+
+
+def new_run_id() -> str:
+    """A fresh random run id (16 hex digits)."""
+    return uuid.uuid4().hex[:16]
+
+
+def _canonical_sampler(sampler: Optional[dict]) -> Optional[Tuple[Tuple[str, Any], ...]]:
+    if sampler is None:
+        return None
+    return tuple(sorted((str(k), float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                        for k, v in dict(sampler).items()))
+
+
+@dataclass(frozen=True)
+class KernelIdentity:
+    """Which kernel a state belongs to.
+
+    Attributes:
+        num_samples: n, the probe size (columns of K).
+        rows: the row samples of a rectangular [q, n] kernel, or None for the square one.
+        dtype: the accumulator dtype, "float32" or "float64".
+        probe: the probe's fingerprint (shapes, dtypes and per-sample sums of its first pass,
+            in order; see :meth:`~devinterp_losskernel.probe.ProbeSet.fingerprint`), or None
+            where the draws came without a probe (``KernelAccumulator.update`` by hand).
+        sampler: the SGLD arguments the draws were taken with (lr, nbeta, localization, …),
+            or None where unknown.
+        run_id: names the run; informative only (merging runs of one kind is what merges
+            are for), kept with every kernel and checkpoint.
+
+    ``num_samples``, ``rows`` and ``dtype`` must always agree; ``probe`` and ``sampler`` must
+    agree where both sides know them (a side that does not know one takes the other's).
+    """
+
+    num_samples: int
+    rows: Optional[Tuple[int, ...]] = None
+    dtype: str = "float64"
+    probe: Optional[str] = None
+    sampler: Optional[Tuple[Tuple[str, Any], ...]] = None
+    run_id: str = field(default_factory=new_run_id)
+
+    def __post_init__(self):
+        if self.rows is not None:
+            object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        if self.sampler is not None and isinstance(self.sampler, dict):
+            object.__setattr__(self, "sampler", _canonical_sampler(self.sampler))
+        elif self.sampler is not None:
+            object.__setattr__(self, "sampler", _canonical_sampler(dict(self.sampler)))
+
+    ALWAYS = ("num_samples", "rows", "dtype")
+    WHERE_KNOWN = ("probe", "sampler")
+
+    def with_known(self, **fields) -> "KernelIdentity":
+        """A copy with more fields filled in (``probe=``, ``sampler=`` as a dict, …)."""
+        if "sampler" in fields and isinstance(fields["sampler"], dict):
+            fields["sampler"] = _canonical_sampler(fields["sampler"])
+        return replace(self, **fields)
+
+    def differences(self, other: "KernelIdentity") -> List[Tuple[str, Any, Any]]:
+        """[(field, this value, other value)] for every field that disagrees (run_id aside)."""
+        out = []
+        for name in self.ALWAYS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append((name, mine, theirs))
+        for name in self.WHERE_KNOWN:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None and theirs is not None and mine != theirs:
+                out.append((name, mine, theirs))
+        return out
+
+    def check_matches(self, other: "KernelIdentity", *, what: str, mine: str = "this",
+                      theirs: str = "other", advice: str = "") -> None:
+        """Raise :class:`IdentityMismatchError` naming each differing field, both sides."""
+        diffs = self.differences(other)
+        if not diffs:
+            return
+        lines = "\n".join(f"  {name}: {mine} = {_short(a)!s}   {theirs} = {_short(b)!s}" for name, a, b in diffs)
+        raise IdentityMismatchError(f"{what}: they belong to different kernels.\n{lines}" +
+                                    (f"\n{advice}" if advice else ""))
+
+    def combined(self, other: "KernelIdentity") -> "KernelIdentity":
+        """This identity with the fields it does not know taken from ``other``."""
+        return replace(self, probe=self.probe if self.probe is not None else other.probe,
+                       sampler=self.sampler if self.sampler is not None else other.sampler)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["rows"] = None if self.rows is None else list(self.rows)
+        d["sampler"] = None if self.sampler is None else dict(self.sampler)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "KernelIdentity":
+        return cls(num_samples=int(d["num_samples"]), rows=d.get("rows"), dtype=d["dtype"],
+                   probe=d.get("probe"), sampler=d.get("sampler"), run_id=d.get("run_id") or new_run_id())
+
+
+def _short(value: Any) -> str:
+    text = repr(dict(value)) if isinstance(value, tuple) and value and isinstance(value[0], tuple) else repr(value)
+    if isinstance(value, tuple) and len(value) > 8 and not isinstance(value[0], tuple):
+        text = f"({len(value)} indices: {', '.join(map(str, value[:4]))}, …, {value[-1]})"
+    return text if len(text) < 300 else text[:297] + "…"
+
+
+# -- storable metadata ---------------------------------------------------------------------
+def to_storable(value: Any) -> Any:
+    """Metadata in the types ``torch.load(weights_only=True)`` reads back unchanged: dicts,
+    lists, tuples, str, int, float (NaN and ±Inf included), bool, None and CPU tensors.
+    numpy arrays become lists, numpy scalars Python numbers, sets sorted lists; anything
+    else its ``repr`` (said in the docstring of the saving function)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): to_storable(v)
+                for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(to_storable(v) for v in value)
+    if isinstance(value, list):
+        return [to_storable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(to_storable(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, np.ndarray):
+        return [to_storable(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+# -- checksums -------------------------------------------------------------------------------
+def _feed(h, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(h, key)
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, float):
+        h.update(b"F" + (repr(value) if math.isfinite(value) else str(value)).encode())
+    else:
+        h.update(f"{type(value).__name__}:{value!r}".encode())
+
+
+def checksum(value: Any) -> str:
+    """SHA-256 (hex) of a nested structure of tensors, containers and plain values: tensors
+    by dtype, shape and bytes, dict entries in key order."""
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+def save_verified(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
+    """Write ``payload`` (a dict of storable values) with its checksum, atomically: a file at
+    ``path`` is either the old one or the whole new one, never half of either."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload.pop("checksum", None)
+    payload["checksum"] = checksum(payload)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_verified(path: Union[str, Path], *, kind: str, map_location="cpu",
+                  require_checksum=True) -> Dict[str, Any]:
+    """Read a file written by :func:`save_verified` and check it: a ``format`` of ``kind``
+    and a matching checksum; :class:`FileIntegrityError` names the file otherwise.
+    ``require_checksum``: a bool, or a function of the payload (older formats had none)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"path {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, flipped bytes in a header, a foreign pickle
+        raise FileIntegrityError(
+            f"{str(path)!r} cannot be read as a {kind} file ({type(error).__name__}: {error}); "
+            "it is damaged or not a file this package wrote") from None
+    if not isinstance(payload, dict) or payload.get("format") != kind:
+        raise FileIntegrityError(f"{str(path)!r} is not a {kind} file (not a file written by its save())")
+    stored = payload.pop("checksum", None)
+    if stored is None:
+        if require_checksum(payload) if callable(require_checksum) else require_checksum:
+            raise FileIntegrityError(f"{str(path)!r} carries no checksum, so it cannot be verified")
+        return payload
+    actual = checksum(payload)
+    if actual != stored:
+        raise FileIntegrityError(
+            f"{str(path)!r} is damaged: the checksum of its contents is {actual[:16]}…, but it was "
+            f"written with {stored[:16]}…. Some bytes changed after it was saved; use another copy "
+            "or recompute it.")
+    return payload

@@ -305,3 +305,198 @@ def test_cka_convergence_without_snapshots_is_explained():
         cb(model=m, chain=chain, draw=draw)
     with pytest.raises(ValueError, match="snapshot_every"):
         cb.cka_convergence()
+
+
+# -- nothing silently wrong: runs never mix, bad input fails before sampling -----------------
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler,  # noqa: E402
+                              SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
+
+from devinterp_losskernel.callback import DivergenceGuard, KernelStorage, ProbeOptions  # noqa: E402
+
+
+def run_chains(cb, model, num_chains=2, num_draws=5, seed=0, witness=None, **call_kwargs):
+    for chain, draw, m in perturbed_draws(model, num_chains, num_draws, seed=seed):
+        cb(model=m, chain=chain, draw=draw, **call_kwargs)
+        if witness is not None:
+            witness(model=m, chain=chain)
+
+
+def test_a_second_run_starts_a_fresh_kernel_not_a_mixed_one():
+    # a notebook cell run twice: the same callback receives a second run (chain 0 from draw 0)
+    model, probe = MLP(), classification_data(10)
+    cb = LossKernelCallback(probe)
+    run_chains(cb, model, seed=0)
+    first = cb.kernel
+    witness = ProbeRecorder(probe)
+    with pytest.warns(RuntimeWarning, match=r"a new run started \(chain 0 started again at draw 0"):
+        run_chains(cb, model, seed=1, witness=witness)
+    second = cb.kernel
+    assert second.num_draws == 10 == first.num_draws
+    np.testing.assert_allclose(second.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
+
+
+@pytest.mark.parametrize("change", ["finalize", "ref_model", "sampler"])
+def test_other_signs_of_a_new_run(change):
+    model, probe = MLP(), classification_data(10)
+    cb = LossKernelCallback(probe)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model.parameters(), lr=0.2)
+    ref_a, ref_b = copy.deepcopy(model), copy.deepcopy(model)
+    run_chains(cb, model, num_chains=1, optimizer=opt_a, ref_model=ref_a)
+    if change == "finalize":
+        cb.finalize()
+    kwargs = dict(optimizer=opt_b if change == "sampler" else opt_a,
+                  ref_model=ref_b if change == "ref_model" else ref_a)
+    with pytest.warns(RuntimeWarning, match="a new run started"):
+        cb(model=model, chain=1, draw=0, **kwargs)  # a new chain number: only the sign tells
+    # the fresh kernel holds only the new run's draw (still held back by the divergence window)
+    assert cb.accumulator.count == 0 and cb.draws_per_chain == {} and sum(map(len, cb._run.held.values())) == 1
+
+
+def test_registered_twice_is_refused_at_the_first_draw():
+    model = MLP()
+    cb = LossKernelCallback(classification_data(10))
+    cb(model=model, chain=0, draw=0)
+    with pytest.raises(ValueError, match=r"registered twice in callbacks"):
+        cb(model=model, chain=0, draw=0)
+
+
+class RandomTransform(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn(self.x.shape[1]), self.y[i]
+
+
+@pytest.mark.parametrize("make", [
+    lambda ds: DataLoader(ds, batch_size=4, shuffle=True),
+    lambda ds: DataLoader(ds, batch_size=4, sampler=SubsetRandomSampler(range(len(ds)))),
+    lambda ds: DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, False)),
+    lambda ds: DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler(torch.ones(len(ds)), len(ds))),
+    lambda ds: DataLoader(ds, batch_size=4, sampler=_Shuffled(len(ds))),
+    lambda ds: DataLoader(RandomTransform(*ds.tensors), batch_size=4),
+])
+def test_probes_that_do_not_repeat_themselves_are_refused_in_the_constructor(make):
+    loader = make(TensorDataset(*classification_data(12)))
+    with pytest.raises(ValueError, match="same samples in the same order"):
+        LossKernelCallback(loader)
+
+
+class _Shuffled(torch.utils.data.Sampler):
+    """A custom sampler with no `shuffle` flag: only the two-pass check can catch it."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(labels=[0, 1, 2]), "labels must have one entry per probe sample: length 10, got 3"),
+    (dict(labels=[0.5] * 10), "labels must be whole numbers"),
+    (dict(labels=["cat"] * 10), "labels must be"),
+    (dict(sample_ids=list(range(9))), "sample_ids must have one entry per probe sample"),
+    (dict(rows=[0, 10]), r"rows must be indices in \[0, 10\)"),
+    (dict(rows=[0.5]), "rows must be integer sample indices"),
+    (dict(probe_train_mask=torch.ones(9, dtype=torch.bool)), r"probe_train_mask must be a bool tensor of shape \(10,\)"),
+    (dict(snapshot_every=2, snapshot_rows=[0, 12]), "snapshot_rows must be sample indices"),
+    (dict(num_draws=0), "num_draws must be a positive int"),
+    (dict(device="cuda:3" if not torch.cuda.is_available() else "nope"), "device must be"),
+    (dict(dtype=torch.float16), "dtype must be torch.float32 or torch.float64"),
+    (dict(storage=KernelStorage(), block_size=3), "not both"),
+    (dict(colour="red"), "unexpected keyword arguments"),
+])
+def test_bad_arguments_fail_in_the_constructor(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LossKernelCallback(classification_data(10), **kwargs)
+
+
+@pytest.mark.parametrize("loss_fn, match", [
+    (lambda model, batch: (model(batch[0]).argmax(1) != batch[1]).long(), "floating-point losses"),
+    (lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]), r"shape \[batch_size\]"),
+])
+def test_a_bad_loss_fn_fails_before_any_sampling(loss_fn, match):
+    with pytest.raises(ValueError, match=match):  # with the model at w*: in the constructor
+        LossKernelCallback(classification_data(10), loss_fn, reference_model=MLP())
+    cb = LossKernelCallback(classification_data(10), loss_fn)
+    with pytest.raises(ValueError, match=match):  # without: at the first draw, before it counts
+        cb(model=MLP(), chain=0, draw=0)
+
+
+def test_inputs_users_pass_are_converted_safely():
+    x, y = classification_data(12)
+    model = MLP()
+    reference = LossKernelCallback((x, y), reference_model=model).init_loss
+    for probe in [(x.numpy(), y.numpy()), (x, y.tolist()), (x, y.int()), (x, y.double()), (x.double(), y)]:
+        cb = LossKernelCallback(probe, reference_model=model, labels=y.numpy().astype(np.int32))
+        torch.testing.assert_close(cb.init_loss, reference, rtol=1e-6, atol=1e-7)
+        assert cb.labels.dtype == torch.long
+    cb = LossKernelCallback((x, y), reference_model=copy.deepcopy(model).double(), labels=y.double().tolist())
+    torch.testing.assert_close(cb.init_loss, reference, rtol=1e-5, atol=1e-6)  # float64 model, float32 probe
+    with pytest.raises(ValueError, match="targets must be class indices"):
+        LossKernelCallback((x, y.double() + 0.5), reference_model=model)
+    with pytest.raises(ValueError, match="probe's tensors must share their first dimension"):
+        LossKernelCallback((x, y[:5]))
+
+
+def test_an_aborted_chain_is_recorded_and_its_held_draws_left_out():
+    # devinterp 2.x turns a NaN into a warning and returns: the chain simply stops early
+    model, probe = MLP(), classification_data(10)
+    cb = LossKernelCallback(probe, num_draws=5, divergence_window=2)
+    witness = ProbeRecorder(probe)
+    with pytest.warns(RuntimeWarning, match=r"chain 1: the sampler stopped it after 3 of num_draws=5"):
+        for chain, draw, m in perturbed_draws(model, 3, 5):
+            if chain == 1 and draw >= 3:
+                continue  # aborted after 3 draws
+            cb(model=m, chain=chain, draw=draw)
+            if chain != 1 or draw < 1:  # chain 1's last 2 draws were held back
+                witness(model=m, chain=chain)
+    k = cb.kernel
+    assert cb.diverged_chains == [1] and "stopped it after 3" in k.metadata["chain_failures"][1]
+    assert k.draws_per_chain == {0: 5, 1: 1, 2: 5} and k.rejected_per_chain == {1: 2}
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
+
+
+def test_the_last_chain_aborted_is_caught_at_finalize():
+    model, probe = MLP(), classification_data(10)
+    cb = LossKernelCallback(probe, divergence_window=2)
+    with pytest.warns(RuntimeWarning, match=r"chain 1: the sampler stopped it after 2 of num_draws=4"):
+        for chain, draw, m in perturbed_draws(model, 2, 4):
+            if chain == 1 and draw >= 2:
+                break
+            cb(model=m, chain=chain, draw=draw, num_draws=4)  # devinterp 1.x passes num_draws
+        cb.finalize()
+    assert cb.kernel.draws_per_chain == {0: 4} and cb.kernel.rejected_per_chain == {1: 2}
+
+
+def test_get_results_reports_a_kernel_error_instead_of_raising():
+    model = MLP()
+    cb = LossKernelCallback(classification_data(8))
+    cb(model=model, chain=0, draw=0)  # one draw: no covariance
+    with pytest.warns(RuntimeWarning, match="no loss kernel for this run"):
+        results = cb.get_results()
+    assert "at least 2 draws" in results["loss_kernel/error"]
+
+
+def test_callback_state_round_trip_and_mismatch():
+    model, probe = MLP(), classification_data(10)
+    cb = LossKernelCallback(probe, reference_model=model, divergence=DivergenceGuard(window=3),
+                            probe_options=ProbeOptions(batch_size=4))
+    run_chains(cb, model, num_chains=2, num_draws=4)
+    state = cb.state_dict()
+    twin = LossKernelCallback(probe, reference_model=model, divergence_window=3, batch_size=4)
+    twin.load_state_dict(state, model)
+    torch.testing.assert_close(twin.kernel.covariance, cb.kernel.covariance)
+    assert twin.kernel.draws_per_chain == cb.kernel.draws_per_chain
+    x, y = probe
+    other = LossKernelCallback((x, (y + 1) % 3), divergence_window=3, batch_size=4)  # same size, other labels
+    with pytest.raises(ValueError, match=r"probe: saved = '[0-9a-f]+'\s+now = '[0-9a-f]+'"):
+        other.load_state_dict(state, model)

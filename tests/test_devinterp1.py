@@ -97,3 +97,44 @@ def test_estimate_loss_kernel_one_call():
     again = estimate_loss_kernel(model, loader, probe, num_chains=2, num_draws=10, num_burnin_steps=2,
                                  seed=3, verbose=False, **SGLD)
     torch.testing.assert_close(again.covariance, k.covariance), "seeded runs must repeat"
+
+
+# -- devinterp's own flow: a cell run twice, a callback passed twice, a late failure --------
+def test_the_same_cell_run_twice_gives_the_second_runs_kernel_not_both():
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+    model, loader, probe = setup()
+    cb = LossKernelCallback(probe, block_size=8)
+    call = lambda seed, witness: estimate_learning_coeff_with_summary(  # noqa: E731
+        model, loader, callbacks=[cb, witness], evaluate=evaluate, optimizer_kwargs=dict(SGLD),
+        num_chains=2, num_draws=6, num_burnin_steps=2, seed=seed, verbose=False)
+    call(1, ProbeRecorder(probe))
+    witness = ProbeRecorder(probe)
+    with pytest.warns(RuntimeWarning, match="a new run started"):
+        results = call(2, witness)
+    assert results["loss_kernel/num_draws"] == 12, "run B must not be folded into run A"
+    np.testing.assert_allclose(results["loss_kernel/covariance"], np.cov(witness.traces(), rowvar=False),
+                               rtol=1e-9, atol=1e-15)
+
+
+def test_the_same_callback_passed_twice_is_refused():
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+    model, loader, probe = setup()
+    cb = LossKernelCallback(probe)
+    with pytest.raises(ValueError, match="registered twice"):
+        estimate_learning_coeff_with_summary(
+            model, loader, callbacks=[cb, cb], evaluate=evaluate, optimizer_kwargs=dict(SGLD),
+            num_chains=1, num_draws=4, num_burnin_steps=0, verbose=False)
+
+
+def test_a_late_kernel_failure_keeps_devinterps_llc():
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+    model, loader, probe = setup()
+    cb = LossKernelCallback(probe)
+    with pytest.warns(RuntimeWarning, match="no loss kernel for this run"):
+        results = estimate_learning_coeff_with_summary(
+            model, loader, callbacks=[cb], evaluate=evaluate, optimizer_kwargs=dict(SGLD),
+            num_chains=1, num_draws=1, num_burnin_steps=0, verbose=False)  # one draw: no covariance
+    assert np.isfinite(results["llc/mean"]) and "at least 2 draws" in results["loss_kernel/error"]

@@ -94,3 +94,33 @@ def test_diverged_chain_kept_out_under_devinterp2():
     # chain 1's draws before the NaN were held back (window 16) and dropped with it
     assert k.draws_per_chain == {0: 6} and k.rejected_per_chain.get(1, 0) > 0 and k.num_draws == 6
     assert k.metadata["diverged_chains"] == [1] and k.metadata["llc/per_chain"][1] is None
+
+
+def test_a_chain_devinterp2_aborts_in_the_users_own_loop_is_recorded():
+    # devinterp 2.x catches a NaN minibatch loss, warns "Chain failed" and returns: with
+    # num_draws= the callback sees the short chain when the next one starts
+    from devinterp.optim import SGLD
+    from devinterp.slt.sampler import sample_single_chain
+
+    model, dataset, probe = setup()
+    cb, witness = LossKernelCallback(probe, reference_model=model, num_draws=6, divergence_window=3), ProbeRecorder(probe)
+    calls = {"n": 0}
+
+    def nan_in_chain_0(model, batch):
+        calls["n"] += 1
+        loss, extra = evaluate(model, batch)
+        return (loss * float("nan") if calls["n"] == 1 + 4 else loss), extra  # chain 0, step 5
+
+    with pytest.warns(RuntimeWarning):
+        for chain in range(2):
+            sample_single_chain(
+                model, dataset, nan_in_chain_0 if chain == 0 else evaluate,
+                param_masks={n: None for n, _ in model.named_parameters()},
+                num_draws=6, num_burnin_steps=1, sampling_method=SGLD,
+                sampling_method_kwargs=dict(lr=1e-3, nbeta=20.0, localization=50.0),
+                chain=chain, seed=chain, device="cpu", callbacks=[cb, witness], batch_size=8)
+    k = cb.kernel
+    assert cb.diverged_chains == [0] and "stopped it after 3 of num_draws=6" in k.metadata["chain_failures"][0]
+    assert k.draws_per_chain == {1: 6} and k.rejected_per_chain == {0: 3}
+    traces = witness.traces()[np.array(witness.chains) == 1]
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(traces, rowvar=False), rtol=1e-9, atol=1e-15)

@@ -109,3 +109,82 @@ def test_presets_match_table_1():
         preset("inception_gamma_sweep").sampler_kwargs()
     with pytest.raises(ValueError, match="name must be one of"):
         preset("nope")
+
+
+# -- resumes that would mix runs, and what a checkpoint must hold -----------------------------
+from devinterp_losskernel.provenance import FileIntegrityError, IdentityMismatchError  # noqa: E402
+
+
+def _small_run(tmp_path, probe=None, **changes):
+    model, loader, default_probe = _resume_run.problem()
+    kwargs = dict(_resume_run.SETTINGS, num_chains=2, num_draws=3, callback_kwargs=None)
+    kwargs.update(changes)
+    return estimate_loss_kernel(model, loader, default_probe if probe is None else probe,
+                                checkpoint_dir=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("change, field", [
+    ("probe", "callback.probe"), ("labels", "callback.labels"), ("rows", "callback.rows"),
+    ("dtype", "callback.dtype"), ("seed", "sgld.seed"),
+])
+def test_resume_with_other_arguments_of_the_same_size_is_refused(tmp_path, change, field):
+    require_devinterp(1)
+    model, loader, (x, y) = _resume_run.problem()
+    base = dict(labels=y, callback_kwargs=dict(rows=[0, 1, 2]))
+    _small_run(tmp_path, **base)
+    probe, other = None, dict(base)
+    if change == "probe":
+        probe = (x.flip(0), y.flip(0))  # the same samples in another order
+    elif change == "labels":
+        other["labels"] = (y + 1) % 3
+    elif change == "rows":
+        other["callback_kwargs"] = dict(rows=[0, 1, 3])
+    elif change == "dtype":
+        other["dtype"] = torch.float32
+    else:
+        other["seed"] = 12
+    with pytest.raises(IdentityMismatchError, match=rf"(?s)other settings.*{field}: checkpoint = .* now = .*delete"):
+        _small_run(tmp_path, probe=probe, **other)
+
+
+def test_a_finished_run_called_again_reports_everything(tmp_path):
+    require_devinterp(1)
+    first = _small_run(tmp_path)
+    again = _small_run(tmp_path)  # nothing left to sample: everything comes from the checkpoint
+    torch.testing.assert_close(again.covariance, first.covariance)
+    for key in ("sampler", "probe_llc", "singular_fluctuation", "llc/mean", "llc/per_chain", "settings"):
+        assert again.metadata[key] == first.metadata[key], key
+    assert again.metadata["sampler"]["nbeta"] == 30.0
+
+
+def test_seed_none_resumes_with_the_seed_it_drew(tmp_path):
+    require_devinterp(1)
+    first = _small_run(tmp_path, seed=None)
+    again = _small_run(tmp_path, seed=None)
+    assert again.metadata["settings"]["seed"] == first.metadata["settings"]["seed"]
+    torch.testing.assert_close(again.covariance, first.covariance)
+
+
+def test_a_damaged_checkpoint_is_refused_by_name(tmp_path):
+    require_devinterp(1)
+    _small_run(tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileIntegrityError, match=CHECKPOINT_NAME):
+        _small_run(tmp_path)
+
+
+def test_bad_labels_fail_before_any_sampling():
+    x, y = classification_data(16)
+    calls = {"n": 0}
+
+    def evaluate(model, batch):
+        calls["n"] += 1
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    with pytest.raises(ValueError, match="labels must have one entry per probe sample"):
+        estimate_loss_kernel(MLP(), loader_for(x, y), (x, y), labels=y[:3], evaluate=evaluate, num_chains=2,
+                             num_draws=3, num_burnin_steps=0, lr=1e-3, nbeta=1.0, localization=1.0)
+    assert calls["n"] == 0

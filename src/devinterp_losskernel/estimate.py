@@ -162,6 +162,8 @@ def estimate_loss_kernel(
         sgld = checkpoint.resolve_seed(sgld)  # seed=None resumes with the checkpoint's seed
     if sgld.seed is None:
         sgld = replace(sgld, seed=int(np.random.SeedSequence().entropy % 2**32))
+    if checkpoint is not None:
+        checkpoint.sgld = sgld  # the seed actually used is what the checkpoint records
     settings = dict(sgld.to_dict(), num_train=len(loader.dataset))
     init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
     callback.allocate(model)  # before any checkpoint is restored into it

@@ -47,6 +47,7 @@ def sampler_kwargs(settings: Any, **changes) -> Dict[str, Any]:
     ``changes`` applied — validated by the one SGLD record,
     :class:`~devinterp_losskernel.presets.SGLDSettings` (the seed stays the caller's)."""
     seed_free = {k: v for k, v in changes.items() if k != "seed"}
-    kwargs = SGLDSettings.from_config(settings, seed=None, **seed_free).sampler_kwargs()
+    sgld = SGLDSettings.from_config(settings, seed=None, **seed_free)
+    kwargs = dict(sgld.sampler_kwargs(), num_steps_bw_draws=sgld.num_steps_bw_draws)
     kwargs.update({k: v for k, v in changes.items() if k == "seed"})
     return kwargs

@@ -311,7 +311,7 @@ def test_cka_convergence_without_snapshots_is_explained():
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler,  # noqa: E402
                               SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
 
-from devinterp_losskernel.callback import DivergenceGuard, KernelStorage, ProbeOptions  # noqa: E402
+from devinterp_losskernel import DivergenceGuard, KernelStorage, ProbeOptions  # noqa: E402
 
 
 def run_chains(cb, model, num_chains=2, num_draws=5, seed=0, witness=None, **call_kwargs):

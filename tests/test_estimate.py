@@ -128,7 +128,6 @@ def _small_run(tmp_path, probe=None, **changes):
     ("dtype", "callback.dtype"), ("seed", "sgld.seed"),
 ])
 def test_resume_with_other_arguments_of_the_same_size_is_refused(tmp_path, change, field):
-    require_devinterp(1)
     model, loader, (x, y) = _resume_run.problem()
     base = dict(labels=y, callback_kwargs=dict(rows=[0, 1, 2]))
     _small_run(tmp_path, **base)
@@ -148,7 +147,6 @@ def test_resume_with_other_arguments_of_the_same_size_is_refused(tmp_path, chang
 
 
 def test_a_finished_run_called_again_reports_everything(tmp_path):
-    require_devinterp(1)
     first = _small_run(tmp_path)
     again = _small_run(tmp_path)  # nothing left to sample: everything comes from the checkpoint
     torch.testing.assert_close(again.covariance, first.covariance)
@@ -158,7 +156,6 @@ def test_a_finished_run_called_again_reports_everything(tmp_path):
 
 
 def test_seed_none_resumes_with_the_seed_it_drew(tmp_path):
-    require_devinterp(1)
     first = _small_run(tmp_path, seed=None)
     again = _small_run(tmp_path, seed=None)
     assert again.metadata["settings"]["seed"] == first.metadata["settings"]["seed"]
@@ -166,7 +163,6 @@ def test_seed_none_resumes_with_the_seed_it_drew(tmp_path):
 
 
 def test_a_damaged_checkpoint_is_refused_by_name(tmp_path):
-    require_devinterp(1)
     _small_run(tmp_path)
     path = tmp_path / CHECKPOINT_NAME
     data = bytearray(path.read_bytes())

@@ -1,6 +1,7 @@
 """devinterp-losskernel: the loss kernel K(x, x') = Cov_w[ℓ(x; w), ℓ(x'; w)] under SGLD.
 
-Pipeline: probe losses (:mod:`.probe`) → streaming accumulation (:mod:`.accumulator`) →
+Pipeline: probe losses (:mod:`.probe`) → streaming accumulation (:mod:`.accumulator`, its
+identity and verified files in :mod:`.provenance`) →
 the kernel result (:mod:`.kernel`), driven by the devinterp callback (:mod:`.callback`) or
 the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`) → analyses (:mod:`.analysis`)
 → figures (:mod:`.plotting`, imported on demand so that the package does not load matplotlib).
@@ -26,6 +27,8 @@ from .analysis import (
 )
 from .accumulator import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
 from .callback import LossKernelCallback
+from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
+from .provenance import FileIntegrityError, IdentityMismatchError, KernelIdentity
 from .estimate import estimate_loss_kernel
 from .hierarchy import Hierarchy, fashion_mnist_hierarchy, imagenet_wnids, wordnet_imagenet
 from .kernel import LossKernel, correlation_from_covariance
@@ -61,7 +64,14 @@ __all__ = [
     "fashion_mnist_hierarchy",
     "imagenet_wnids",
     "wordnet_imagenet",
+    "DivergenceGuard",
+    "FileIntegrityError",
+    "IdentityMismatchError",
     "KernelAccumulator",
+    "KernelIdentity",
+    "KernelStorage",
+    "ProbeOptions",
+    "SnapshotSchedule",
     "KernelMemoryError",
     "LossKernel",
     "LossKernelCallback",

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
+from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Union
 
 import torch
 
 from . import distributed as _collectives
 from .kernel import LossKernel
-from .provenance import IdentityMismatchError, KernelIdentity, new_run_id
+from .provenance import KernelIdentity, new_run_id
 
 __all__ = ["KernelAccumulator", "KernelMemoryError", "Moments", "estimate_kernel_memory",
            "merge_moments", "validate_rows"]

@@ -30,11 +30,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        cfg = DemoConfig(num_chains=2, num_draws=60, num_burnin_steps=40) if args.quick else DemoConfig()
-        for f in fields(DemoConfig):
-            value = getattr(args, f.name)
-            if value is not None:
-                setattr(cfg, f.name, value)
+        base = dict(num_chains=2, num_draws=60, num_burnin_steps=40) if args.quick else {}
+        given = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
+        try:
+            cfg = DemoConfig(**{**base, **given})  # validated here, before any training
+        except ValueError as error:
+            parser.error(str(error))
         summary = run_demo(args.out, cfg)
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
         print(f"wrote {args.out}/kernel.pt, {args.out}/summary.json, {args.out}/correlation.png")

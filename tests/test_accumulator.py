@@ -166,11 +166,11 @@ def test_refuses_what_cannot_fit():
 
 
 def test_memory_estimate_scales_with_n_squared():
-    # co-moment n², mean n, block buffer and workspace 2·B·n
-    assert estimate_kernel_memory(10_000) == 8 * (10_000**2 + 10_000 + 2 * 256 * 10_000)
+    # co-moment n², mean and diagonal 2n, block buffer and workspace 2·B·n, float64 shift n
+    assert estimate_kernel_memory(10_000) == 8 * (10_000**2 + 2 * 10_000 + 2 * 256 * 10_000) + 8 * 10_000
     assert estimate_kernel_memory(10_000, dtype=torch.float32) == pytest.approx(4 * 10_000**2, rel=0.06)
     assert estimate_kernel_memory(10_000, block_size=1) == pytest.approx(8 * 10_000**2, rel=0.001)
-    assert estimate_kernel_memory(10_000, num_rows=100) == 8 * (100 * 10_000 + 10_000 + 2 * 256 * 10_000)
+    assert estimate_kernel_memory(10_000, num_rows=100) == 8 * (100 * 10_000 + 2 * 10_000 + 2 * 256 * 10_000) + 8 * 10_000
 
 
 # -- one declared state with an identity: nothing mixed, lost or double-counted ---------------
@@ -344,3 +344,55 @@ def test_interleaved_operations_always_match_numpy_cov():
             np.testing.assert_allclose(k.mean.double().numpy(), np.mean(draws, axis=0),
                                        rtol=1e-6 if dtype == torch.float32 else 1e-12,
                                        atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+# -- modes: diagonal (O(n)) and combined (full kernel on some rows, variances of all) --------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_diagonal_mode_equals_the_full_kernels_diagonal(rng, dtype):
+    traces = 3.0 + rng.normal(size=(257, 40)) @ rng.normal(size=(40, 40)) * 1e-2
+    full, diag = KernelAccumulator(40, dtype=dtype, block_size=16), KernelAccumulator(40, mode="diagonal", dtype=dtype, block_size=16)
+    halves = [KernelAccumulator(40, mode="diagonal", dtype=dtype, block_size=5) for _ in range(2)]
+    for acc in (full, diag):
+        feed_random_blocks(acc, traces, rng)
+    for acc, part in zip(halves, np.array_split(traces, 2)):
+        acc.update(torch.from_numpy(part))
+    kf, kd = full.compute(), diag.compute()
+    assert kd.is_diagonal and kd.covariance is None and diag._moments.m2 is None
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    np.testing.assert_allclose(kd.variance.double().numpy(), traces.var(0, ddof=1), rtol=tol)
+    np.testing.assert_allclose(kd.variance.numpy(), torch.diagonal(kf.covariance).numpy(), rtol=tol)
+    merged = KernelAccumulator.merged(halves).compute()
+    np.testing.assert_allclose(merged.variance.double().numpy(), traces.var(0, ddof=1), rtol=tol)
+    with pytest.raises(ValueError, match="mode='diagonal'"):
+        kd.correlation
+    with pytest.raises(IdentityMismatchError, match="mode"):
+        full.merge(halves[0])
+
+
+def test_diagonal_mode_memory_is_linear_in_n():
+    n = 60_000
+    need = estimate_kernel_memory(n, mode="diagonal")
+    assert need < 0.05 * estimate_kernel_memory(n) and need == 8 * (2 * n + 2 * 256 * n) + 8 * n
+    acc = KernelAccumulator(n, mode="diagonal", block_size=4)
+    held = sum(t.numel() * t.element_size() for t in (acc._moments.shift, acc._moments.mean, acc._moments.m2_diag))
+    assert held == 3 * 8 * n  # mean, diagonal and shift: 3·8·n bytes
+
+
+def test_combined_mode_keeps_the_subset_kernel_and_every_variance(rng, tmp_path):
+    traces = rng.normal(size=(120, 15)) @ rng.normal(size=(15, 15)) + 50
+    rows = [9, 2, 4, 11]
+    acc = KernelAccumulator(15, mode="combined", rows=rows, block_size=7)
+    feed_random_blocks(acc, traces, rng)
+    k = acc.compute()
+    full = reference_cov(traces)
+    assert k.covariance.shape == (4, 4)
+    np.testing.assert_allclose(k.covariance.numpy(), full[np.ix_(rows, rows)], rtol=1e-11)
+    np.testing.assert_allclose(k.variance.numpy(), np.diag(full), rtol=1e-11)
+    np.testing.assert_allclose(k.correlation.numpy(), np.corrcoef(traces, rowvar=False)[np.ix_(rows, rows)], rtol=1e-11)
+    sub = k.subset()
+    assert sub.num_samples == 4 and torch.equal(sub.covariance, k.covariance)
+    np.testing.assert_allclose(acc.covariance_block([4, 11]).numpy(), full[np.ix_([4, 11], [4, 11])], rtol=1e-11)
+    loaded = type(k).load(k.save(tmp_path / "k.pt"))
+    assert torch.equal(loaded.columns, k.columns) and torch.equal(loaded.covariance, k.covariance)
+    with pytest.raises(ValueError, match="needs rows="):
+        KernelAccumulator(15, mode="combined")

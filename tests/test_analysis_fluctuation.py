@@ -141,6 +141,7 @@ def test_regular_model_has_nu_and_llc_equal_to_half_the_dimension():
             model, loader, (x, y), loss_fn=_half_squared_error, evaluate=_mean_half_squared_error,
             num_chains=4, num_draws=1000, num_burnin_steps=100, lr=lr, nbeta=float(n),
             localization=gamma, seed=0, probe_batch_size=n, verbose=False,
+            mode="diagonal",  # the whole training set as probe, O(n) memory: ν summed, not extrapolated
         )
         seconds = time.perf_counter() - start
     finally:
@@ -148,6 +149,8 @@ def test_regular_model_has_nu_and_llc_equal_to_half_the_dimension():
 
     result = singular_fluctuation(kernel)  # nβ and n from the kernel's metadata
     assert result.beta == 1.0 and result.num_train == n and result.num_probe_train == n
+    assert result.method == "exact" and result.stderr == 0.0 and kernel.is_diagonal
+    assert kernel.metadata["singular_fluctuation_method"] == "exact"
     llc = probe_llc(kernel)
     # this data set's own answer (E_D[V] = d is its expectation over data sets), for the
     # posterior the discretised chain samples: per eigenvalue a of XᵀX + γI, variance 1/(a(1 − εa/4))

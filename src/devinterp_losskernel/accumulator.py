@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Union
+from typing import Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -55,10 +55,10 @@ class Moments:
 
     count N; shift s [n] (float64): a fixed reference the draws are stored relative to (the
     first draw), so that a float32 state keeps its digits when the losses' mean dwarfs their
-    spread; mean μ − s [n] (state dtype); co-moment M2 = Σ (ℓ − μ)(ℓ − μ)ᵀ [q, n]; and its
-    diagonal Σ (ℓ − μ)² [n] (kept apart so variances stay exact for a rectangular M2).
-    ``m2=None`` marks a part whose own co-moment the caller has already added into the
-    target of :func:`merge_moments` (a freshly folded block).
+    spread; mean μ − s [n] (state dtype); co-moment M2 = Σ (ℓ − μ)(ℓ − μ)ᵀ over the kept rows
+    and columns ([n, n] full, [q, n] rectangular, [q, q] combined; None in diagonal mode); and
+    its diagonal Σ (ℓ − μ)² [n] for every sample (kept apart so variances stay exact whatever
+    part of M2 is kept).
     """
 
     count: int
@@ -70,9 +70,10 @@ class Moments:
     TENSORS = ("shift", "mean", "m2", "m2_diag")
 
     @classmethod
-    def zeros(cls, num_samples: int, num_rows: int, device, dtype) -> "Moments":
+    def zeros(cls, num_samples: int, m2_shape: Optional[Tuple[int, int]], device, dtype) -> "Moments":
         z = lambda *shape, dt=dtype: torch.zeros(*shape, device=device, dtype=dt)  # noqa: E731
-        return cls(0, z(num_samples, dt=torch.float64), z(num_samples), z(num_rows, num_samples), z(num_samples))
+        return cls(0, z(num_samples, dt=torch.float64), z(num_samples),
+                   None if m2_shape is None else z(*m2_shape), z(num_samples))
 
     def copy(self, device=None) -> "Moments":
         """A deep copy (never an alias), optionally on another device."""
@@ -84,8 +85,15 @@ class Moments:
         return self.shift + self.mean.double()
 
 
+def _add_outer(m2: Optional[torch.Tensor], delta: torch.Tensor, alpha, rows, cols) -> None:
+    """M2 += alpha · δ[rows] δ[cols]ᵀ (rows/cols None: all samples; M2 None: nothing kept)."""
+    if m2 is not None:
+        m2.addr_(delta if rows is None else delta[rows], delta if cols is None else delta[cols], alpha=alpha)
+
+
 def merge_moments(parts: Sequence[Moments], rows: Optional[torch.Tensor] = None, *,
-                  out: Optional[Moments] = None) -> Moments:
+                  out: Optional[Moments] = None, cols: Optional[torch.Tensor] = None,
+                  added: Sequence[Moments] = ()) -> Moments:
     """The k-way pairwise (Chan, Golub & LeVeque) merge of sets of draws:
 
         N = Σ_p N_p,  μ = Σ_p N_p μ_p / N,  M2 = Σ_p [M2_p + N_p (μ_p − μ)(μ_p − μ)ᵀ]
@@ -94,15 +102,16 @@ def merge_moments(parts: Sequence[Moments], rows: Optional[torch.Tensor] = None,
     common offset costs no digits. Pure: the parts are not changed and a new state is
     returned, unless ``out`` is given — then the result is written into ``out``'s tensors (which
     may be one of the parts, to merge in place without a second q×n tensor).
-    ``rows``: the row indices of a rectangular [q, n] co-moment, else None.
+    ``rows`` / ``cols``: the samples of M2's rows and columns (None: all). ``added``: parts
+    whose own co-moment the caller has already added into ``out`` (a freshly folded block).
     """
     if not parts:
         raise ValueError("parts must hold at least one Moments")
     template = parts[0]
     nonempty = [p for p in parts if p.count > 0]
     if out is None:
-        out = Moments.zeros(template.mean.shape[0], template.m2_diag.shape[0] if template.m2 is None
-                            else template.m2.shape[0], template.mean.device, template.mean.dtype)
+        out = Moments.zeros(template.mean.shape[0], None if template.m2 is None else tuple(template.m2.shape),
+                            template.mean.device, template.mean.dtype)
     if not nonempty:
         out.count = 0
         return out
@@ -112,17 +121,17 @@ def merge_moments(parts: Sequence[Moments], rows: Optional[torch.Tensor] = None,
     relative = [(p.shift.to(device) - reference) + p.mean.to(device).double() for p in nonempty]
     base = relative[0]
     mean = base + sum(p.count * (m - base) for p, m in zip(nonempty, relative)) / total
-    in_place = [p is out for p in nonempty]
     if not any(p is out for p in parts):  # out is a fresh target: it starts from nothing
-        out.m2.zero_()
+        if out.m2 is not None:
+            out.m2.zero_()
         out.m2_diag.zero_()
-    for part, rel, already in zip(nonempty, relative, in_place):
-        if not already:
-            if part.m2 is not None:
+    for part, rel in zip(nonempty, relative):
+        if part is not out:
+            if out.m2 is not None and not any(part is a for a in added):
                 out.m2.add_(part.m2.to(device))
             out.m2_diag.add_(part.m2_diag.to(device))
         delta = (rel - mean).to(dtype)
-        out.m2.addr_(delta if rows is None else delta[rows], delta, alpha=part.count)
+        _add_outer(out.m2, delta, part.count, rows, cols)
         out.m2_diag.add_(delta.square(), alpha=part.count)
     out.shift = reference
     out.mean = mean.to(dtype)
@@ -169,21 +178,26 @@ def _available_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
+MODES = ("full", "diagonal", "combined")
+
+
 def estimate_kernel_memory(
     num_samples: int, *, num_rows: Optional[int] = None, dtype: torch.dtype = torch.float64,
-    block_size: int = 256,
+    block_size: int = 256, mode: str = "full",
 ) -> int:
-    """Bytes the accumulator allocates: co-moment [q, n], mean [n], a [block_size, n] buffer
-    and the centred-block workspace, all in ``dtype``. q = n unless ``num_rows`` is given.
+    """Bytes the accumulator allocates: co-moment [q, n] (``mode="full"``; q = n unless
+    ``num_rows`` is given), [q, q] (``"combined"``) or none (``"diagonal"``), plus the
+    mean, diagonal and shift [n], a [block_size, n] buffer and the centred-block workspace.
     Folding a block adds nothing q×n; ``compute()`` returns a new q×n covariance and
     ``LossKernel.correlation`` one more q×n, so budget 2–3× this to also read the results.
 
     >>> estimate_kernel_memory(10_000) / 1e9   # the n×n co-moment dominates: 8 n² bytes
-    0.84104
+    0.8412
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = num_samples if num_rows is None else num_rows
-    return itemsize * (rows * num_samples + num_samples + 2 * block_size * num_samples)
+    comoment = {"full": rows * num_samples, "combined": rows * rows, "diagonal": 0}[mode]
+    return itemsize * (comoment + 2 * num_samples + 2 * block_size * num_samples) + 8 * num_samples
 
 
 class KernelAccumulator:
@@ -203,6 +217,10 @@ class KernelAccumulator:
         rows: optional sample indices; if given the co-moment is rectangular [len(rows), n]
             (query rows × all probe columns, the BIF shape) and costs |rows|·n memory.
             Variances of all n samples are still kept exactly.
+        mode: ``"full"`` (the co-moment above), ``"diagonal"`` (no co-moment: only the mean
+            and variance of every sample, O(n) memory — memorization scores and ν for a whole
+            training set) or ``"combined"`` (the square kernel on the samples ``rows`` and the
+            variance of every sample: |rows|² + O(n) memory, one probe pass over the union).
         check_memory: refuse with :class:`KernelMemoryError` when the state cannot fit.
         probe, sampler, run_id: the rest of the accumulator's :class:`KernelIdentity` (the
             probe's fingerprint, the SGLD arguments as a dict, a run id); the callback fills
@@ -236,6 +254,7 @@ class KernelAccumulator:
         probe: Optional[str] = None,
         sampler: Optional[dict] = None,
         run_id: Optional[str] = None,
+        mode: str = "full",
     ):
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
@@ -250,33 +269,44 @@ class KernelAccumulator:
                              "torch.cuda.is_available() is False here; use device='cpu'")
         self.dtype = dtype
         self.block_size = block_size
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "combined" and rows is None:
+            raise ValueError("mode='combined' needs rows=<the samples of the full kernel>")
+        if mode == "diagonal" and rows is not None:
+            raise ValueError("mode='diagonal' keeps no co-moment, so rows= has no meaning there; "
+                             "use mode='combined' for a full kernel on some samples beside all variances")
+        self.mode = mode
         self.rows = None if rows is None else validate_rows(rows, num_samples).to(self.device)
+        self._cols = self.rows if mode == "combined" else None
         num_rows = num_samples if self.rows is None else len(self.rows)
+        m2_shape = {"full": (num_rows, num_samples), "combined": (num_rows, num_rows), "diagonal": None}[mode]
         if check_memory:
             self._check_memory(num_rows)
         self.identity = KernelIdentity(
             num_samples, rows=None if self.rows is None else self.rows.tolist(),
             dtype=str(dtype).removeprefix("torch."), probe=probe, sampler=sampler,
-            run_id=run_id or new_run_id())
+            run_id=run_id or new_run_id(), mode=mode)
         self._own_source = new_run_id()
         self.sources: FrozenSet[str] = frozenset()
-        self._moments = Moments.zeros(num_samples, num_rows, self.device, dtype)
+        self._moments = Moments.zeros(num_samples, m2_shape, self.device, dtype)
         self._buffer = torch.empty(block_size, num_samples, device=self.device, dtype=dtype)
         self._buffered = 0
 
     # -- validation -------------------------------------------------------------------------
     def _check_memory(self, num_rows: int) -> None:
         need = estimate_kernel_memory(
-            self.num_samples, num_rows=num_rows, dtype=self.dtype, block_size=self.block_size
+            self.num_samples, num_rows=num_rows, dtype=self.dtype, block_size=self.block_size, mode=self.mode
         )
         have = _available_bytes(self.device)
         if have is not None and need > have:
-            shape = f"{num_rows}×{self.num_samples}"
+            shape = f"{num_rows}×{num_rows if self.mode == 'combined' else self.num_samples}"
             raise KernelMemoryError(
                 f"KernelAccumulator(num_samples={self.num_samples}) needs {need / 2**30:.2f} GiB "
                 f"on {self.device} for its {shape} co-moment in {self.dtype}, but only "
                 f"{have / 2**30:.2f} GiB is available. Use a smaller probe set, "
-                f"dtype=torch.float32, or rows=<query indices> for a rectangular kernel."
+                f"dtype=torch.float32, rows=<query indices> for a rectangular kernel, or "
+                f"mode='diagonal' for the variances alone."
             )
 
     def _as_block(self, losses) -> torch.Tensor:
@@ -334,11 +364,13 @@ class KernelAccumulator:
         block = self._buffer[: self._buffered]
         block_mean = block.mean(dim=0)
         centred = block - block_mean
-        lhs = centred if self.rows is None else centred[:, self.rows]
         # the block's own co-moment straight into M2 (no second q×n tensor), then the merge
-        self._moments.m2.addmm_(lhs.T, centred)
+        if self._moments.m2 is not None:
+            lhs = centred if self.rows is None else centred[:, self.rows]
+            rhs = centred if self._cols is None else centred[:, self._cols]
+            self._moments.m2.addmm_(lhs.T, rhs)
         part = Moments(self._buffered, self._moments.shift, block_mean, None, centred.square().sum(dim=0))
-        merge_moments([self._moments, part], self.rows, out=self._moments)
+        merge_moments([self._moments, part], self.rows, out=self._moments, cols=self._cols, added=[part])
         self._buffered = 0
 
     def _check_mergeable(self, other: "KernelAccumulator", what: str) -> None:
@@ -361,7 +393,8 @@ class KernelAccumulator:
         self._check_mergeable(other, "merge")
         self.flush()
         other.flush()
-        merge_moments([self._moments, other._moments.copy(self.device)], self.rows, out=self._moments)
+        merge_moments([self._moments, other._moments.copy(self.device)], self.rows, out=self._moments,
+                      cols=self._cols)
         self.identity = self.identity.combined(other.identity)
         self.sources = self.sources | other.sources
         return self
@@ -392,6 +425,7 @@ class KernelAccumulator:
         new.__dict__.update(self.__dict__)
         new.device = device
         new.rows = None if self.rows is None else self.rows.to(device, copy=True)
+        new._cols = new.rows if self.mode == "combined" else None
         new._moments = self._moments.copy(device)
         new._buffer = torch.empty_like(self._buffer, device=device)
         new._buffered = 0
@@ -412,12 +446,14 @@ class KernelAccumulator:
             )
         metadata = dict(kernel_fields.pop("metadata", None) or {})
         metadata.setdefault("identity", self.identity.to_dict())
+        m2 = self._moments.m2
         return LossKernel(
-            covariance=self._moments.m2 / (n_draws - 1),
+            covariance=None if m2 is None else m2 / (n_draws - 1),
             mean=self._moments.absolute_mean().to(self.dtype),
             variance=self._moments.m2_diag / (n_draws - 1),
             num_draws=n_draws,
             rows=None if self.rows is None else self.rows.clone(),
+            columns=None if self._cols is None else self._cols.clone(),
             metadata=metadata,
             **kernel_fields,
         )
@@ -427,6 +463,8 @@ class KernelAccumulator:
         from the draws so far (the buffer is flushed first). In rectangular mode the indices
         must be among ``rows``. Used for kernel snapshots during a run (CKA convergence)."""
         self.flush()
+        if self._moments.m2 is None:
+            raise ValueError("a diagonal-mode accumulator keeps no covariances (mode='diagonal')")
         if self._moments.count < 2:
             raise ValueError(f"a covariance needs at least 2 draws, got num_draws={self._moments.count}")
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.device).flatten()
@@ -440,7 +478,8 @@ class KernelAccumulator:
             row_pos = position[idx]
             if bool((row_pos < 0).any()):
                 raise ValueError("indices must be among the accumulator's rows (rectangular mode)")
-        return self._moments.m2[row_pos][:, idx] / (self._moments.count - 1)
+        col_pos = idx if self._cols is None else row_pos
+        return self._moments.m2[row_pos][:, col_pos] / (self._moments.count - 1)
 
     def all_reduce(self, group=None) -> "KernelAccumulator":
         """Merge this accumulator exactly with those of all torch.distributed ranks of
@@ -495,9 +534,10 @@ class KernelAccumulator:
             global_mean = reference + (counts[:, None] * (means - reference)).sum(dim=0) / total
             if moments.count > 0:
                 delta = (means[rank] - global_mean).to(self.dtype)
-                moments.m2.addr_(delta if self.rows is None else delta[self.rows], delta, alpha=moments.count)
+                _add_outer(moments.m2, delta, moments.count, self.rows, self._cols)
                 moments.m2_diag.add_(delta.square(), alpha=moments.count)
-            _collectives.all_reduce_sum_(moments.m2, group)
+            if moments.m2 is not None:
+                _collectives.all_reduce_sum_(moments.m2, group)
             _collectives.all_reduce_sum_(moments.m2_diag, group)
             moments.shift = global_mean
             moments.mean = torch.zeros_like(moments.mean)
@@ -526,7 +566,7 @@ class KernelAccumulator:
             "count": m.count,
             "shift": m.shift.detach().clone(),
             "mean": m.absolute_mean(),
-            "m2": m.m2.detach().clone(),
+            "m2": None if m.m2 is None else m.m2.detach().clone(),
             "m2_diag": m.m2_diag.detach().clone(),
             "rows": None if self.rows is None else self.rows.detach().clone(),
             "dtype": self.identity.dtype,
@@ -548,15 +588,16 @@ class KernelAccumulator:
                                    torch.as_tensor(rows).tolist(), dtype=state["dtype"], run_id=self.identity.run_id)
         saved.check_matches(self.identity, what="load_state_dict", mine="state", theirs="accumulator",
                             advice="Load it into an accumulator built with the state's arguments.")
-        expected = tuple(self._moments.m2.shape)
-        if tuple(state["m2"].shape) != expected:
-            raise ValueError(f"state['m2'] must have shape {expected}, got {tuple(state['m2'].shape)}")
+        expected = None if self._moments.m2 is None else tuple(self._moments.m2.shape)
+        got = None if state["m2"] is None else tuple(state["m2"].shape)
+        if got != expected:
+            raise ValueError(f"state['m2'] must have shape {expected}, got {got}")
         mean = state["mean"].to(self.device, torch.float64)
         shift = state["shift"].to(self.device, torch.float64) if "shift" in state else torch.zeros_like(mean)
         self._buffered = 0
         self._moments = Moments(
             int(state["count"]), shift.clone(), (mean - shift).to(self.dtype),
-            state["m2"].to(self.device, self.dtype, copy=True),
+            None if state["m2"] is None else state["m2"].to(self.device, self.dtype, copy=True),
             state["m2_diag"].to(self.device, self.dtype, copy=True),
         )
         self.identity = self.identity.combined(saved).with_known(run_id=saved.run_id)
@@ -565,6 +606,7 @@ class KernelAccumulator:
 
     def __repr__(self) -> str:
         shape = "square" if self.rows is None else f"rows={len(self.rows)}"
+        shape = shape if self.mode == "full" else f"mode={self.mode}" + ("" if self.rows is None else f", {shape}")
         return (
             f"KernelAccumulator(num_samples={self.num_samples}, num_draws={self.count}, "
             f"{shape}, device={self.device}, dtype={self.dtype})"

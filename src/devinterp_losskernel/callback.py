@@ -188,6 +188,9 @@ class LossKernelCallback:
         self.reference_model = reference_model
         self.extra_metadata: Dict[str, Any] = {}
         self._pbar = None
+        if self.storage.mode == "diagonal" and self.snapshot_schedule.every is not None:
+            raise ValueError("snapshot_every needs covariances, but mode='diagonal' keeps none; "
+                             "use mode='full' or mode='combined' with rows=")
         self._run = _Run(expected_draws=num_draws)
         self._run.snapshot_indices = self._choose_snapshot_indices()
         if reference_model is not None:
@@ -392,16 +395,18 @@ class LossKernelCallback:
         devinterp's own results (the LLC) in the same dict are never lost to it."""
         try:
             kernel = self.kernel.cpu()
-            results = {
+            results = {} if kernel.is_diagonal else {
                 "covariance": kernel.covariance.numpy(),
                 "correlation": kernel.correlation.numpy(),
+            }
+            results.update({
                 "mean": kernel.mean.numpy(),
                 "variance": kernel.variance.numpy(),
                 "num_draws": kernel.num_draws,
                 "trace": kernel.trace,
                 "draws_per_chain": dict(kernel.draws_per_chain),
                 "rejected_per_chain": dict(kernel.rejected_per_chain),
-            }
+            })
             if kernel.init_loss is not None:
                 results["init_loss"] = kernel.init_loss.numpy()
             results.update(self.slt_summary(kernel))
@@ -431,6 +436,7 @@ class LossKernelCallback:
             fluctuation = singular_fluctuation(kernel, nbeta=nbeta, num_train=self.num_train, train_mask=mask)
             summary["singular_fluctuation"] = fluctuation.nu
             summary["empirical_variance"] = fluctuation.V
+            summary["singular_fluctuation_method"] = fluctuation.method  # "exact" or "extrapolated"
         return summary
 
     @property
@@ -536,6 +542,7 @@ class LossKernelCallback:
             "probe": self.probe_fingerprint,
             "rows": None if self.rows is None else self.rows.tolist(),
             "dtype": str(self.storage.dtype).removeprefix("torch."),
+            "mode": self.storage.mode,
             "labels": None if self.labels is None else checksum(self.labels)[:16],
             "sample_ids": None if self.sample_ids is None else checksum(
                 self.sample_ids if isinstance(self.sample_ids, torch.Tensor) else [str(s) for s in self.sample_ids])[:16],
@@ -558,7 +565,7 @@ class LossKernelCallback:
         device = self.storage.device if self.storage.device is not None else _model_device(model)
         run.accumulator = KernelAccumulator(
             self._num_samples, device=device, dtype=self.storage.dtype,
-            block_size=self.storage.block_size, rows=self.rows,
+            block_size=self.storage.block_size, rows=self.rows, mode=self.storage.mode,
             probe=self.probe_fingerprint, sampler=run.hyperparameters or None,
         )
         if self.total_draws is not None:
@@ -662,7 +669,8 @@ class LossKernelCallback:
                 device = self.storage.device if self.storage.device is not None else _model_device(model)
             run.accumulator = KernelAccumulator(
                 self._num_samples, device=device, dtype=self.storage.dtype, block_size=self.storage.block_size,
-                rows=self.rows, probe=self.probe_fingerprint, sampler=run.hyperparameters or None)
+                rows=self.rows, mode=self.storage.mode, probe=self.probe_fingerprint,
+                sampler=run.hyperparameters or None)
             run.accumulator.load_state_dict(state["accumulator"])
             run.held = {int(c): [row.to(run.accumulator.device) for row in block]
                         for c, block in state.get("held", {}).items()}

@@ -84,6 +84,7 @@ def estimate_loss_kernel(
     checkpoint_dir: Union[str, Path, None] = None,
     probe_train_mask=None,
     callback_kwargs: Optional[Dict[str, Any]] = None,
+    mode: str = "full",
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
 
@@ -106,6 +107,11 @@ def estimate_loss_kernel(
             chain; calling again with the same arguments resumes from the last finished chain.
         probe_train_mask: bool [n], which probe samples belong to ``loader``'s training set
             (default: all); the singular fluctuation uses those. ``False``: none (held-out probe).
+        mode: ``"full"`` (the n×n kernel), ``"diagonal"`` (only each sample's mean and
+            variance: O(n) memory, so the probe can be the whole training set — memorization
+            scores and an exact, unextrapolated ν) or ``"combined"`` (with
+            ``callback_kwargs=dict(rows=...)``: the full kernel on those rows, the variance of
+            every sample, from one probe pass per draw).
         callback_kwargs: extra :class:`LossKernelCallback` arguments (``block_size``, ``rows``,
             ``autocast_dtype``, ``snapshot_every``, ``snapshot_rows``, …).
 
@@ -154,7 +160,7 @@ def estimate_loss_kernel(
         sample_ids=sample_ids, labels=labels, num_train=len(loader.dataset),
         probe_train_mask=probe_train_mask,
         total_draws=num_chains * num_draws if verbose else None,
-        **(callback_kwargs or {}),
+        **{"mode": mode, **(callback_kwargs or {})},
     )  # passes over the probe twice and checks labels, rows, … against it
     callback.set_reference(model)  # ℓ(x; w*): loss_fn checked before the sampler touches anything
     checkpoint = _Checkpoint(checkpoint_dir, sgld, callback, devinterp_major=major) if checkpoint_dir else None

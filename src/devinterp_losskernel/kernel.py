@@ -42,7 +42,8 @@ def as_labels(labels, num_samples: Optional[int] = None, name: str = "labels") -
 
 
 def correlation_from_covariance(
-    covariance: torch.Tensor, variance: torch.Tensor, rows: Optional[torch.Tensor] = None
+    covariance: torch.Tensor, variance: torch.Tensor, rows: Optional[torch.Tensor] = None,
+    columns: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """R(x, x') = K(x, x') / √(K(x, x) K(x', x')), with R = 0 wherever a variance is 0.
 
@@ -50,6 +51,7 @@ def correlation_from_covariance(
         covariance: K, [n, n] (or [q, n] with ``rows`` naming the q row samples).
         variance: K(x, x) for all n samples, [n].
         rows: optional [q] indices of the row samples of a rectangular K.
+        columns: optional [m] indices of its column samples (all n when None).
     Returns:
         R with K's shape; entries are clamped to [-1, 1] (rounding can overshoot by an ulp),
         and R(x, x) = 1 exactly wherever Var[ℓ(x)] > 0.
@@ -57,12 +59,18 @@ def correlation_from_covariance(
     std = variance.clamp(min=0).sqrt()
     inv_std = torch.where(std > 0, 1.0 / std.clamp(min=torch.finfo(std.dtype).tiny), 0.0)
     row_inv = inv_std if rows is None else inv_std[rows]
+    col_inv = inv_std if columns is None else inv_std[columns]
     # one q×n allocation: K · diag(1/σ_row) · diag(1/σ_col), in place after the first product
     corr = covariance * row_inv[:, None]
-    corr.mul_(inv_std[None, :]).clamp_(-1.0, 1.0)
-    row_index = torch.arange(corr.shape[0], device=corr.device)
-    col_index = row_index if rows is None else rows.to(corr.device)
-    corr[row_index, col_index] = (row_inv > 0).to(corr.dtype)
+    corr.mul_(col_inv[None, :]).clamp_(-1.0, 1.0)
+    # R(x, x) = 1 exactly where a sample is both a row and a column
+    row_ids = torch.arange(len(variance), device=corr.device) if rows is None else rows.to(corr.device)
+    col_ids = torch.arange(len(variance), device=corr.device) if columns is None else columns.to(corr.device)
+    position = torch.full((len(variance),), -1, dtype=torch.long, device=corr.device)
+    position[col_ids] = torch.arange(len(col_ids), device=corr.device)
+    at = position[row_ids]
+    keep = at >= 0
+    corr[torch.arange(len(row_ids), device=corr.device)[keep], at[keep]] = (row_inv[keep] > 0).to(corr.dtype)
     return corr
 
 
@@ -91,12 +99,15 @@ class LossKernel:
 
     Attributes:
         covariance: K̂, [n, n] float — unbiased (1/(N−1)) covariance of per-sample losses
-            over all N = C·T draws. [q, n] for a rectangular kernel (see ``rows``).
+            over all N = C·T draws. [q, n] for a rectangular kernel (see ``rows``), [q, q] for
+            a combined one (``columns`` = ``rows``), None for a diagonal-mode kernel (only
+            ``mean`` and ``variance`` of every sample are kept).
         mean: μ̂(x), [n] — mean probe loss over draws.
         variance: K̂(x, x), [n] — per-sample loss variance (the diagonal of K̂).
         num_draws: N, draws folded in (all chains).
         init_loss: ℓ(x; w*), [n] — probe losses at the trained weights, or None if unknown.
         rows: for a rectangular kernel, the [q] probe indices of K̂'s rows; else None.
+        columns: the probe indices of K̂'s columns when not all n (a combined kernel); else None.
         draws_per_chain: {chain: draws kept}. rejected_per_chain: {chain: draws left out
             because the chain diverged: the diverging draw (NaN/Inf or far too large probe
             losses), the draws held back before it and the chain's later draws; see
@@ -106,7 +117,7 @@ class LossKernel:
         metadata: sampler hyperparameters, devinterp version, LLC results of the run, ….
     """
 
-    covariance: torch.Tensor
+    covariance: Optional[torch.Tensor]
     mean: torch.Tensor
     variance: torch.Tensor
     num_draws: int
@@ -117,12 +128,14 @@ class LossKernel:
     sample_ids: Optional[Union[list, torch.Tensor]] = None
     labels: Optional[torch.Tensor] = None
     metadata: dict = field(default_factory=dict)
+    columns: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         n = self.mean.shape[0]
         q = n if self.rows is None else len(self.rows)
-        if tuple(self.covariance.shape) != (q, n):
-            raise ValueError(f"covariance must have shape ({q}, {n}), got {tuple(self.covariance.shape)}")
+        m = n if self.columns is None else len(self.columns)
+        if self.covariance is not None and tuple(self.covariance.shape) != (q, m):
+            raise ValueError(f"covariance must have shape ({q}, {m}), got {tuple(self.covariance.shape)}")
         if tuple(self.variance.shape) != (n,):
             raise ValueError(f"variance must have shape ({n},), got {tuple(self.variance.shape)}")
         if self.init_loss is not None:
@@ -146,10 +159,43 @@ class LossKernel:
         return self.rows is not None
 
     @property
+    def is_diagonal(self) -> bool:
+        """Only the per-sample mean and variance were kept (``mode="diagonal"``)."""
+        return self.covariance is None
+
+    def _need_covariance(self, what: str) -> torch.Tensor:
+        if self.covariance is None:
+            raise ValueError(f"{what} needs covariances, but this kernel kept only the per-sample variances "
+                             "(mode='diagonal'); sample with mode='full', or mode='combined' with rows=")
+        return self.covariance
+
+    def subset(self) -> "LossKernel":
+        """The square kernel over the samples a combined (or rectangular) kernel keeps in full:
+        K̂[rows, rows], with their means, variances, labels, ids and losses at w*."""
+        if self.rows is None:
+            return self
+        cov = self._need_covariance("subset()")
+        rows = self.rows.cpu()
+        if self.columns is None:
+            cov = cov[:, self.rows.to(cov.device)]
+        elif not torch.equal(self.columns.cpu(), rows):
+            raise ValueError("subset() needs columns equal to rows")
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        ids = self.sample_ids
+        if ids is not None:
+            ids = ids[rows] if isinstance(ids, torch.Tensor) else [ids[int(i)] for i in rows]
+        return LossKernel(covariance=cov, mean=pick(self.mean), variance=pick(self.variance),
+                          num_draws=self.num_draws, init_loss=pick(self.init_loss),
+                          draws_per_chain=dict(self.draws_per_chain), rejected_per_chain=dict(self.rejected_per_chain),
+                          sample_ids=ids, labels=pick(self.labels),
+                          metadata={**self.metadata, "subset_of": self.num_samples, "subset_rows": rows.tolist()})
+
+    @property
     def correlation(self) -> torch.Tensor:
         """R̂ = K̂(x,x') / √(K̂(x,x) K̂(x',x')), [n, n] (or [q, n]); 0 where a variance is 0."""
         if self._correlation is None:
-            self._correlation = correlation_from_covariance(self.covariance, self.variance, self.rows)
+            self._correlation = correlation_from_covariance(self._need_covariance("correlation"), self.variance,
+                                                            self.rows, self.columns)
         return self._correlation
 
     @property
@@ -169,6 +215,7 @@ class LossKernel:
         return LossKernel(
             covariance=move(self.covariance), mean=move(self.mean), variance=move(self.variance),
             num_draws=self.num_draws, init_loss=move(self.init_loss), rows=move(self.rows),
+            columns=move(self.columns),
             draws_per_chain=dict(self.draws_per_chain),
             rejected_per_chain=dict(self.rejected_per_chain),
             sample_ids=move(self.sample_ids), labels=move(self.labels),
@@ -194,6 +241,7 @@ class LossKernel:
             "num_draws": int(k.num_draws),
             "init_loss": k.init_loss,
             "rows": k.rows,
+            "columns": k.columns,
             "draws_per_chain": {int(c): int(v) for c, v in k.draws_per_chain.items()},
             "rejected_per_chain": {int(c): int(v) for c, v in k.rejected_per_chain.items()},
             "sample_ids": sample_ids,
@@ -218,6 +266,7 @@ class LossKernel:
         return cls(
             covariance=payload["covariance"], mean=payload["mean"], variance=payload["variance"],
             num_draws=payload["num_draws"], init_loss=payload["init_loss"], rows=payload["rows"],
+            columns=payload.get("columns"),
             draws_per_chain=payload["draws_per_chain"],
             rejected_per_chain=payload["rejected_per_chain"],
             sample_ids=payload["sample_ids"], labels=payload["labels"],
@@ -235,15 +284,22 @@ class LossKernel:
             k.sample_ids.numpy() if isinstance(k.sample_ids, torch.Tensor) else k.sample_ids
         )
         row_ids = ids if k.rows is None else ids[k.rows.numpy()]
+        col_ids = ids if k.columns is None else ids[k.columns.numpy()]
         data_vars = {
-            "covariance": (("sample", "sample_other"), k.covariance.numpy()),
-            "correlation": (("sample", "sample_other"), k.correlation.numpy()),
             "mean": (("sample_other",), k.mean.numpy()),
             "variance": (("sample_other",), k.variance.numpy()),
         }
+        if k.covariance is not None and k.columns is None:
+            data_vars["covariance"] = (("sample", "sample_other"), k.covariance.numpy())
+            data_vars["correlation"] = (("sample", "sample_other"), k.correlation.numpy())
+        elif k.covariance is not None:  # combined: its own column coordinate
+            data_vars["covariance"] = (("sample", "sample_column"), k.covariance.numpy())
+            data_vars["correlation"] = (("sample", "sample_column"), k.correlation.numpy())
         if k.init_loss is not None:
             data_vars["init_loss"] = (("sample_other",), k.init_loss.numpy())
         coords = {"sample": row_ids, "sample_other": ids}
+        if k.covariance is not None and k.columns is not None:
+            coords["sample_column"] = col_ids
         if k.labels is not None:
             coords["label"] = ("sample_other", k.labels.numpy())
         attrs = {"num_draws": k.num_draws, **{
@@ -253,9 +309,10 @@ class LossKernel:
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
     def __repr__(self) -> str:
-        shape = "×".join(str(s) for s in self.covariance.shape)
+        shape = "diagonal " + str(self.num_samples) if self.covariance is None else \
+            "×".join(str(s) for s in self.covariance.shape)
         chains = len(self.draws_per_chain) or "?"
         return (
             f"LossKernel({shape}, num_draws={self.num_draws}, chains={chains}, "
-            f"trace={self.trace:.4g}, dtype={self.covariance.dtype}, device={self.covariance.device})"
+            f"trace={self.trace:.4g}, dtype={self.variance.dtype}, device={self.variance.device})"
         )

@@ -45,14 +45,25 @@ class ProbeOptions:
 class KernelStorage:
     """Where and how the kernel is accumulated: ``device`` (default: the model's), ``dtype``
     (float64 default), ``block_size`` (draws per fold), ``rows`` (probe indices of a
-    rectangular [len(rows), n] kernel, memory |rows|·n)."""
+    rectangular [len(rows), n] kernel, memory |rows|·n), ``mode``: ``"full"`` (default),
+    ``"diagonal"`` (only each sample's mean and variance, O(n): memorization scores and ν for
+    a whole training set) or ``"combined"`` (the full kernel on ``rows``, the variance of
+    every sample)."""
 
     device: Union[str, torch.device, None] = None
     dtype: torch.dtype = torch.float64
     block_size: int = 256
     rows: Optional[Sequence[int]] = None
+    mode: str = "full"
 
     def __post_init__(self):
+        if self.mode not in ("full", "diagonal", "combined"):
+            raise ValueError(f"mode must be 'full', 'diagonal' or 'combined', got {self.mode!r}")
+        if self.mode == "combined" and self.rows is None:
+            raise ValueError("mode='combined' needs rows=<the probe samples of the full kernel>")
+        if self.mode == "diagonal" and self.rows is not None:
+            raise ValueError("mode='diagonal' keeps no covariances, so rows= has no meaning there; "
+                             "use mode='combined' for a full kernel on those rows beside all variances")
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype!r}")
         if not _is_int(self.block_size) or self.block_size < 1:
@@ -162,6 +173,7 @@ _FLAT_ARGUMENTS = {
     "dtype": ("storage", "dtype"),
     "block_size": ("storage", "block_size"),
     "rows": ("storage", "rows"),
+    "mode": ("storage", "mode"),
     "divergence_tolerance": ("divergence", "tolerance"),
     "divergence_window": ("divergence", "window"),
     "drift_tolerance": ("divergence", "drift_tolerance"),

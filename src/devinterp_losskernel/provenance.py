@@ -73,10 +73,11 @@ class KernelIdentity:
             where the draws came without a probe (``KernelAccumulator.update`` by hand).
         sampler: the SGLD arguments the draws were taken with (lr, nbeta, localization, …),
             or None where unknown.
+        mode: "full", "diagonal" or "combined" (what part of K is kept; see KernelAccumulator).
         run_id: names the run; informative only (merging runs of one kind is what merges
             are for), kept with every kernel and checkpoint.
 
-    ``num_samples``, ``rows`` and ``dtype`` must always agree; ``probe`` and ``sampler`` must
+    ``num_samples``, ``mode``, ``rows`` and ``dtype`` must always agree; ``probe`` and ``sampler`` must
     agree where both sides know them (a side that does not know one takes the other's).
     """
 
@@ -86,6 +87,7 @@ class KernelIdentity:
     probe: Optional[str] = None
     sampler: Optional[Tuple[Tuple[str, Any], ...]] = None
     run_id: str = field(default_factory=new_run_id)
+    mode: str = "full"
 
     def __post_init__(self):
         if self.rows is not None:
@@ -95,7 +97,7 @@ class KernelIdentity:
         elif self.sampler is not None:
             object.__setattr__(self, "sampler", _canonical_sampler(dict(self.sampler)))
 
-    ALWAYS = ("num_samples", "rows", "dtype")
+    ALWAYS = ("num_samples", "mode", "rows", "dtype")
     WHERE_KNOWN = ("probe", "sampler")
 
     def with_known(self, **fields) -> "KernelIdentity":
@@ -141,7 +143,8 @@ class KernelIdentity:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "KernelIdentity":
         return cls(num_samples=int(d["num_samples"]), rows=d.get("rows"), dtype=d["dtype"],
-                   probe=d.get("probe"), sampler=d.get("sampler"), run_id=d.get("run_id") or new_run_id())
+                   probe=d.get("probe"), sampler=d.get("sampler"), run_id=d.get("run_id") or new_run_id(),
+                   mode=d.get("mode", "full"))
 
 
 def _short(value: Any) -> str:

@@ -166,10 +166,16 @@ def check_kernel(kernel: LossKernel, name: str = "kernel", *, square: bool = Tru
             f"{name} must be estimated from at least 2 draws (unbiased covariance, 1/(N-1)), "
             f"got num_draws={kernel.num_draws}"
         )
+    if square and kernel.is_diagonal:
+        raise ValueError(
+            f"{name} must hold covariances, got a diagonal-mode kernel (only the {kernel.num_samples} "
+            "variances: mode='diagonal'); sample with mode='full', or mode='combined' with rows= and "
+            "use kernel.subset()"
+        )
     if square and kernel.is_rectangular:
         raise ValueError(
-            f"{name} must be a square n×n kernel, got a rectangular "
-            f"{tuple(kernel.covariance.shape)} kernel (estimated with rows=)"
+            f"{name} must be a square n×n kernel, got a {tuple(kernel.covariance.shape)} kernel "
+            "(estimated with rows=; for mode='combined' use kernel.subset())"
         )
     return kernel
 

@@ -47,6 +47,9 @@ class SingularFluctuation:
             training set: β/2 · n · sd(Var_i)/√m · √(1 − m/n) with m = num_probe_train
             (0 when the probe is the whole training set). It does *not* include the Monte
             Carlo error of the SGLD draws; compare kernels from independent chains for that.
+        method: ``"exact"`` when every training sample is in the probe (V̂ is the sum over all
+            n, nothing extrapolated: a whole-training-set probe, e.g. with ``mode="diagonal"``),
+            else ``"extrapolated"`` (V̂ = n · mean over the probe's training samples).
     """
 
     nu: float
@@ -56,6 +59,7 @@ class SingularFluctuation:
     num_train: int
     num_probe_train: int
     stderr: float
+    method: str = "extrapolated"
 
     @property
     def V_stderr(self) -> float:
@@ -129,12 +133,13 @@ def singular_fluctuation(
         )
     train_var = variance[mask]
     beta = nbeta / num_train
-    V = num_train * float(train_var.mean())
+    exact = m == num_train
+    V = float(train_var.sum()) if exact else num_train * float(train_var.mean())
     spread = float(train_var.std(ddof=1)) if m > 1 else 0.0
     V_stderr = num_train * spread / math.sqrt(m) * math.sqrt(max(0.0, 1.0 - m / num_train))
     return SingularFluctuation(
         nu=beta * V / 2.0, V=V, beta=beta, nbeta=nbeta, num_train=num_train,
-        num_probe_train=m, stderr=beta * V_stderr / 2.0,
+        num_probe_train=m, stderr=beta * V_stderr / 2.0, method="exact" if exact else "extrapolated",
     )
 
 

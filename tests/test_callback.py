@@ -327,8 +327,13 @@ def test_a_second_run_starts_a_fresh_kernel_not_a_mixed_one():
     cb = LossKernelCallback(probe)
     run_chains(cb, model, seed=0)
     first = cb.kernel
+    # chain 0 at draw 0 again, without finalize(): ambiguous, so refused before it counts
+    with pytest.raises(ValueError, match=r"chain 0 started again at draw 0.*chain=i.*finalize\(\).*reset\(\)"):
+        run_chains(cb, model, seed=1)
+    assert cb.kernel.num_draws == first.num_draws
+    cb.finalize()  # the end of run A (devinterp 1.x calls this itself)
     witness = ProbeRecorder(probe)
-    with pytest.warns(RuntimeWarning, match=r"a new run started \(chain 0 started again at draw 0"):
+    with pytest.warns(RuntimeWarning, match=r"a new run started \(draws arrived after finalize"):
         run_chains(cb, model, seed=1, witness=witness)
     second = cb.kernel
     assert second.num_draws == 10 == first.num_draws

@@ -18,10 +18,12 @@ wasted, or a warning and a record in the kernel):
   and whether it yields the same samples in the same order); labels, sample ids, rows, the
   training mask and snapshot rows are checked against n there; ``loss_fn`` is checked on the
   first probe pass (at w* when ``reference_model`` is given: in the constructor).
-- **Mixing runs** — a callback that sees a *new run* (draws after ``finalize()``, a chain that
-  starts again at an earlier draw, another ``ref_model`` or other SGLD settings) starts a
-  fresh kernel for it and warns; the previous kernel is replaced (save it, or use one
-  callback per run, to keep both). A callback registered twice in one run
+- **Mixing runs** — a callback that sees a *new run* (draws after ``finalize()`` — devinterp
+  1.x calls it at the end of every run —, another ``ref_model`` or other SGLD settings)
+  starts a fresh kernel for it and warns; the previous kernel is replaced (save it, or use
+  one callback per run, to keep both). A chain that starts again at an earlier draw is
+  ambiguous (a rerun, or chains all numbered 0) and is refused with what to do
+  (``chain=i``, ``finalize()`` or ``reset()``). A callback registered twice in one run
   (``callbacks=[cb, cb]``) is refused at its first draw.
 - **Failed chains** — a chain that diverges (NaN/Inf or exploding probe losses) or that the
   sampler aborts (it delivered fewer than ``num_draws`` draws when the next chain starts or at
@@ -84,6 +86,20 @@ class _Run:
     ref_model: Any = None  # weakref to devinterp's ref_model of this run
     finalized: bool = False
     expected_draws: Optional[int] = None
+
+
+def _prior_hyperparameters(prior) -> Dict[str, float]:
+    """localization γ and weight_decay λ of devinterp 2's ``SGMCMC`` (``SGMCMC.sgld`` puts them
+    in Gaussian priors, centred at the initial weights and at 0), named as ``SGLD`` names them."""
+    if prior is None or not hasattr(prior, "localization") and not hasattr(prior, "priors"):
+        return {}
+    found = {"localization": 0.0, "weight_decay": 0.0}
+    for part in getattr(prior, "priors", [prior]):
+        strength = getattr(part, "localization", None)
+        if isinstance(strength, (int, float)) and not isinstance(strength, bool):
+            key = "weight_decay" if getattr(part, "center", "initial") is None else "localization"
+            found[key] += float(strength)
+    return found
 
 
 def _weak(obj):
@@ -281,8 +297,10 @@ class LossKernelCallback:
         if optimizer is None or not getattr(optimizer, "param_groups", None):
             return {}
         group = optimizer.param_groups[0]
-        return {k: group[k] for k in _HYPERPARAMETER_KEYS
-                if k in group and isinstance(group[k], (int, float)) and not isinstance(group[k], bool)}
+        found = {k: group[k] for k in _HYPERPARAMETER_KEYS
+                 if k in group and isinstance(group[k], (int, float)) and not isinstance(group[k], bool)}
+        found.update(_prior_hyperparameters(group.get("prior")))  # devinterp 2's SGMCMC keeps γ, λ in its prior
+        return found
 
     def _check_same_run(self, model, chain, draw, ref_model, hyperparameters) -> None:
         """Refuse a double registration; start a fresh kernel when a new run begins."""
@@ -303,7 +321,12 @@ class LossKernelCallback:
         elif hyperparameters and run.hyperparameters and hyperparameters != run.hyperparameters:
             reason = f"the SGLD settings changed from {run.hyperparameters} to {hyperparameters}"
         elif draw is not None and chain in run.last_draw and draw <= run.last_draw[chain]:
-            reason = f"chain {chain} started again at draw {draw} (it was at draw {run.last_draw[chain]})"
+            # ambiguous: a rerun of the sampling, or several chains all numbered `chain`
+            raise ValueError(
+                f"LossKernelCallback: chain {chain} started again at draw {draw} (it was at draw "
+                f"{run.last_draw[chain]}). If this is another chain of the same run, number the chains "
+                "(sample_single_chain(..., chain=i)); if it is a new run, call callback.finalize() at the "
+                "end of each run (a new run then starts a fresh kernel) or callback.reset() before it.")
         if reason is None:
             return
         previous = run.accumulator.count if run.accumulator is not None else 0
@@ -312,6 +335,10 @@ class LossKernelCallback:
             f"it; the previous run's kernel ({previous} draws) is replaced, not mixed in. To keep both, "
             "save callback.kernel after each run or use one callback per run.",
             RuntimeWarning, stacklevel=4)
+        self._reset()
+
+    def reset(self) -> None:
+        """Forget the current run (its draws, losses at w*, settings) and start a fresh kernel."""
         self._reset()
 
     def _reset(self) -> None:

@@ -4,7 +4,8 @@ Pipeline: probe losses (:mod:`.probe`) → streaming accumulation (:mod:`.accumu
 identity and verified files in :mod:`.provenance`) →
 the kernel result (:mod:`.kernel`), driven by the devinterp callback (:mod:`.callback`) or
 the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`) → analyses (:mod:`.analysis`)
-→ figures (:mod:`.plotting`, imported on demand so that the package does not load matplotlib).
+→ figures (:mod:`.plotting`, imported on demand so that the package does not load matplotlib)
+and the interactive kernel explorer (:func:`explore`, loaded on first use; Bokeh only when it writes).
 """
 
 from .analysis import (
@@ -30,6 +31,8 @@ from .callback import LossKernelCallback
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
 from .provenance import FileIntegrityError, IdentityMismatchError, KernelIdentity
 from .estimate import estimate_loss_kernel
+from .devinterp2 import llc
+from .samples import kernel_from_samples, loss_kernel
 from .hierarchy import Hierarchy, fashion_mnist_hierarchy, imagenet_wnids, wordnet_imagenet
 from .kernel import LossKernel, correlation_from_covariance
 from .presets import PAPER_PRESETS, SGLDSettings, preset
@@ -42,6 +45,16 @@ from .probe import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # explore (the kernel explorer) is loaded on first use; it imports Bokeh only when it writes a page
+    if name == "explore":
+        import importlib
+
+        return importlib.import_module(".explore", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "aligned_umap_embeddings",
@@ -84,6 +97,10 @@ __all__ = [
     "estimate_kernel_memory",
     "estimate_loss_kernel",
     "evaluate_probe_losses",
+    "explore",
+    "kernel_from_samples",
+    "llc",
     "lm_sequence_loss",
+    "loss_kernel",
     "preset",
 ]

@@ -90,7 +90,8 @@ def train_memorizing_mlp(x, y, cfg: DemoConfig) -> nn.Module:
 
 def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] = None,
              verbose: bool = True) -> dict:
-    """Train, sample, and write kernel.pt, summary.json and correlation.png to ``out_dir``."""
+    """Train, sample, and write kernel.pt, summary.json, correlation.png and explorer.html
+    (the interactive kernel explorer, :func:`~devinterp_losskernel.explore`) to ``out_dir``."""
     from .analysis import detection_auc, memorization_scores
     from .estimate import estimate_loss_kernel
     from .plotting import plot_correlation_matrix
@@ -138,4 +139,19 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
     kernel.save(out / "kernel.pt")
     plot_correlation_matrix(kernel, labels=probe[1].numpy(), path=out / "correlation.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_demo_explorer(kernel, x[probe_index], is_flipped, out / "explorer.html", seed=cfg.seed,
+                        title=f"losskernel demo: digits with {cfg.flip_fraction:.0%} flipped labels")
     return summary
+
+
+def write_demo_explorer(kernel, probe_x: torch.Tensor, is_flipped: np.ndarray, path: Path,
+                        seed: int = 0, title: Optional[str] = None) -> Path:
+    """explorer.html: the kernel's UMAP map with the 8×8 digits as thumbnails, coloured by
+    label, K(x, x) (the memorization score) or the flipped-label flag."""
+    from .analysis import memorization_scores
+    from .explore import explore
+
+    return explore(kernel, images=probe_x.reshape(-1, 8, 8).numpy(), path=path, random_state=seed,
+                   scores={"memorization score K(x,x)": memorization_scores(kernel),
+                           "label flipped": is_flipped.astype(np.int64)},
+                   title=title)

@@ -1,0 +1,466 @@
+"""The kernel explorer (issue 12): the page's data, its offline guarantee, and a real browser.
+
+Unit tests read a written page back (:func:`read_explorer` parses the page's own JSON and
+Bokeh's docs_json, not the writer's arrays) and compare it with ``top_correlated`` and the
+embedding. The browser tests drive Debian's headless Chromium through Selenium with the
+network switched off; they skip when Chromium / chromedriver are missing, and fail instead
+when ``LOSSKERNEL_REQUIRE_BROWSER=1`` (CI sets it where /usr/bin/chromium exists).
+Screenshots are kept under pytest's tmp dir and copied to benchmarks/out/ (git-ignored).
+"""
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from devinterp_losskernel import Hierarchy, LossKernel, top_correlated
+from devinterp_losskernel.explore import ExplorerPage, explore, read_explorer
+
+ARTEFACTS = Path(__file__).parent.parent / "benchmarks" / "out"
+CLASSES = ["dog", "cat", "car", "bus"]
+N = 120
+
+
+def synthetic_kernel(n=N, seed=0, num_draws=300):
+    """A kernel from random low-rank losses: 4 labels, each with its own shared factor."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    factors = rng.normal(size=(num_draws, 6))
+    loadings = rng.normal(size=(6, n))
+    losses = factors @ loadings + rng.normal(size=(num_draws, n)) * 0.7
+    losses += rng.normal(size=(num_draws, 4))[:, labels] * 1.5
+    losses = np.abs(losses) * 0.1
+    cov = np.cov(losses, rowvar=False)
+    return LossKernel(covariance=torch.tensor(cov), mean=torch.tensor(losses.mean(0)),
+                      variance=torch.tensor(np.diag(cov).copy()), num_draws=num_draws,
+                      init_loss=torch.tensor(losses[0]), labels=torch.tensor(labels))
+
+
+def tiny_hierarchy():
+    return Hierarchy.from_parents({"animal": "entity", "dog": "animal", "cat": "animal",
+                                   "vehicle": "entity", "car": "vehicle", "bus": "vehicle"},
+                                  classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return synthetic_kernel()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(1)
+    base = np.linspace(0, 1, 16)[None, :, None, None] * np.ones((N, 16, 16, 3))
+    return (np.clip(base + rng.random((N, 1, 1, 3)) * 0.5, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def coords():
+    return np.random.default_rng(2).normal(size=(N, 2))
+
+
+@pytest.fixture(scope="module")
+def page(kernel, images, coords, tmp_path_factory):
+    scores = {"memorization": kernel.variance.numpy() * 3, "flag": (np.arange(N) % 7 == 0).astype(int)}
+    path = tmp_path_factory.mktemp("explore") / "kernel.html"
+    return explore(kernel, embedding=coords, images=images, hierarchy=tiny_hierarchy(),
+                   scores=scores, k=6, path=path, title="test page")
+
+
+# --------------------------------------------------------------------------------------------
+# the page's data
+# --------------------------------------------------------------------------------------------
+
+def test_returns_the_path_and_displays_inline(page):
+    assert isinstance(page, ExplorerPage) and isinstance(page, str) and Path(page).is_file()
+    assert os.fspath(page) == str(page) and page.path == Path(page)
+    shown = page._repr_html_()
+    assert shown.startswith("<iframe srcdoc=") and "&lt;!DOCTYPE html&gt;" in shown
+
+
+@pytest.mark.parametrize("variant, lowest, other", [
+    ("most", False, False), ("least", True, False), ("most_other", False, True), ("least_other", True, True)])
+def test_neighbour_lists_are_the_kernels_top_k(page, kernel, variant, lowest, other):
+    data = read_explorer(page)
+    indices, values = data["neighbours"][variant]
+    want_i, want_v = top_correlated(kernel, None, 6, exclude_same_label=other, lowest=lowest)
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_allclose(values, want_v, atol=0.6 / 32767)  # R stored as int16 (R · 32767)
+    # and a plain numpy argsort of R agrees (no ties in this kernel)
+    r = kernel.correlation.numpy().copy()
+    np.fill_diagonal(r, np.nan)
+    if other:
+        labels = kernel.labels.numpy()
+        r[labels[:, None] == labels[None, :]] = np.nan
+    key = np.where(np.isnan(r), np.inf, r if lowest else -r)
+    np.testing.assert_array_equal(indices, np.argsort(key, axis=1, kind="stable")[:, :6])
+
+
+def test_points_colours_and_thumbnails(page, kernel, coords, images):
+    from PIL import Image
+
+    data = read_explorer(page)
+    points = data["points"]
+    np.testing.assert_allclose(points["x"], coords[:, 0])
+    np.testing.assert_allclose(points["y"], coords[:, 1])
+    np.testing.assert_array_equal(points["index"], np.arange(N))
+    np.testing.assert_allclose(points["variance"], kernel.variance.numpy())
+    np.testing.assert_allclose(points["mean_loss"], kernel.mean.numpy())
+    labels = kernel.labels.numpy()
+    assert points["label_name"] == [CLASSES[i] for i in labels]
+    assert points["path"][0] == "entity › animal › dog" and points["path"][2] == "entity › vehicle › car"
+
+    keys = [c["key"] for c in data["colourings"]]
+    assert keys == ["label", "hierarchy", "variance", "mean_loss", "init_loss", "score0", "score1"]
+    assert points["color"] == points["c_label"]  # the first colouring is shown
+    # one colour per label, different labels different colours; the legend lists them all
+    by_label = {lab: {c for c, l2 in zip(points["c_label"], labels) if l2 == lab} for lab in range(4)}
+    assert all(len(v) == 1 for v in by_label.values()) and len(set.union(*by_label.values())) == 4
+    legend = dict(data["colourings"][0]["legend"]["items"])
+    assert {name: legend[name] for name in CLASSES} == {CLASSES[lab]: next(iter(by_label[lab])) for lab in range(4)}
+    # hierarchy position: Hierarchy.position_colors
+    want = tiny_hierarchy().position_colors(labels, cmap="hsv")[:, :3]
+    got = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in points["c_hierarchy"]]) / 255
+    np.testing.assert_allclose(got, want, atol=0.5 / 255 + 1e-9)
+    # a continuous score: the order of the colours' colormap positions follows the score
+    score = next(c for c in data["colourings"] if c["title"] == "memorization")
+    assert score["legend"]["kind"] == "continuous"
+    assert score["legend"]["min"] == pytest.approx(kernel.variance.numpy().min() * 3)
+    flag = next(c for c in data["colourings"] if c["title"] == "flag")
+    assert flag["legend"]["kind"] == "categorical" and len(flag["legend"]["items"]) == 2
+
+    assert len(points["thumb"]) == N
+    head, b64 = points["thumb"][5].split(",", 1)
+    assert head == "data:image/webp;base64"
+    thumb = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert thumb.size == (32, 32)
+    assert {"dog", "animal", "vehicle", "entity"} <= set(data["search_terms"])
+
+
+def test_texts_pairs_and_a_plain_matrix(tmp_path):
+    kernel = synthetic_kernel(n=40, seed=3)
+    pairs = [(a, b) for a, b in zip(range(40), range(40, 80))]
+    path = explore(kernel.covariance.numpy(), embedding=np.zeros((40, 2)) + np.arange(40)[:, None],
+                   texts=pairs, k=50, path=tmp_path / "sub" / "m.html", lowest=False)
+    data = read_explorer(path)
+    assert data["k"] == 39 and set(data["neighbours"]) == {"most"}  # no labels, k capped at n − 1
+    assert data["points"]["text"][3] == "(3, 43)" and data["points"]["thumb"][3] == ""
+    np.testing.assert_array_equal(data["neighbours"]["most"][0], top_correlated(kernel.covariance.numpy(), None, 39)[0])
+
+
+def test_default_embedding_is_our_umap(tmp_path):
+    from devinterp_losskernel import umap_embedding
+
+    kernel = synthetic_kernel(n=60, seed=4)
+    path = explore(kernel, k=3, path=tmp_path / "u.html", random_state=0)
+    want = umap_embedding(kernel, labels=kernel.labels, random_state=0, n_neighbors=15).embedding
+    np.testing.assert_allclose(read_explorer(path)["points"]["x"], want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_refusals(kernel, tmp_path):
+    with pytest.raises(ValueError, match="embedding must be"):
+        explore(kernel, embedding=np.zeros((3, 2)), path=tmp_path / "a.html")
+    with pytest.raises(ValueError, match="images must"):
+        explore(kernel, embedding=np.zeros((N, 2)), images=np.zeros((5, 8, 8)), path=tmp_path / "a.html")
+    with pytest.raises(ValueError, match="k must be"):
+        explore(kernel, embedding=np.zeros((N, 2)), k=0, path=tmp_path / "a.html")
+    with pytest.raises(ValueError, match="color_by"):
+        explore(kernel, embedding=np.zeros((N, 2)), color_by="nope", path=tmp_path / "a.html")
+    rect = LossKernel(covariance=kernel.covariance[:5], mean=kernel.mean, variance=kernel.variance,
+                      num_draws=10, rows=torch.arange(5))
+    with pytest.raises(ValueError, match="square"):
+        explore(rect, embedding=np.zeros((N, 2)), path=tmp_path / "a.html")
+
+
+def test_package_import_does_not_load_bokeh():
+    import subprocess
+    import sys
+
+    code = ("import sys, devinterp_losskernel as d; assert 'bokeh' not in sys.modules; "
+            "assert callable(d.explore); import devinterp_losskernel.explore as m; assert callable(d.explore); "
+            "assert 'bokeh' not in sys.modules; print('ok')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+def test_cli_explore(kernel, images, coords, tmp_path, capsys):
+    from devinterp_losskernel.cli import main
+
+    kernel.save(tmp_path / "kernel.pt")
+    np.save(tmp_path / "images.npy", images)
+    torch.save(torch.tensor(coords), tmp_path / "emb.pt")
+    np.save(tmp_path / "score.npy", np.arange(N, dtype=float))
+    (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "k.html"
+    assert main(["explore", str(tmp_path / "kernel.pt"), "--images", str(tmp_path / "images.npy"),
+                 "--embedding", str(tmp_path / "emb.pt"), "--label-names", str(tmp_path / "names.txt"),
+                 "--score", f"rank={tmp_path / 'score.npy'}", "-k", "4", "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    data = read_explorer(out)
+    np.testing.assert_allclose(data["points"]["x"], coords[:, 0])
+    assert data["points"]["label_name"][:4] == CLASSES and data["neighbours"]["most"][0].shape == (N, 4)
+    assert [c["title"] for c in data["colourings"]][-1] == "rank"
+    with pytest.raises(SystemExit):
+        main(["explore", str(tmp_path / "kernel.pt"), "--images", str(tmp_path / "missing.npy")])
+
+
+# --------------------------------------------------------------------------------------------
+# offline: no URL a browser would fetch
+# --------------------------------------------------------------------------------------------
+
+# http(s) strings inside Bokeh's own inlined bundle (bokeh + bokeh-gl) that sit where code
+# could load them; each belongs to a model this page does not contain, so the code never
+# runs (the browser test checks that no request is made). Anything new fails the test.
+BOKEH_LOADERS = {
+    "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-svg.js": "MathJax loader, only for TeX / MathText models",
+    "https://maps.googleapis.com/maps/api/js": "GMapPlot's Google Maps loader",
+    "https://cdn.jsdelivr.net/npm/@tabler/icons-webfont@latest": "TablerIcon's font URL",
+    "https://bokeh.org/": "the toolbar logo's link (an <a href>, followed only when clicked; logo=None here)",
+}
+FETCHING = re.compile(r"""(?:\bsrc\s*[=:]\s*|\bhref\s*[=:]\s*|url\(\s*|fetch\(\s*|import\(\s*|\.open\(\s*["'`][A-Z]+["'`]\s*,\s*|@import\s+)["'`]?(https?://[^"'`\s)]+)""", re.I)
+
+
+def _bokeh_bundle() -> str:
+    from bokeh.resources import Resources
+
+    return Resources(mode="inline", components=["bokeh", "bokeh-gl"]).render()
+
+
+def test_no_url_a_browser_would_fetch(page):
+    text = Path(page).read_text(encoding="utf-8")
+    bundle = _bokeh_bundle()
+    assert bundle in text, "the page inlines Bokeh's bundle verbatim"
+    ours = text.replace(bundle, "")
+    # our part of the page (markup, CSS, our JS, the data, Bokeh's docs_json) has no http(s) at all
+    assert not re.findall(r"https?://", ours, re.I), re.findall(r".{40}https?://.{40}", ours)[:5]
+    assert not re.search(r"<(?:script|link|img|iframe)[^>]+(?:src|href)\s*=\s*[\"']?(?!data:)[a-z]+:", ours, re.I)
+    # the bundle: every http(s) URL in a fetching position is a known loader of an absent model
+    fetchable = {m.group(1) for m in FETCHING.finditer(bundle)}
+    unknown = {u for u in fetchable if not any(u.startswith(k) for k in BOKEH_LOADERS)}
+    assert not unknown, f"new fetchable URLs in Bokeh's bundle: {sorted(unknown)}"
+    assert not re.search(r"XMLHttpRequest\(\)[^;]{0,200}https?://", bundle)
+    assert '"logo":null' in ours
+    models = set(re.findall(r'\\?"name\\?":\\?"([A-Za-z0-9_]+)\\?"', ours))
+    assert not models & {"GMapPlot", "GMap", "TeX", "MathML", "MathText", "TablerIcon"}
+    # the remaining http(s) strings are licence comments, XML namespaces and error messages:
+    # inert strings (the browser test checks that the page makes no request at all)
+    inert = set(re.findall(r"https?://[^\s\"'`)<>\\]+", bundle)) - fetchable
+    assert "http://www.w3.org/2000/svg" in inert
+
+
+# --------------------------------------------------------------------------------------------
+# a real browser
+# --------------------------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def browser_available() -> bool:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+
+
+def chromium_driver(user_data_dir: str):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={user_data_dir}", "--window-size=1400,900",
+                 # WebGL without a GPU: SwiftShader (Bokeh falls back to a 2D canvas without it)
+                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_network_conditions(offline=True, latency=0, throughput=0)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not browser_available():
+        message = (f"headless Chromium needs {CHROMIUM}, {CHROMEDRIVER} (Debian: apt-get install chromium "
+                   "chromium-driver) and selenium (pip install selenium)")
+        if os.environ.get("LOSSKERNEL_REQUIRE_BROWSER") == "1":
+            pytest.fail("LOSSKERNEL_REQUIRE_BROWSER=1 but " + message)
+        pytest.skip(message)
+    profile = tempfile.mkdtemp(prefix="lk-chromium-")
+    driver = chromium_driver(profile)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_page(driver, path, timeout=30.0):
+    driver.get_log("browser"), driver.get_log("performance")  # drop earlier entries
+    started = time.perf_counter()
+    driver.get(Path(path).resolve().as_uri())
+    while not driver.execute_script("return !!(window.LK && LK.ready)"):
+        if time.perf_counter() - started > timeout:
+            raise AssertionError(f"the page did not become ready in {timeout} s: {driver.get_log('browser')}")
+        time.sleep(0.02)
+    return time.perf_counter() - started
+
+
+def mouse(driver, kind, x, y):
+    if kind == "click":
+        for event in ("mousePressed", "mouseReleased"):
+            driver.execute_cdp_cmd("Input.dispatchMouseEvent",
+                                   {"type": event, "x": x, "y": y, "button": "left", "clickCount": 1})
+    else:
+        driver.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+
+
+DEEP_QUERY = """
+const sel = arguments[0], out = [];
+function walk(root){ for (const el of root.querySelectorAll('*')){
+  if (el.matches(sel)) out.push(el); if (el.shadowRoot) walk(el.shadowRoot); } }
+walk(document); return out;
+"""
+
+
+def wait_for(driver, script, *args, timeout=5.0):
+    started = time.perf_counter()
+    while True:
+        value = driver.execute_script(script, *args)
+        if value or time.perf_counter() - started > timeout:
+            return value
+        time.sleep(0.02)
+
+
+def network_requests(driver):
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def keep(driver, tmp_path, name):
+    shot = tmp_path / name
+    driver.save_screenshot(str(shot))
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTEFACTS / name)
+    return shot
+
+
+def test_in_chromium_render_hover_click_colour(browser, page, kernel, tmp_path):
+    open_page(browser, page)
+    # rendered: Bokeh's canvas (inside its shadow DOM) has a size, and no console errors
+    canvases = browser.execute_script(DEEP_QUERY, "canvas")
+    assert canvases and max(c.size["width"] for c in canvases) > 500
+    painted = browser.execute_script("""
+        const v = Bokeh.index.find_one(LK.plot), c = v.canvas_view.primary.canvas;
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let ink = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i+3] > 0 && (d[i] < 240 || d[i+1] < 240 || d[i+2] < 240)) ink++;
+        return ink;""")
+    assert painted > 200, "the map's canvas holds hardly any drawn pixels"
+
+    # hover sample 7: Bokeh's tooltip shows its thumbnail, label and WordNet path
+    x, y = browser.execute_script("return LK.screenPoint(7)")
+    mouse(browser, "move", x, y)
+    thumbs = wait_for(browser, DEEP_QUERY, "img.lk-tip-thumb")
+    assert thumbs, "no hover thumbnail in the DOM"
+    assert browser.execute_script("return LK.hover") == 7
+    points = read_explorer(page)["points"]
+    assert thumbs[0].get_attribute("src") == points["thumb"][7]
+    tip = browser.execute_script("return arguments[0].closest('.lk-tip').textContent", thumbs[0])
+    assert "#7" in tip and CLASSES[7 % 4] in tip and "entity › vehicle › bus" in tip
+
+    # click it: the strip holds its k neighbours with their R, and lines are drawn to them
+    mouse(browser, "click", x, y)
+    assert wait_for(browser, "return LK.selected === 7")
+    cards = browser.find_elements("css selector", "#lk-strip .lk-card")
+    want_i, want_v = top_correlated(kernel, 7, 6)
+    assert [int(c.get_attribute("data-index")) for c in cards] == want_i.tolist()
+    assert [c.find_element("css selector", ".lk-r").text for c in cards] == [f"R = {v:.3f}" for v in want_v]
+    np.testing.assert_allclose([float(c.get_attribute("data-r")) for c in cards], want_v, atol=1e-4)
+    assert all(c.find_element("css selector", "img").get_attribute("src").startswith("data:image/") for c in cards)
+    assert browser.execute_script("return LK.doc.get_model_by_name('lk-lines').data.x1.length") == 6
+    keep(browser, tmp_path, "explorer_click.png")
+
+    # least correlated, then other labels only
+    browser.find_element("id", "lk-least").click()
+    cards = browser.find_elements("css selector", "#lk-strip .lk-card")
+    assert [int(c.get_attribute("data-index")) for c in cards] == top_correlated(kernel, 7, 6, lowest=True)[0].tolist()
+    browser.find_element("id", "lk-most").click()
+    browser.find_element("id", "lk-hide-same").click()
+    cards = browser.find_elements("css selector", "#lk-strip .lk-card")
+    want_i, want_v = top_correlated(kernel, 7, 6, exclude_same_label=True)
+    assert [int(c.get_attribute("data-index")) for c in cards] == want_i.tolist()
+    assert all(i % 4 != 7 % 4 for i in want_i)
+
+    # colour by hierarchy position, then by a score: the source's colours and the legend change
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "lk-color")).select_by_value("hierarchy")
+    assert browser.execute_script("return LK.source.data.color.slice(0, 8)") == points["c_hierarchy"][:8]
+    Select(browser.find_element("id", "lk-color")).select_by_visible_text("memorization")
+    assert browser.execute_script("return LK.source.data.color") == points["c_score0"]
+    assert browser.find_elements("css selector", "#lk-legend .lk-bar")
+    keep(browser, tmp_path, "explorer_score.png")
+
+    # search a WordNet node: every vehicle (car, bus) is ringed
+    search = browser.find_element("id", "lk-search")
+    search.send_keys("vehicle")
+    found = browser.execute_script("return LK.found")
+    assert found == [i for i in range(N) if i % 4 in (2, 3)]
+    assert browser.execute_script("return LK.doc.get_model_by_name('lk-found').data.x.length") == len(found)
+    assert "match" in browser.find_element("id", "lk-search-status").text
+    keep(browser, tmp_path, "explorer_search.png")
+
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
+    requests = [u for u in network_requests(browser) if not u.startswith(("file:", "data:"))]
+    assert not requests, f"the page asked for {requests}"
+    assert browser.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => /^https?:/.test(e.name)).length") == 0
+
+
+def test_in_chromium_texts_and_webgl(browser, tmp_path):
+    kernel = synthetic_kernel(n=50, seed=5)
+    path = explore(kernel, embedding=np.random.default_rng(0).normal(size=(50, 2)),
+                   texts=[f"({a}, {a * 3 % 50})" for a in range(50)], k=4, path=tmp_path / "t.html")
+    open_page(browser, path)
+    assert browser.execute_script("return LK.webgl()"), "Bokeh drew without WebGL"
+    x, y = browser.execute_script("return LK.screenPoint(3)")
+    mouse(browser, "move", x, y)
+    texts = wait_for(browser, DEEP_QUERY, ".lk-tip-text")
+    assert texts and texts[0].text == "(3, 9)"
+    mouse(browser, "click", x, y)
+    assert wait_for(browser, "return LK.selected === 3")
+    cards = browser.find_elements("css selector", "#lk-strip .lk-card .lk-text")
+    assert [c.text for c in cards] == [f"({a}, {a * 3 % 50})" for a in top_correlated(kernel, 3, 4)[0]]
+    keep(browser, tmp_path, "explorer_texts.png")
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_demo_writes_an_explorer(tmp_path):
+    from conftest import devinterp_major
+
+    if devinterp_major() is None:
+        pytest.skip("the demo samples with devinterp, which is not installed")
+    from devinterp_losskernel.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--num-probe", "120",
+                 "--num-train", "400", "--train-epochs", "200"]) == 0
+    assert {"explorer.html", "correlation.png", "kernel.pt"} <= {p.name for p in tmp_path.iterdir()}
+    kernel = LossKernel.load(tmp_path / "kernel.pt")
+    data = read_explorer(tmp_path / "explorer.html")
+    np.testing.assert_array_equal(data["neighbours"]["most"][0], top_correlated(kernel, None, 15)[0])
+    assert [c["title"] for c in data["colourings"]][-2:] == ["memorization score K(x,x)", "label flipped"]
+    assert data["points"]["thumb"][0].startswith("data:image/png;base64,")

@@ -59,7 +59,7 @@ def test_estimate_loss_kernel_under_devinterp2():
     assert np.isfinite(k.metadata["llc/mean"]) and len(k.metadata["llc/per_chain"]) == 2
 
 
-def test_classification_data_under_devinterp2_uses_its_sgld_in_our_loop():
+def test_classification_data_runs_through_devinterp2s_sampler():
     torch.manual_seed(0)
     x = torch.randn(48, 5)
     y = (x[:, 0] > 0).long()
@@ -124,3 +124,160 @@ def test_a_chain_devinterp2_aborts_in_the_users_own_loop_is_recorded():
     assert k.draws_per_chain == {1: 6} and k.rejected_per_chain == {0: 3}
     traces = witness.traces()[np.array(witness.chains) == 1]
     np.testing.assert_allclose(k.covariance.numpy(), np.cov(traces, rowvar=False), rtol=1e-9, atol=1e-15)
+
+
+# -- issue 11: devinterp 2.x first class ---------------------------------------------------------
+def lm_run_args(**extra):
+    return dict(lr=1e-3, n_beta=20.0, num_chains=3, num_draws=10, batch_size=8, num_burnin_steps=3,
+                num_init_loss_batches=4, localization=50.0, device="cpu", **extra)
+
+
+def test_llc_twin_gives_devinterps_llc_and_compute_bifs_kernel(tmp_path):
+    import warnings
+
+    from devinterp.slt.bif import compute_bif
+    from devinterp.slt.llc import compute_llc, llc as devinterp_llc
+    from devinterp.slt.sampling import sample
+
+    from devinterp_losskernel import LossKernel, llc
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 13, (80, 9))
+    model, dataset = TinyLM(), LMDataset(ids)
+    observables = {"other": LMDataset(ids[40:]), "probe": LMDataset(ids[:40])}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = devinterp_llc(model, dataset, observables, **lm_run_args())
+        ours, kernel = llc(model, dataset, observables, observable="probe", return_kernel=True, **lm_run_args())
+        samples = sample(model, dataset, observables, output_path=str(tmp_path / "s.zarr"), **lm_run_args())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # w* untouched
+    for name in ("llc_mean", "llc_std", "llc_per_chain", "loss_trace", "init_loss"):  # compute_llc's own way
+        np.testing.assert_allclose(np.asarray(ours[name].values, float), np.asarray(theirs[name].values, float),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
+    assert ours.loss_trace.shape == (3, 13)  # every step, burn-in included
+    # devinterp's llc_scalar is a float32 mean over every stored loss; ours sums in float64
+    np.testing.assert_allclose(float(ours.llc_scalar), float(theirs.llc_scalar), atol=20.0 * 3e-7 * 3)
+    np.testing.assert_allclose(float(compute_llc(samples).llc_mean), float(ours.llc_mean), rtol=1e-6)
+    bif = compute_bif(samples, loss_keys=["probe"], correlation_method="sequence", compute_covariance=True)
+    scale = float(np.abs(ours.covariance.values).max())
+    assert scale > 0 and ours.covariance.shape == (24, 24)
+    np.testing.assert_allclose(ours.covariance.values, bif.influences.values, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_array_equal(ours.probe_input_ids.values, samples.dataset["input_ids_probe"].values)
+    stored = LossKernel.from_samples(samples, "probe")  # the kernel of the stored run, the same draws
+    np.testing.assert_allclose(ours.covariance.values, stored.covariance.numpy(), rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(ours.correlation.values, kernel.correlation.numpy())
+    assert ours.draws_per_chain.values.tolist() == [10, 10, 10] and int(ours.num_draws) == 30
+    assert np.isfinite(float(ours.singular_fluctuation)) and np.isfinite(float(ours.probe_llc))
+    assert kernel.metadata["sampler"]["localization"] == 50.0 and kernel.metadata["sampler"]["nbeta"] == 20.0
+    assert kernel.metadata["llc/mean"] == pytest.approx(float(theirs.llc_mean), rel=1e-6)
+    with pytest.raises(KeyError, match="missing"):
+        llc(model, dataset, observables, observable="missing", **lm_run_args())
+    with pytest.raises(ValueError, match="output_path"):
+        llc(model, dataset, observables, output_path=str(tmp_path / "x.zarr"), **lm_run_args())
+
+
+def test_callback_records_sgmcmc_sgld_settings_like_sgld():
+    import warnings
+
+    from devinterp.optim import SGLD, SGMCMC
+    from devinterp.slt.sampler import sample_single_chain
+
+    model, dataset, probe = setup()
+    kernels = []
+    for method in (SGMCMC.sgld, SGLD):
+        cb = LossKernelCallback(probe, reference_model=model, num_draws=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample_single_chain(model, dataset, evaluate, param_masks={n: None for n, _ in model.named_parameters()},
+                                num_draws=5, num_burnin_steps=1, sampling_method=method,
+                                sampling_method_kwargs=dict(lr=1e-3, nbeta=20.0, localization=50.0),
+                                chain=0, seed=3, device="cpu", callbacks=[cb], batch_size=8)
+        kernels.append(cb.kernel)
+    for k in kernels:
+        assert k.metadata["sampler"] == {"lr": 1e-3, "nbeta": 20.0, "localization": 50.0, "noise_level": 1.0,
+                                         "weight_decay": 0.0}
+    torch.testing.assert_close(kernels[0].covariance, kernels[1].covariance, rtol=0, atol=0)  # the same steps
+
+
+def test_draw_schedule_is_devinterps_with_num_steps_bw_draws_3():
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 2, (40,))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    events = []
+
+    def evaluate(model, batch):
+        events.append("e")
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    def loss_fn(model, batch):
+        events.append("p")
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    b, k, T, C = 2, 3, 4, 2
+    kernel = estimate_loss_kernel(model, DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True),
+                                  (x[:10], y[:10]), loss_fn=loss_fn, evaluate=evaluate, num_chains=C, num_draws=T,
+                                  num_burnin_steps=b, num_steps_bw_draws=k, lr=1e-3, nbeta=10.0,
+                                  localization=50.0, seed=1, verbose=False)
+    # devinterp 2: draws after steps b, b+k, …, b+(T−1)k (0-based), then the k−1 remaining steps
+    chain = "e" * (b + 1) + "p" + ("e" * k + "p") * (T - 1) + "e" * (k - 1)
+    assert "".join(events).endswith(chain * C)
+    assert kernel.num_draws == C * T and kernel.metadata["settings"]["sampling_method"] == "SGMCMC.sgld"
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.head(h.flatten(1))
+
+
+def test_cnn_through_devinterp2s_sampler_keeps_the_users_collate_fn_and_sampler():
+    from devinterp.optim import SGLD
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(60, 1, 8, 8), torch.randint(0, 3, (60,))
+    model = SmallCNN()
+    seen = set()
+
+    class Indexed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 60
+
+        def __getitem__(self, i):
+            return i, images[i], labels[i]
+
+    def collate(items):  # the user's: drops the index, records it
+        seen.update(i for i, _, _ in items)
+        return torch.stack([im for _, im, _ in items]), torch.stack([lab for _, _, lab in items])
+
+    subset = list(range(0, 60, 2))
+    loader = DataLoader(Indexed(), batch_size=6, sampler=torch.utils.data.SubsetRandomSampler(subset),
+                        collate_fn=collate)
+    kwargs = dict(num_chains=2, num_draws=6, num_burnin_steps=2, lr=1e-3, nbeta=10.0, localization=100.0,
+                  seed=5, verbose=False)
+    probe = (images[:12], labels[:12])
+    k = estimate_loss_kernel(model, loader, probe, **kwargs)
+    assert seen and seen <= set(subset)  # only the sampler's indices, through the user's collate_fn
+    assert k.num_draws == 12 and k.draws_per_chain == {0: 6, 1: 6} and torch.isfinite(k.covariance).all()
+    assert k.covariance.abs().max() > 0 and np.isfinite(k.metadata["llc/mean"])
+    assert k.metadata["sampler"]["localization"] == 100.0
+    again = estimate_loss_kernel(model, loader, probe, sampling_method=SGLD, **kwargs)
+    # SGLD and SGMCMC.sgld take the same steps, up to the order of float operations
+    torch.testing.assert_close(again.covariance, k.covariance, rtol=1e-3, atol=1e-6 * float(k.covariance.abs().max()))
+    assert again.metadata["settings"]["sampling_method"] == "SGLD"
+
+
+def test_attention_mask_follows_the_tokens_to_their_device():
+    model, _, _ = setup()
+    ids = torch.randint(0, 13, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 5:] = 0
+    out = lm_sequence_loss(model, {"input_ids": ids, "attention_mask": mask})
+    full = lm_sequence_loss(model, {"input_ids": ids[:1, :5]})
+    torch.testing.assert_close(out[0], full[0])

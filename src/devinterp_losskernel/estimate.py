@@ -3,9 +3,12 @@
 The LLC of the same run is carried in ``kernel.metadata`` (``llc/mean``, ``llc/std``,
 ``llc/per_chain``), so the kernel, its trace and the LLC all come from the same draws.
 
-devinterp 1.x: each chain through its ``sample``. devinterp 2.x: language-model data through
-its ``sample_single_chain``; other data through its SGLD optimizer in a loop of ours that
-mirrors devinterp's. Chains run one at a time, each seeded from ``seed`` alone, so a run can be checkpointed
+devinterp 1.x: each chain through its ``sample``. devinterp 2.x: each chain through its
+``sample_single_chain`` (its loop, seeding, NaN handling and draw schedule: draws after steps
+b, b+k, b+2k, …), for any data: the batches come from the caller's own DataLoader (its
+collate_fn, sampler, workers), handed to devinterp's loop behind a one-item ``{"input_ids"}``
+dataset, so that images, (x, y) tuples and dict batches are all fed as the caller built them.
+Chains run one at a time, each seeded from ``seed`` alone, so a run can be checkpointed
 after every chain (``checkpoint_dir=``) and resumed after being killed with the same result.
 """
 
@@ -85,6 +88,7 @@ def estimate_loss_kernel(
     probe_train_mask=None,
     callback_kwargs: Optional[Dict[str, Any]] = None,
     mode: str = "full",
+    sampling_method=None,
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
 
@@ -114,6 +118,11 @@ def estimate_loss_kernel(
             every sample, from one probe pass per draw).
         callback_kwargs: extra :class:`LossKernelCallback` arguments (``block_size``, ``rows``,
             ``autocast_dtype``, ``snapshot_every``, ``snapshot_rows``, …).
+        sampling_method: devinterp's sampler: ``devinterp.optim.SGLD`` or (devinterp 2.x)
+            ``devinterp.optim.SGMCMC.sgld``, called with ``lr``, ``nbeta``, ``localization``.
+            Default: devinterp 1.x's ``SGLD``; devinterp 2.x's ``SGMCMC.sgld`` (its
+            replacement for the deprecated ``SGLD``; the same steps to the last bit). Its name
+            is recorded in ``metadata["settings"]["sampling_method"]``.
 
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
@@ -145,7 +154,10 @@ def estimate_loss_kernel(
         raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be callable (model, batch) -> loss, got {evaluate!r}")
+    if sampling_method is not None and not callable(sampling_method):
+        raise TypeError(f"sampling_method must be devinterp's SGLD or SGMCMC.sgld (a callable), got {sampling_method!r}")
     major = devinterp_major()
+    sampling_method = _default_sampling_method(major) if sampling_method is None else sampling_method
     device = _check_device(device) if device is not None else _model_device(model)
     # Work on a copy: devinterp evaluates the model in train mode, which would update the
     # caller's BatchNorm running statistics.
@@ -170,13 +182,15 @@ def estimate_loss_kernel(
         sgld = replace(sgld, seed=int(np.random.SeedSequence().entropy % 2**32))
     if checkpoint is not None:
         checkpoint.sgld = sgld  # the seed actually used is what the checkpoint records
-    settings = dict(sgld.to_dict(), num_train=len(loader.dataset))
+    settings = dict(sgld.to_dict(), num_train=len(loader.dataset), sampling_method=_method_name(sampling_method),
+                    sampling_method_callable=sampling_method)  # the callable is popped before it is reported
     init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
     callback.allocate(model)  # before any checkpoint is restored into it
     progress = checkpoint.load(model) if checkpoint else _Progress()
     if checkpoint is None or not checkpoint.finished(progress, num_chains):
         with _quiet_devinterp():
             _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
+    settings.pop("sampling_method_callable")
     callback.finalize()
     callback.extra_metadata.update({"settings": settings, "sgld": sgld.to_dict(),
                                     "diverged_chains": progress.diverged,
@@ -203,10 +217,7 @@ def _quiet_devinterp():
 
 def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major):
     """Run the chains not yet in ``progress``, one at a time, checkpointing after each."""
-    if major == 1:
-        run_chain = _run_chain_devinterp1
-    else:  # devinterp 2.x's sampler feeds only {"input_ids"} data: other data gets our loop
-        run_chain = _run_chain_devinterp2 if _is_lm_loader(loader) else _run_chain_sgld_loop
+    run_chain = _run_chain_devinterp1 if major == 1 else _run_chain_devinterp2
     seeds = chain_seeds(settings["seed"], settings["num_chains"])
     for chain in range(settings["num_chains"]):
         if chain in progress.llc_per_chain:
@@ -374,6 +385,7 @@ def _run_chain_devinterp1(model, loader, callback, evaluate, s, device, seed, in
             num_draws=s["num_draws"], num_chains=1, num_burnin_steps=s["num_burnin_steps"],
             num_steps_bw_draws=s["num_steps_bw_draws"], seed=[seed], device=device,
             verbose=False, cores=1, init_loss=init_loss if init_loss else 1e-30,
+            sampling_method=s["sampling_method_callable"],
         )
     return float(llc.losses.double().mean())
 
@@ -385,61 +397,72 @@ def _mean_minibatch_loss(callback: _ChainLabel) -> float:
     return float(losses.mean())
 
 
-def _is_lm_loader(loader: DataLoader) -> bool:
-    first = next(iter(loader))
-    return isinstance(first, Mapping) and "input_ids" in first
+def _default_sampling_method(major: int):
+    """devinterp's SGLD: ``SGLD`` under 1.x, ``SGMCMC.sgld`` (SGLD's replacement) under 2.x."""
+    if major == 1:
+        from devinterp.optim.sgld import SGLD
+
+        return SGLD
+    from devinterp.optim import SGMCMC
+
+    return SGMCMC.sgld
 
 
-def _run_chain_sgld_loop(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
-    """One chain of devinterp's SGLD optimizer driven by our own loop, for data that devinterp
-    2.x's ``sample_single_chain`` cannot feed. The loop is devinterp's: a copy of w* in train
-    mode, b burn-in steps, then a draw every ``num_steps_bw_draws`` steps, the callback called
-    under no-grad after the step; returns the chain's mean minibatch loss over draws."""
-    from devinterp.optim import SGLD
-
-    chain_model = copy.deepcopy(model).to(device).train()
-    optimizer = SGLD(chain_model.parameters(), lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"])
-    torch.manual_seed(seed)
-    num_steps = s["num_burnin_steps"] + s["num_draws"] * s["num_steps_bw_draws"]
-    batches = _cycle(loader)
-    for step in range(num_steps):
-        loss = _loss_of(evaluate(chain_model, move_to_device(next(batches), device))).mean()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"NaN/Inf SGLD minibatch loss at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        draw, since_draw = divmod(step + 1 - s["num_burnin_steps"], s["num_steps_bw_draws"])
-        if step + 1 > s["num_burnin_steps"] and since_draw == 0:
-            with torch.no_grad():
-                callback(model=chain_model, chain=0, draw=draw - 1, optimizer=optimizer, loss=loss.detach())
-    return _mean_minibatch_loss(callback)
+def _method_name(method) -> str:
+    return getattr(method, "__qualname__", None) or getattr(method, "__name__", None) or repr(method)
 
 
-def _cycle(loader: DataLoader):
-    """Endless batches, reshuffled each pass (from the global RNG, seeded per chain)."""
-    while True:
-        yield from loader
+class _OneTick(torch.utils.data.Dataset):
+    """What devinterp 2.x's ``sample_single_chain`` iterates: one ``{"input_ids"}`` item, so
+    its loop runs unchanged while the real batches come from the caller's loader
+    (:class:`_LoaderFeed`)."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return {"input_ids": torch.zeros(1, dtype=torch.long)}
+
+
+class _LoaderFeed:
+    """The caller's DataLoader as an endless feed, reshuffled each pass (its sampler draws
+    from the global RNG, which devinterp seeds per chain), each batch moved to ``device``."""
+
+    def __init__(self, loader: DataLoader, device):
+        self.loader, self.device, self._it = loader, device, None
+
+    def next(self):
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return move_to_device(next(self._it), self.device)
+            except StopIteration:
+                self._it = None
+        raise ValueError("the training loader yields no batches")
 
 
 def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
-    """One chain through devinterp 2.x's ``sample_single_chain``; returns the mean minibatch loss."""
-    from devinterp.optim import SGLD
+    """One chain through devinterp 2.x's ``sample_single_chain``, for any data: devinterp's
+    loop, seeding, sampler and draw schedule; the batches from the caller's ``loader`` (its
+    collate_fn and sampler kept); returns the chain's mean minibatch loss over draws."""
     from devinterp.slt.sampler import sample_single_chain
 
-    def evaluate2(model, batch):
-        return _loss_of(evaluate(model, batch)), {}
+    feed = _LoaderFeed(loader, device)
+
+    def evaluate2(model, _tick):
+        return _loss_of(evaluate(model, feed.next())), {}
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sample_single_chain(
-            model, loader.dataset, evaluate2,
+            model, _OneTick(), evaluate2,
             param_masks={name: None for name, _ in model.named_parameters()},
             num_draws=s["num_draws"], num_burnin_steps=s["num_burnin_steps"],
-            num_steps_bw_draws=s["num_steps_bw_draws"], sampling_method=SGLD,
+            num_steps_bw_draws=s["num_steps_bw_draws"], sampling_method=s["sampling_method_callable"],
             sampling_method_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
             chain=0, seed=seed, dataloader_seed=seed + 1, device=str(device),
-            callbacks=[callback], batch_size=loader.batch_size,
+            callbacks=[callback], batch_size=1, shuffle=False,
         )
     for w in caught:  # devinterp 2.x turns a NaN chain into a warning; re-raise it as ours
         if "Chain failed" in str(w.message):

@@ -99,7 +99,7 @@ def lm_sequence_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
     mask = batch.get("attention_mask")
     if mask is None:
         return token_loss.mean(dim=1)
-    mask = mask[:, 1:].to(token_loss.dtype)
+    mask = mask[:, 1:].to(token_loss.device, token_loss.dtype)  # devinterp 2 moves only input_ids
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 

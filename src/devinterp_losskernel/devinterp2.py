@@ -1,0 +1,302 @@
+"""devinterp 2.x's ``llc()`` with the loss kernel of the same draws.
+
+:func:`llc` has the name, signature and defaults of ``devinterp.slt.llc.llc`` (and so of
+``devinterp.slt.sampling.sample``), so a devinterp 2 user switches one import::
+
+    from devinterp_losskernel import llc          # was: from devinterp.slt.llc import llc
+    ds = llc(model, dataset, {"probe": probe_ds}, lr=1e-4, n_beta=30.0, num_chains=4, num_draws=200)
+    ds.llc_mean, ds.covariance, ds.correlation, ds.variance, ds.singular_fluctuation
+
+It runs devinterp's own ``sample_single_chain`` per chain, seeded as ``sample()`` seeds it,
+with the loss-kernel callback beside it, and computes devinterp's numbers exactly as
+``compute_llc`` does: ``loss_trace`` is the mean of the SGLD minibatch per-token losses at
+every step (burn-in included), ``init_loss`` the mean per-token loss of
+``num_init_loss_batches`` batches per chain (seeded as ``sample()`` seeds them), ``llc_per_chain``
+= n_beta · (mean over steps − init_loss), ``llc_mean`` / ``llc_std`` (population std, as
+xarray's ``std()``) over chains. The probe is one observable (``observable=`` names it;
+default: the first), built by devinterp's ``Observable`` (the same sequences in the same
+order as ``sample()`` stores); the kernel is over its per-sequence losses (mean over the
+token positions), i.e. ``compute_bif(samples, correlation_method="sequence",
+compute_covariance=True)`` of a ``sample()`` run with the same arguments.
+
+Two differences from ``sample()`` by design: only the probe observable is evaluated (the
+others do not enter the LLC), and the probe is evaluated in eval mode (devinterp evaluates
+its observables in the chain's train mode). For models without dropout or batch statistics
+(TransformerLens / Pythia-style LMs) the draws are identical; with active dropout devinterp's
+observable passes consume random numbers, so its chains, and its LLC, differ from ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .callback import LossKernelCallback
+
+__all__ = ["llc"]
+
+
+def _per_sequence_loss(per_token):
+    """loss_fn(model, {"input_ids": …}) -> [B]: the mean over token positions of devinterp's
+    per-token loss ``(model, input_ids) -> [B, T−1]`` (devinterp's "sequence" method)."""
+
+    def loss_fn(model, batch):
+        return per_token(model, batch["input_ids"]).float().mean(dim=-1)
+
+    return loss_fn
+
+
+def llc(
+    model: torch.nn.Module,
+    dataset,
+    observables: Dict[str, Any],
+    *,
+    lr: float,
+    n_beta: float,
+    param_masks: Optional[Dict[str, Optional[torch.Tensor]]] = None,
+    loss_fn=None,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    batch_size: int = 32,
+    num_burnin_steps: int = 0,
+    num_steps_bw_draws: int = 1,
+    num_init_loss_batches: int = 32,
+    init_seed: int = 100,
+    batches_per_draw: int = 3,
+    obs_seed: int = 1337,
+    gradient_accumulation_steps: int = 1,
+    localization: float = 0.0,
+    noise_level: float = 1.0,
+    llc_weight_decay: float = 0.0,
+    bounding_box_size: Optional[float] = None,
+    sampling_method: str = "sgmcmc_sgld",
+    sampling_method_kwargs: Optional[Dict[str, Any]] = None,
+    rmsprop_eps: Optional[float] = None,
+    rmsprop_alpha: Optional[float] = None,
+    shuffle: bool = True,
+    match_sampling_input_ids_across_chains: bool = True,
+    init_noise: Optional[float] = None,
+    device: Optional[str] = None,
+    save_metrics: bool = False,
+    output_path: Union[str, Path, None] = None,
+    observable: Optional[str] = None,
+    callback_kwargs: Optional[Dict[str, Any]] = None,
+    return_kernel: bool = False,
+):
+    """``devinterp.slt.llc.llc`` with the loss kernel of the same run.
+
+    Every argument up to ``output_path`` is devinterp 2's (same defaults); see
+    ``devinterp.slt.sampling.sample``. ``save_metrics=True`` and ``output_path`` are refused
+    (nothing is written to zarr: for a stored run use devinterp's ``sample(output_path=…)``
+    and :meth:`LossKernel.from_samples <devinterp_losskernel.LossKernel.from_samples>`).
+
+    Args (ours):
+        observable: the name of the observable that is the kernel's probe (default: the first).
+        callback_kwargs: extra :class:`~devinterp_losskernel.LossKernelCallback` arguments
+            (``dtype``, ``block_size``, ``rows``, ``probe_train_mask``, …).
+        return_kernel: also return the :class:`~devinterp_losskernel.LossKernel`.
+
+    Returns:
+        An ``xarray.Dataset`` with devinterp's ``llc_mean``, ``llc_std``, ``llc_per_chain``
+        (chain), ``llc_scalar``, ``loss_trace`` (chain, step) and ``init_loss``, computed as
+        ``compute_llc`` computes them, and the kernel's ``covariance`` and ``correlation``
+        (sample, sample_other: the probe's sequences, or ``rows`` / its columns), ``variance``,
+        ``probe_mean``, ``probe_init_loss`` (the probe's losses at w*) (probe_sample),
+        ``probe_input_ids`` (probe_sample, token),
+        ``draws_per_chain`` (chain), ``probe_llc``, ``singular_fluctuation``,
+        ``empirical_variance`` and ``num_draws``. With ``return_kernel=True``:
+        ``(dataset, kernel)``.
+    """
+    import xarray as xr
+    from devinterp.slt.config import SAMPLING_METHODS, SamplerConfig
+    from devinterp.slt.lm_loss import compute_per_token_loss, make_evaluate_fn
+    from devinterp.slt.observables import Observable
+    from devinterp.slt.sampler import calculate_num_steps, sample_single_chain
+
+    if output_path is not None:
+        raise ValueError("output_path is not supported by devinterp_losskernel.llc (it writes no zarr store): "
+                         "run devinterp.slt.sampling.sample(..., output_path=…) and then "
+                         "LossKernel.from_samples(samples, observable=…) for the kernel of a stored run")
+    if save_metrics:
+        raise ValueError("save_metrics=True is not supported by devinterp_losskernel.llc; use "
+                         "devinterp.slt.sampling.sample(..., save_metrics=True)")
+    if not isinstance(observables, dict) or not observables:
+        raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
+                         "the kernel's probe is one of them")
+    name = next(iter(observables)) if observable is None else observable
+    if name not in observables:
+        raise KeyError(f"observable={observable!r} is not among the observables {sorted(observables)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if param_masks is None:
+        param_masks = {n: None for n, _ in model.named_parameters()}
+    context_length = len(dataset[0]["input_ids"]) - 1
+    if context_length < 1:
+        raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
+
+    sampling_method_kwargs = dict(sampling_method_kwargs or {})
+    for key, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
+        if value is None:
+            continue
+        if sampling_method != "rmsprop_sgld":
+            raise ValueError(f"rmsprop_{key} can only be set when sampling_method='rmsprop_sgld', "
+                             f"got sampling_method={sampling_method!r}")
+        if key in sampling_method_kwargs:
+            raise ValueError(f"rmsprop_{key} is set both as a top-level argument and in "
+                             f"sampling_method_kwargs[{key!r}]; specify only one.")
+        sampling_method_kwargs[key] = value
+    config = SamplerConfig(  # devinterp's own validation of every sampler argument
+        lr=lr, n_beta=n_beta, num_chains=num_chains, num_draws=num_draws, batch_size=batch_size,
+        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
+        num_init_loss_batches=num_init_loss_batches, init_seed=init_seed,
+        gradient_accumulation_steps=gradient_accumulation_steps, localization=localization,
+        noise_level=noise_level, llc_weight_decay=llc_weight_decay, bounding_box_size=bounding_box_size,
+        sampling_method=sampling_method, sampling_method_kwargs=sampling_method_kwargs, shuffle=shuffle,
+        match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
+        init_noise=init_noise, save_metrics=False,
+    )
+    method = SAMPLING_METHODS.get(config.sampling_method)
+    if method is None:
+        raise ValueError(f"Unknown sampling method {config.sampling_method}")
+    method_kwargs = dict(nbeta=n_beta, lr=lr, localization=config.localization, noise_level=config.noise_level,
+                         weight_decay=config.llc_weight_decay, bounding_box_size=config.bounding_box_size,
+                         save_metrics=False, **config.sampling_method_kwargs)
+
+    spec = observables[name]
+    obs_dataset, per_draw = spec if isinstance(spec, tuple) else (spec, batches_per_draw)
+    obs = Observable(dataset=obs_dataset, task_name=name, batches_per_draw=per_draw, batch_size=batch_size,
+                     context_length=context_length, device=torch.device(device), seed=obs_seed, loss_fn=loss_fn)
+    per_token = loss_fn if loss_fn is not None else compute_per_token_loss
+
+    init_loss = _init_loss(config, model, dataset, device, per_token)  # [chain, token_pos] float32
+
+    options = dict(batch_size=batch_size, num_train=len(dataset), num_draws=num_draws)
+    options.update(callback_kwargs or {})
+    was_training = model.training
+    callback = LossKernelCallback({"input_ids": obs.input_ids}, _per_sequence_loss(per_token),
+                                  reference_model=model, **options)  # ℓ(x; w*) at the model's weights
+    model.train(was_training)
+
+    num_steps = calculate_num_steps(num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws,
+                                    num_burnin_steps=num_burnin_steps)
+    step_sums = np.zeros((num_chains, num_steps), dtype=np.float64)
+    step_counts = np.zeros((num_chains, num_steps), dtype=np.int64)
+    step_means = np.full((num_chains, num_steps), np.nan, dtype=np.float32)  # devinterp's loss_trace
+    micro: Dict[Tuple[int, int], list] = {}
+
+    def on_micro(loss, input_ids, chain, step, micro_step):
+        # devinterp writes the micro-batches of a step as one float32 row [grad_accum·B, T]
+        micro.setdefault((chain, step), []).append(loss.detach().to("cpu", torch.float32))
+        if micro_step == gradient_accumulation_steps - 1:
+            row = torch.cat(micro.pop((chain, step))).numpy()
+            step_means[chain, step] = np.nanmean(row)
+            finite = np.isfinite(row)
+            step_sums[chain, step] = float(row[finite].astype(np.float64).sum())
+            step_counts[chain, step] = int(finite.sum())
+
+    dataloader_seed = init_seed if config.match_sampling_input_ids_across_chains else None
+    for chain in range(num_chains):
+        sample_single_chain(
+            ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=param_masks,
+            num_draws=num_draws, num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
+            sampling_method_kwargs=method_kwargs, chain=chain, seed=init_seed + chain,
+            dataloader_seed=dataloader_seed if dataloader_seed is not None else init_seed + chain,
+            device=device, callbacks=[callback], micro_callback=on_micro, batch_size=batch_size,
+            init_noise=init_noise, shuffle=config.shuffle, epoch_mode=config.epoch_mode,
+        )
+    callback.finalize()
+    kernel = callback.kernel
+    kernel.metadata.update(callback.slt_summary(kernel))
+
+    # devinterp's compute_llc, on the same float32 numbers
+    init_loss_mean = float(init_loss.mean())
+    loss_trace = xr.DataArray(step_means, dims=("chain", "step"),
+                              coords={"chain": np.arange(num_chains), "step": np.arange(num_steps)})
+    llc_per_chain = n_beta * (loss_trace.mean(dim="step") - init_loss_mean)
+    total = step_counts.sum()
+    llc_scalar = n_beta * (float(step_sums.sum() / total) - init_loss_mean) if total else float("nan")
+    kernel.metadata.update({"llc/mean": float(llc_per_chain.mean()), "llc/std": float(llc_per_chain.std()),
+                            "llc/per_chain": [float(v) for v in llc_per_chain.values],
+                            "llc/init_loss": init_loss_mean, "observable": name,
+                            "sampler_config": config.model_dump()})
+
+    k = kernel.cpu()
+    sample = np.arange(k.num_samples)
+    rows = sample if k.rows is None else k.rows.numpy()
+    columns = sample if k.columns is None else k.columns.numpy()
+    data = {
+        "llc_mean": llc_per_chain.mean(),
+        "llc_std": llc_per_chain.std(),
+        "llc_per_chain": llc_per_chain,
+        "llc_scalar": llc_scalar,
+        "loss_trace": loss_trace,
+        "init_loss": init_loss_mean,
+        "variance": (("probe_sample",), k.variance.numpy()),
+        "probe_mean": (("probe_sample",), k.mean.numpy()),
+        "probe_input_ids": (("probe_sample", "token"), obs.input_ids.cpu().numpy()),
+        "draws_per_chain": (("chain",), np.array([k.draws_per_chain.get(c, 0) for c in range(num_chains)])),
+        "num_draws": k.num_draws,
+    }
+    if k.covariance is not None:  # not in mode="diagonal"
+        data["covariance"] = (("sample", "sample_other"), k.covariance.numpy())
+        data["correlation"] = (("sample", "sample_other"), k.correlation.numpy())
+    if k.init_loss is not None:
+        data["probe_init_loss"] = (("probe_sample",), k.init_loss.numpy())
+    for key in ("probe_llc", "singular_fluctuation", "empirical_variance"):
+        if key in kernel.metadata:
+            data[key] = float(kernel.metadata[key])
+    coords = {"probe_sample": sample}
+    if k.covariance is not None:
+        coords.update(sample=rows, sample_other=columns)
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update({"observable": name, "n_beta": float(n_beta),
+                     "diverged_chains": [int(c) for c in kernel.metadata.get("diverged_chains", [])]})
+    return (ds, kernel) if return_kernel else ds
+
+
+def _init_loss(config, model, dataset, device, per_token) -> np.ndarray:
+    """devinterp 2's init loss, as ``sample()`` computes it (``_write_init_loss``): per chain,
+    the float32 mean per-token loss over ``num_init_loss_batches`` × grad-accumulation batches
+    of a loader seeded as the chain's, the model in train mode. Returns [chain, token_pos]."""
+    from torch.utils.data import DataLoader
+    from devinterp.slt.sampler import _make_feed, is_transformer_lens_model, set_seed
+
+    num_batches = config.gradient_accumulation_steps * config.num_init_loss_batches
+    orig_device = next(model.parameters()).device
+    was_training = model.training
+    move = (lambda m, d: m.to(d, print_details=False)) if is_transformer_lens_model(model) else (lambda m, d: m.to(d))
+    on_device = move(model, device)
+    on_device.train()
+    torch.manual_seed(config.init_seed)
+    params = dict(on_device.named_parameters())
+    saved = {n: p.data.clone() for n, p in params.items()} if config.init_noise else {}
+    rows = []
+    try:
+        for chain in range(config.num_chains):
+            set_seed(config.init_seed + chain, device=device)
+            rng = torch.Generator(device="cpu")
+            rng.manual_seed(config.init_seed if config.match_sampling_input_ids_across_chains
+                            else config.init_seed + chain)
+            loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=config.shuffle, generator=rng,
+                                drop_last=True)
+            if config.init_noise:
+                for p in params.values():
+                    p.data.add_(torch.randn_like(p.data) * config.init_noise)
+            feed = _make_feed(loader, config.epoch_mode, num_batches)
+            accumulated = 0.0
+            with torch.no_grad():
+                for _ in range(num_batches):
+                    input_ids = next(feed)["input_ids"].to(device)
+                    accumulated += per_token(on_device, input_ids).detach().float() / num_batches
+            rows.append(accumulated.mean(dim=0).cpu().numpy().astype(np.float32))
+            if config.init_noise:
+                for n, p in params.items():
+                    p.data.copy_(saved[n])
+    finally:
+        move(model, orig_device)
+        model.train(was_training)
+    return np.stack(rows)

@@ -396,3 +396,19 @@ def test_combined_mode_keeps_the_subset_kernel_and_every_variance(rng, tmp_path)
     assert torch.equal(loaded.columns, k.columns) and torch.equal(loaded.covariance, k.covariance)
     with pytest.raises(ValueError, match="needs rows="):
         KernelAccumulator(15, mode="combined")
+
+
+def test_clones_of_an_empty_template_merge_and_grad_losses_are_detached():
+    template = KernelAccumulator(4)
+    a, b = template.clone(), template.clone()
+    a.update(torch.randn(5, 4, dtype=torch.float64))
+    b.update(torch.randn(6, 4, dtype=torch.float64))
+    assert a.merge(b).count == 11  # distinct draws: not a double count
+    with pytest.raises(ValueError, match="already in"):
+        a.merge(b)
+    losses = torch.randn(3, 4, requires_grad=True)
+    acc = KernelAccumulator(4)
+    acc.update(losses * 2)
+    assert not acc.compute().covariance.requires_grad
+    with pytest.raises(ValueError, match="at least one sample index"):
+        KernelAccumulator(4, rows=[])

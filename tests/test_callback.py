@@ -457,17 +457,79 @@ def test_an_aborted_chain_is_recorded_and_its_held_draws_left_out():
     model, probe = MLP(), classification_data(10)
     cb = LossKernelCallback(probe, num_draws=5, divergence_window=2)
     witness = ProbeRecorder(probe)
+    for chain, draw, m in perturbed_draws(model, 3, 5):
+        if chain == 1 and draw >= 3:
+            continue  # aborted after 3 draws
+        cb(model=m, chain=chain, draw=draw)
+        if chain != 1 or draw < 1:  # chain 1's last 2 draws were held back
+            witness(model=m, chain=chain)
+    assert "incomplete_chains" in cb.kernel.metadata  # read mid-run: its held draws stay out
     with pytest.warns(RuntimeWarning, match=r"chain 1: the sampler stopped it after 3 of num_draws=5"):
-        for chain, draw, m in perturbed_draws(model, 3, 5):
-            if chain == 1 and draw >= 3:
-                continue  # aborted after 3 draws
-            cb(model=m, chain=chain, draw=draw)
-            if chain != 1 or draw < 1:  # chain 1's last 2 draws were held back
-                witness(model=m, chain=chain)
+        cb.finalize()  # the run is over: chain 1 was aborted
     k = cb.kernel
     assert cb.diverged_chains == [1] and "stopped it after 3" in k.metadata["chain_failures"][1]
     assert k.draws_per_chain == {0: 5, 1: 1, 2: 5} and k.rejected_per_chain == {1: 2}
     np.testing.assert_allclose(k.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
+
+
+def test_chains_interleaved_in_lock_step_are_not_taken_for_aborted_ones():
+    model, probe = MLP(), classification_data(10)
+    cb, witness = LossKernelCallback(probe, num_draws=4, divergence_window=2), ProbeRecorder(probe)
+    draws = list(perturbed_draws(model, 1, 8))
+    for step, (_, draw, m) in enumerate(draws):  # chain 0, chain 1, chain 0, … each 4 draws
+        cb(model=m, chain=step % 2, draw=step // 2)
+        witness(model=m, chain=step % 2)
+    cb.finalize()
+    k = cb.kernel
+    assert cb.diverged_chains == [] and k.draws_per_chain == {0: 4, 1: 4}
+    np.testing.assert_allclose(k.covariance.numpy(), np.cov(witness.traces(), rowvar=False), rtol=1e-10)
+
+
+def test_num_draws_that_disagree_with_the_sampler_are_refused():
+    cb = LossKernelCallback(classification_data(10), num_draws=10)
+    with pytest.raises(ValueError, match="num_draws must match the sampler's"):
+        cb(model=MLP(), chain=0, draw=0, num_draws=4)
+
+
+def test_a_probe_that_changes_order_after_the_checks_is_caught_at_the_draw():
+    class Flipping(torch.utils.data.Sampler):
+        def __init__(self, n):
+            self.n, self.passes = n, 0
+
+        def __iter__(self):
+            self.passes += 1
+            order = list(range(self.n))
+            return iter(order if self.passes <= 2 else order[::-1])  # set_epoch-like change
+
+        def __len__(self):
+            return self.n
+
+    loader = DataLoader(TensorDataset(*classification_data(10)), batch_size=4, sampler=Flipping(10))
+    cb = LossKernelCallback(loader, cache_probe_on_device=False)
+    with pytest.raises(ValueError, match="same samples in the same order every draw"):
+        cb(model=MLP(), chain=0, draw=0)
+
+
+def test_drop_last_and_non_finite_probes_are_refused_before_sampling():
+    x, y = classification_data(10)
+    with pytest.raises(ValueError, match="drop_last=True"):
+        LossKernelCallback(DataLoader(TensorDataset(x, y), batch_size=4, drop_last=True))
+    x[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"probe losses at w\* .* not finite .*indices \[3\]"):
+        LossKernelCallback((x, y), reference_model=MLP())
+
+
+@pytest.mark.parametrize("loss_fn", [torch.nn.functional.cross_entropy, torch.nn.CrossEntropyLoss(reduction="none")])
+def test_torch_losses_passed_as_loss_fn_are_explained(loss_fn):
+    with pytest.raises(TypeError, match=r"takes \(logits, targets\).*lambda model, batch"):
+        LossKernelCallback(classification_data(10), loss_fn)
+
+
+def test_a_probe_that_does_not_fit_the_model_names_the_probe():
+    with pytest.raises(ValueError, match=r"probe could not be evaluated.*mat1 and mat2"):
+        LossKernelCallback((torch.randn(10, 5), torch.zeros(10, dtype=torch.long)), reference_model=MLP())
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        LossKernelCallback((torch.randn(10, 6), torch.full((10,), 3)), reference_model=MLP())
 
 
 def test_the_last_chain_aborted_is_caught_at_finalize():

@@ -119,6 +119,7 @@ def test_a_chain_devinterp2_aborts_in_the_users_own_loop_is_recorded():
                 num_draws=6, num_burnin_steps=1, sampling_method=SGLD,
                 sampling_method_kwargs=dict(lr=1e-3, nbeta=20.0, localization=50.0),
                 chain=chain, seed=chain, device="cpu", callbacks=[cb, witness], batch_size=8)
+        cb.finalize()  # the end of the run: chain 0 delivered 3 of 6 draws
     k = cb.kernel
     assert cb.diverged_chains == [0] and "stopped it after 3 of num_draws=6" in k.metadata["chain_failures"][0]
     assert k.draws_per_chain == {1: 6} and k.rejected_per_chain == {0: 3}

@@ -184,3 +184,37 @@ def test_bad_labels_fail_before_any_sampling():
         estimate_loss_kernel(MLP(), loader_for(x, y), (x, y), labels=y[:3], evaluate=evaluate, num_chains=2,
                              num_draws=3, num_burnin_steps=0, lr=1e-3, nbeta=1.0, localization=1.0)
     assert calls["n"] == 0
+
+
+@pytest.mark.parametrize("change", ["model", "loss_fn", "evaluate", "data"])
+def test_resume_with_another_model_loss_or_data_is_refused(tmp_path, change):
+    model, loader, probe = _resume_run.problem()
+    kwargs = dict(_resume_run.SETTINGS, num_chains=2, num_draws=3, callback_kwargs=None)
+    estimate_loss_kernel(model, loader, probe, checkpoint_dir=tmp_path, **kwargs)
+    x, y = loader.dataset.tensors
+    if change == "model":
+        with torch.no_grad():
+            model.net[0].weight.add_(0.01)
+    elif change == "loss_fn":
+        kwargs["loss_fn"] = lambda m, b: 2 * torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+    elif change == "evaluate":
+        kwargs["evaluate"] = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]) + 0.1
+    else:
+        loader = loader_for(x + 0.01, y)
+    with pytest.raises(IdentityMismatchError, match=r"(?s)other settings.*run\.\w+: checkpoint = "):
+        estimate_loss_kernel(model, loader, probe, checkpoint_dir=tmp_path, **kwargs)
+
+
+def test_checkpoint_dir_that_is_a_file_and_colliding_callback_kwargs_fail_first(tmp_path):
+    model, loader, probe = _resume_run.problem()
+    kwargs = dict(_resume_run.SETTINGS, num_chains=2, num_draws=3, callback_kwargs=None)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir must be a folder"):
+        estimate_loss_kernel(model, loader, probe, checkpoint_dir=tmp_path / "notes.txt", **kwargs)
+    with pytest.raises(ValueError, match=r"callback_kwargs must not hold \['num_draws'\]"):
+        estimate_loss_kernel(model, loader, probe, **dict(kwargs, callback_kwargs=dict(num_draws=10)))
+    with pytest.raises(ValueError, match="evaluate must return the minibatch loss as a scalar"):
+        estimate_loss_kernel(model, loader, probe, **dict(kwargs, evaluate=lambda m, b: torch.nn.functional.cross_entropy(
+            m(b[0]), b[1], reduction="none")))
+    with pytest.raises(ValueError, match="non-finite minibatch loss at w"):
+        estimate_loss_kernel(model, loader, probe, **dict(kwargs, evaluate=lambda m, b: m(b[0]).sum() * float("nan")))

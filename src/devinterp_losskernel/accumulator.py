@@ -145,6 +145,8 @@ def validate_rows(rows, num_samples: int) -> torch.Tensor:
         rows = torch.as_tensor(rows)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"rows must be a sequence of sample indices, got {type(rows).__name__}") from None
+    if rows.numel() == 0:
+        raise ValueError("rows must name at least one sample index, got an empty sequence")
     if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
         raise ValueError(f"rows must be integer sample indices, got dtype {rows.dtype}")
     rows = rows.to("cpu", torch.long).flatten()
@@ -320,7 +322,7 @@ class KernelAccumulator:
             )
         if not (block.is_floating_point()):
             raise ValueError(f"losses must be floating point, got dtype {block.dtype}")
-        return block.to(device=self.device)
+        return block.detach().to(device=self.device)  # never an autograd graph in the state
 
     # -- the verbs --------------------------------------------------------------------------
     @property
@@ -412,7 +414,8 @@ class KernelAccumulator:
         return out
 
     def clone(self) -> "KernelAccumulator":
-        """An independent copy (same identity and sources: merging it back is refused)."""
+        """An independent copy: the same identity and the sources of the draws it holds
+        (merging it back is refused); draws it receives later count as new ones."""
         return self.to(self.device, copy=True)
 
     def to(self, device: DeviceLike, *, copy: bool = False) -> "KernelAccumulator":
@@ -429,6 +432,7 @@ class KernelAccumulator:
         new._moments = self._moments.copy(device)
         new._buffer = torch.empty_like(self._buffer, device=device)
         new._buffered = 0
+        new._own_source = new_run_id()  # its own later draws are new draws; the ones it holds are not
         return new
 
     def compute(self, **kernel_fields) -> LossKernel:

@@ -45,7 +45,7 @@ from torch import nn
 from .accumulator import KernelAccumulator, validate_rows
 from .kernel import LossKernel, as_labels
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
-from .probe import LossFn, ProbeSet, _model_device, evaluate_probe_losses
+from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, evaluate_probe_losses
 from .provenance import IdentityMismatchError, checksum
 
 __all__ = ["DivergenceGuard", "KernelStorage", "LossKernelCallback", "ProbeOptions", "SnapshotSchedule",
@@ -86,6 +86,7 @@ class _Run:
     ref_model: Any = None  # weakref to devinterp's ref_model of this run
     finalized: bool = False
     expected_draws: Optional[int] = None
+    warned_no_draw: bool = False
 
 
 def _prior_hyperparameters(prior) -> Dict[str, float]:
@@ -172,8 +173,7 @@ class LossKernelCallback:
         snapshot_schedule: Optional[SnapshotSchedule] = None,
         **flat,
     ):
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
+        check_loss_fn(loss_fn)
         groups = groups_from(dict(probe_options=probe_options, storage=storage, divergence=divergence,
                                    snapshot_schedule=snapshot_schedule), flat)
         self.probe_options: ProbeOptions = groups["probe_options"]
@@ -257,8 +257,19 @@ class LossKernelCallback:
             run.ref_model = _weak(ref_model)
         if hyperparameters and not run.hyperparameters:
             run.hyperparameters = hyperparameters
-        if _is_int(num_draws) and self.num_draws is None:
+        if _is_int(num_draws):
+            if self.num_draws is not None and int(num_draws) != self.num_draws:
+                raise ValueError(
+                    f"num_draws must match the sampler's: LossKernelCallback(num_draws={self.num_draws}), but "
+                    f"the sampler takes num_draws={int(num_draws)} draws per chain (leave it out under "
+                    "devinterp 1.x: the sampler passes its own)")
             run.expected_draws = int(num_draws)
+        if draw is None and not run.warned_no_draw:
+            run.warned_no_draw = True
+            warnings.warn(
+                "LossKernelCallback called without draw=: it cannot tell a new run from more draws of "
+                "this one. Pass draw= (and chain=) from your loop, or call finalize() at the end of each run.",
+                RuntimeWarning, stacklevel=2)
         if self.num_train is None and loader is not None and hasattr(loader, "dataset"):
             self.num_train = len(loader.dataset)  # devinterp 1.x passes its training loader
         if run.init_loss is None and self.reference_model is None and ref_model is not None:
@@ -392,12 +403,11 @@ class LossKernelCallback:
         return f"the sampler stopped it after {delivered} of num_draws={expected} draws"
 
     def _end_other_chains(self, chain: int) -> None:
-        """Chains run one after another: a draw of a new chain ends the earlier ones."""
-        for other in [c for c in self._run.delivered if c != chain and c not in self._run.diverged_chains]:
-            reason = self._aborted(other)
-            if reason is not None:
-                self.mark_diverged(other, reason, stacklevel=5)
-            else:
+        """A draw of another chain ends the chains that are complete (their held draws are
+        folded). One that has not delivered its ``num_draws`` keeps its held draws: it was
+        either aborted (then :meth:`finalize` leaves them out) or runs interleaved."""
+        for other in [c for c in self._run.held if c != chain and c not in self._run.diverged_chains]:
+            if self._aborted(other) is None:
                 self.end_chain(other)
 
     def finalize(self, *args, **kwargs) -> None:
@@ -479,10 +489,12 @@ class LossKernelCallback:
         for chain in [c for c in run.held if c not in incomplete]:
             self.end_chain(chain)
         if run.accumulator.count < 2 and run.rejected_per_chain:
+            reasons = "; ".join(f"chain {c}: {r}" for c, r in run.chain_failures.items())
             raise ValueError(
                 f"only {run.accumulator.count} draws were kept: chains {run.diverged_chains} "
                 f"diverged (rejected draws per chain: {dict(run.rejected_per_chain)}), and a "
-                "covariance needs at least 2. Lower lr or raise localization."
+                f"covariance needs at least 2 ({reasons}). Lower lr or raise localization; if every "
+                "chain failed at its first draw, check the probe inputs and loss_fn for NaN/Inf."
             )
         metadata = {
             "devinterp_version": devinterp_version(),
@@ -605,6 +617,13 @@ class LossKernelCallback:
     def set_reference(self, reference_model: nn.Module) -> torch.Tensor:
         """Record the probe losses at w* (``init_loss``) from the model at w*."""
         losses = self.probe_losses(reference_model)
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            where = torch.nonzero(bad).flatten()[:5].tolist()
+            raise ValueError(
+                f"the probe losses at w* (reference_model) are not finite for {int(bad.sum())} samples "
+                f"(e.g. indices {where}): before any sampling, so the probe inputs (NaN/Inf values?) or "
+                "loss_fn are at fault, not SGLD")
         self._run.init_loss = losses.detach().to("cpu", torch.float64)
         return self._run.init_loss
 

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .presets import SGLDSettings
-from .probe import LossFn, _model_device, default_loss_fn, move_to_device
-from .provenance import IdentityMismatchError, load_verified, save_verified
+from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, move_to_device
+from .provenance import IdentityMismatchError, checksum, load_verified, save_verified
 
 __all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
 
@@ -150,8 +150,7 @@ def estimate_loss_kernel(
         raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
+    check_loss_fn(loss_fn)
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be callable (model, batch) -> loss, got {evaluate!r}")
     if sampling_method is not None and not callable(sampling_method):
@@ -167,6 +166,10 @@ def estimate_loss_kernel(
         def evaluate(model, batch):
             return per_sample(model, batch).mean()
 
+    taken = sorted(set(callback_kwargs or {}) & _SET_HERE)
+    if taken:
+        raise ValueError(f"callback_kwargs must not hold {taken}: estimate_loss_kernel sets them itself "
+                         "(pass them as its own arguments)")
     callback = LossKernelCallback(
         probe, loss_fn, dtype=dtype, batch_size=probe_batch_size,
         sample_ids=sample_ids, labels=labels, num_train=len(loader.dataset),
@@ -185,6 +188,13 @@ def estimate_loss_kernel(
     settings = dict(sgld.to_dict(), num_train=len(loader.dataset), sampling_method=_method_name(sampling_method),
                     sampling_method_callable=sampling_method)  # the callable is popped before it is reported
     init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
+    if checkpoint is not None:  # what else the run depends on: w*, loss_fn, evaluate, the data
+        checkpoint.run_identity = {
+            "model": checksum({k: v for k, v in model.state_dict().items()})[:16],
+            "probe_losses_at_w_star": checksum(callback.init_loss)[:16],
+            "minibatch_loss_at_w_star": init_loss,
+            "training_data": _data_fingerprint(loader),
+        }
     callback.allocate(model)  # before any checkpoint is restored into it
     progress = checkpoint.load(model) if checkpoint else _Progress()
     if checkpoint is None or not checkpoint.finished(progress, num_chains):
@@ -289,11 +299,16 @@ class _Checkpoint:
         self.callback = callback
         self.sgld = sgld
         self.devinterp_major = devinterp_major
+        if Path(directory).exists() and not Path(directory).is_dir():
+            raise ValueError(f"checkpoint_dir must be a folder, but {str(directory)!r} is a file")
+        Path(directory).mkdir(parents=True, exist_ok=True)  # a folder we cannot make fails now, not after a chain
+        self.run_identity: Dict[str, Any] = {}
         self._saved = load_verified(self.path, kind=CHECKPOINT_FORMAT) if self.path.exists() else None
 
     def arguments(self) -> Dict[str, Any]:
         return {"sgld": {k: v for k, v in self.sgld.to_dict().items() if k != "source"},
-                "callback": self.callback.arguments(), "devinterp_major": self.devinterp_major}
+                "callback": self.callback.arguments(), "devinterp_major": self.devinterp_major,
+                "run": dict(self.run_identity)}
 
     def resolve_seed(self, sgld: SGLDSettings) -> SGLDSettings:
         """With seed=None, the seed of the run in the checkpoint (if any)."""
@@ -355,6 +370,25 @@ def _loss_of(result) -> torch.Tensor:
     raise TypeError(f"evaluate must return a loss tensor, (loss, ...), or {{'loss': ...}}, got {type(result).__name__}")
 
 
+_SET_HERE = {"loss_fn", "dtype", "batch_size", "sample_ids", "labels", "num_train", "probe_train_mask",
+             "total_draws", "num_draws"}
+
+
+def _data_fingerprint(loader: DataLoader, samples: int = 256) -> Optional[str]:
+    """A cheap fingerprint of the training data: its size and up to ``samples`` evenly spaced
+    items, collated as the loader does (None where the dataset cannot be indexed)."""
+    from .probe import _sample_stats, _structure
+
+    dataset = loader.dataset
+    try:
+        n = len(dataset)
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(samples, n))})
+        batch = (loader.collate_fn or torch.utils.data.default_collate)([dataset[i] for i in picks])
+        return f"{n}:" + checksum([_structure(batch), _sample_stats(batch, squares=True)])[:16]
+    except Exception:  # an iterable dataset, a collate_fn that needs more: size only
+        return None
+
+
 def _minibatch_init_loss(model, loader, evaluate, s, device) -> float:
     """L_m(w*): the SGLD minibatch loss at w*, averaged over ``num_chains`` batches, as
     devinterp does, but reproducible (seeded batch order) and on a copy of the model, so
@@ -362,10 +396,17 @@ def _minibatch_init_loss(model, loader, evaluate, s, device) -> float:
     work = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(int(s["seed"]))
-        losses = [
-            float(_loss_of(evaluate(work, move_to_device(batch, device))).mean())
-            for _, batch in zip(range(s["num_chains"]), loader)
-        ]
+        losses = []
+        for _, batch in zip(range(s["num_chains"]), loader):
+            loss = _loss_of(evaluate(work, move_to_device(batch, device)))
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"evaluate must return the minibatch loss as a scalar (the mean over the "
+                                 f"batch), got {got}; SGLD differentiates it")
+            losses.append(float(loss))
+    if not np.all(np.isfinite(losses)):
+        raise ValueError(f"evaluate gives a non-finite minibatch loss at w* (the trained model) before any "
+                         f"sampling: {losses}; check the training data and evaluate")
     return float(np.mean(losses))
 
 

@@ -266,6 +266,10 @@ class LossKernel:
         """Read a kernel written by :meth:`save` (safe: no pickled code is executed). The
         file's checksum is verified: a damaged file raises
         :class:`~devinterp_losskernel.provenance.FileIntegrityError` naming it."""
+        location = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
+        if location is not None and location.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"map_location must be an available device: got {str(map_location)!r}, but "
+                             "torch.cuda.is_available() is False here; use map_location='cpu'")
         payload = load_verified(path, kind=FORMAT, map_location=map_location, 
                                 require_checksum=lambda p: p.get("format_version", 1) >= 2)
         if payload.get("format_version", 1) >= 2 and "metadata" not in payload:

@@ -32,6 +32,7 @@ __all__ = [
     "eval_mode",
     "lm_sequence_loss",
     "move_to_device",
+    "check_loss_fn",
 ]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -82,7 +83,11 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
             f"the default loss_fn (cross-entropy) expects logits [batch_size, classes] = "
             f"[{targets.shape[0]}, C] for (inputs, targets) batches, got {tuple(logits.shape)}; "
             "pass loss_fn=(model, batch) -> Tensor[batch_size]")
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
+        raise ValueError(f"probe labels must be class indices in [0, {logits.shape[1]}) for a model with "
+                         f"{logits.shape[1]} outputs, got values in [{int(targets.min())}, {int(targets.max())}]")
+    # float64 logits stay float64 (a float64 model's losses keep their digits); half → float32
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), targets, reduction="none")
 
 
 def lm_sequence_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
@@ -101,6 +106,22 @@ def lm_sequence_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
         return token_loss.mean(dim=1)
     mask = mask[:, 1:].to(token_loss.device, token_loss.dtype)  # devinterp 2 moves only input_ids
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def check_loss_fn(loss_fn, name: str = "loss_fn") -> None:
+    """Refuse what cannot be a ``loss_fn(model, batch) -> Tensor[batch_size]`` before any work:
+    not callable, a torch loss module or a torch.nn.functional loss (they take
+    ``(logits, targets)``, not ``(model, batch)``)."""
+    if loss_fn is None:
+        return
+    if not callable(loss_fn):
+        raise TypeError(f"{name} must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
+    module = getattr(loss_fn, "__module__", "") or ""
+    if isinstance(loss_fn, nn.Module) or module.startswith("torch.nn.functional") or module.startswith("torch._C"):
+        raise TypeError(
+            f"{name} must take (model, batch) and return per-sample losses [batch_size], but {loss_fn!r} takes "
+            "(logits, targets). Leave it as None for cross-entropy, or pass e.g. "
+            "lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction='none')")
 
 
 def default_loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -222,11 +243,16 @@ class ProbeSet:
         self._cache: Optional[List[Any]] = None
         self._cache_device = None
         self._checked: Optional[Tuple[int, str]] = None
+        self._sums: Optional[torch.Tensor] = None
+        self._reference_sums: Optional[torch.Tensor] = None
 
     @staticmethod
     def _as_loader(probe, batch_size: int):
         if isinstance(probe, DataLoader):
             _check_not_shuffled(probe)
+            if probe.drop_last:
+                raise ValueError("probe must yield every sample, but its DataLoader has drop_last=True "
+                                 "(the last partial batch would be left out): pass drop_last=False")
             return probe
         if isinstance(probe, np.ndarray):
             probe = torch.as_tensor(probe)
@@ -256,14 +282,20 @@ class ProbeSet:
         batch's structure (keys, per-sample shapes, dtypes) and of every sample's sum and sum
         of squares per tensor, in order — so the same samples in another order, other samples
         of the same size, or other labels give another fingerprint."""
-        h, n = hashlib.sha256(), 0
+        structures, stats = [], []
         for batch in self.loader:
-            size = batch_size_of(batch)
-            n += size
-            _fingerprint_into(h, batch, size)
-        if n == 0:
+            structure = _structure(batch)
+            if not structures or structures[-1] != structure:
+                structures.append(structure)
+            stats.append(_sample_stats(batch, squares=True))
+        if not stats or sum(len(s) for s in stats) == 0:
             raise ValueError("probe is empty: it yielded no samples")
-        return n, h.hexdigest()[:32]
+        table = torch.cat(stats)
+        # batch-size invariant: the per-sample statistics in order, and the structure once
+        h = hashlib.sha256("|".join(structures).encode())
+        h.update(table.numpy().tobytes())
+        self._sums = table[:, 0::2].clone()
+        return int(table.shape[0]), h.hexdigest()[:32]
 
     def check_stable(self) -> Tuple[int, str]:
         """Pass over the probe twice and refuse one that yields its samples in another order
@@ -277,6 +309,7 @@ class ProbeSet:
                     f"{second[1][:12]}…): a shuffling sampler or a random transform? Pass a "
                     "DataLoader with shuffle=False and no random augmentation, or the tensors themselves")
             self._checked = first
+            self._reference_sums = self._sums
         return self._checked
 
     def batches(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Iterator:
@@ -286,7 +319,10 @@ class ProbeSet:
             yield from self._cache
             return
         fresh, total_bytes, keep = [], 0, self.cache_on_device is not False
+        sums = [] if self._reference_sums is not None else None
         for batch in self.loader:
+            if sums is not None:  # every pass from the loader is checked against the first
+                sums.append(_sample_stats(batch, squares=False))
             batch = cast_floating(move_to_device(batch, device), dtype)
             if keep:
                 total_bytes += _batch_nbytes(batch)
@@ -295,6 +331,14 @@ class ProbeSet:
                 else:
                     fresh.append(batch)
             yield batch
+        if sums is not None:
+            got = torch.cat(sums) if sums else torch.zeros(0, self._reference_sums.shape[1], dtype=torch.float64)
+            if got.shape != self._reference_sums.shape or not torch.equal(got, self._reference_sums):
+                raise ValueError(
+                    "probe must yield the same samples in the same order every draw, but this pass "
+                    f"yielded {'other samples or another order' if got.shape == self._reference_sums.shape else f'{got.shape[0]} samples instead of {self._reference_sums.shape[0]}'} "
+                    "than the passes checked when the callback was made (a sampler that changes its "
+                    "order between epochs, a random transform?). Pass a DataLoader with a fixed order")
         if keep:
             self._cache, self._cache_device = fresh, (device, dtype)
 
@@ -314,26 +358,45 @@ def _check_not_shuffled(loader: DataLoader) -> None:
                 "(for a subset, torch.utils.data.Subset with a fixed index list)")
 
 
-def _fingerprint_into(h, value, size: int) -> None:
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        h.update(f"T{t.dtype}{tuple(t.shape[1:])}".encode())
-        flat = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+def _leaves(value) -> List[Any]:
+    """The leaves of a (nested) batch in a fixed order: tensors and other values."""
+    if isinstance(value, Mapping):
+        return [leaf for key in sorted(value, key=str) for leaf in _leaves(value[key])]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def _structure(batch) -> str:
+    """Keys, per-sample shapes and dtypes of a batch (not its batch size)."""
+    def describe(value):
+        if isinstance(value, Mapping):
+            return "{" + ",".join(f"{k}:{describe(value[k])}" for k in sorted(value, key=str)) + "}"
+        if isinstance(value, (tuple, list)):
+            return "(" + ",".join(describe(v) for v in value) + ")"
+        if isinstance(value, torch.Tensor):
+            return f"{value.dtype}{tuple(value.shape[1:])}"
+        return type(value).__name__
+    return describe(batch)
+
+
+def _sample_stats(batch, *, squares: bool) -> torch.Tensor:
+    """[B, L] (or [B, 2L] with ``squares``) float64: each sample's sum (and sum of squares)
+    of every tensor leaf of the batch, on the CPU."""
+    size = batch_size_of(batch)
+    columns = []
+    for leaf in _leaves(batch):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or leaf.shape[0] != size:
+            continue
+        flat = leaf.detach().reshape(size, -1)
         if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
-        flat = flat.to("cpu", torch.float64)
-        stats = torch.stack([flat.sum(dim=1), flat.square().sum(dim=1)], dim=1)
-        h.update(stats.numpy().tobytes())
-    elif isinstance(value, Mapping):
-        for key in sorted(value, key=str):
-            h.update(f"K{key}".encode())
-            _fingerprint_into(h, value[key], size)
-    elif isinstance(value, (tuple, list)):
-        h.update(f"S{len(value)}".encode())
-        for item in value:
-            _fingerprint_into(h, item, size)
-    else:
-        h.update(repr(value).encode())
+            flat = torch.view_as_real(flat).reshape(size, -1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        columns.append(flat.sum(dim=1, dtype=torch.float64).cpu())
+        if squares:
+            columns.append(flat.double().square().sum(dim=1).cpu())
+    return torch.stack(columns, dim=1) if columns else torch.zeros(size, 0, dtype=torch.float64)
 
 
 class _DictBatches:
@@ -386,7 +449,16 @@ def evaluate_probe_losses(
             size = batch_size_of(batch)
             if channels_last:
                 batch = to_channels_last(batch)
-            losses = loss_fn(model, batch)
+            try:
+                losses = loss_fn(model, batch)
+            except (ValueError, MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # name what to change instead of a raw torch error
+                raise ValueError(
+                    f"the probe could not be evaluated: loss_fn(model, batch) raised {type(error).__name__}: "
+                    f"{error}. loss_fn is called as loss_fn(model, batch) -> Tensor[batch_size] on probe "
+                    f"batches of structure {_structure(batch)}; check that the probe's inputs fit the model "
+                    "(shape, dtype) and that loss_fn takes (model, batch)") from error
             if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (size,):
                 got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                 raise ValueError(

@@ -127,3 +127,41 @@ def test_bad_inputs_name_the_argument():
         memorization_scores(one_draw)
     with pytest.raises(ValueError, match="positive median variance"):
         memorization_scores(np.zeros((3, 3)), normalize=True)
+
+
+def test_label_issue_scores_against_a_hand_computation():
+    import torch
+
+    from devinterp_losskernel import KernelAccumulator, label_issue_scores
+
+    rng = np.random.default_rng(3)
+    n, draws = 30, 400
+    labels = np.repeat(np.arange(3), 10)
+    flipped = np.zeros(n, bool)
+    flipped[[2, 15, 27]] = True
+    # losses: class-shared factors, the flipped samples higher and noisier around w*
+    factors = rng.normal(size=(draws, 3))
+    traces = 0.1 + 0.05 * factors[:, labels] + 0.01 * rng.normal(size=(draws, n))
+    traces[:, flipped] += 1.0 + 0.3 * rng.normal(size=(draws, flipped.sum()))
+    acc = KernelAccumulator(n)
+    acc.update(torch.from_numpy(traces))
+    init = np.full(n, 0.1)
+    kernel = acc.compute(init_loss=torch.from_numpy(init), labels=torch.from_numpy(labels))
+    scores = label_issue_scores(kernel, k=5)
+    np.testing.assert_allclose(scores["posterior mean loss"], traces.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(scores["mean shift"], traces.mean(0) - init, rtol=1e-12)
+    np.testing.assert_allclose(scores["variance"], traces.var(0, ddof=1), rtol=1e-10)
+    corr = np.corrcoef(traces, rowvar=False)
+    np.fill_diagonal(corr, -np.inf)
+    var = traces.var(0, ddof=1)
+    clean = 1 - (np.argsort(np.argsort(var)) + 1) / n
+    expected = []
+    for i in range(n):
+        nb = np.argsort(-corr[i])[:5]
+        w = clean[nb] + 1e-12
+        expected.append(1 - (w * (labels[nb] == labels[i])).sum() / w.sum())
+    np.testing.assert_allclose(scores["neighbour label agreement"], expected, rtol=1e-9)
+    for name in ("posterior mean loss", "variance"):
+        assert detection_auc(scores[name], flipped) == 1.0, name
+    with pytest.raises(ValueError, match="which must name scores"):
+        label_issue_scores(kernel, which=["magic"])

@@ -190,9 +190,9 @@ def estimate_loss_kernel(
     init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
     if checkpoint is not None:  # what else the run depends on: w*, loss_fn, evaluate, the data
         checkpoint.run_identity = {
-            "model": checksum({k: v for k, v in model.state_dict().items()})[:16],
-            "probe_losses_at_w_star": checksum(callback.init_loss)[:16],
-            "minibatch_loss_at_w_star": init_loss,
+            "w_star_weights": checksum({k: v for k, v in model.state_dict().items()})[:16],
+            "loss_fn_at_w_star": checksum(callback.init_loss)[:16],  # the probe losses at w*
+            "evaluate_at_w_star": init_loss,  # the SGLD minibatch loss at w* (evaluate and data)
             "training_data": _data_fingerprint(loader),
         }
     callback.allocate(model)  # before any checkpoint is restored into it

@@ -333,7 +333,8 @@ class ProbeSet:
             yield batch
         if sums is not None:
             got = torch.cat(sums) if sums else torch.zeros(0, self._reference_sums.shape[1], dtype=torch.float64)
-            if got.shape != self._reference_sums.shape or not torch.equal(got, self._reference_sums):
+            if got.shape != self._reference_sums.shape or not torch.allclose(
+                    got, self._reference_sums, rtol=0.0, atol=0.0, equal_nan=True):
                 raise ValueError(
                     "probe must yield the same samples in the same order every draw, but this pass "
                     f"yielded {'other samples or another order' if got.shape == self._reference_sums.shape else f'{got.shape[0]} samples instead of {self._reference_sums.shape[0]}'} "
@@ -451,9 +452,9 @@ def evaluate_probe_losses(
                 batch = to_channels_last(batch)
             try:
                 losses = loss_fn(model, batch)
-            except (ValueError, MemoryError, KeyboardInterrupt):
-                raise
-            except Exception as error:  # name what to change instead of a raw torch error
+            except (TypeError, RuntimeError, IndexError) as error:  # name what to change, not a raw torch error
+                if isinstance(error, MemoryError) or "out of memory" in str(error):
+                    raise
                 raise ValueError(
                     f"the probe could not be evaluated: loss_fn(model, batch) raised {type(error).__name__}: "
                     f"{error}. loss_fn is called as loss_fn(model, batch) -> Tensor[batch_size] on probe "

@@ -15,7 +15,8 @@ import numpy as np
 from ..kernel import LossKernel
 from ._validate import as_array, as_labels, as_mask, as_vector, kernel_labels, kernel_variance, py_scalar
 
-__all__ = ["detection_auc", "mean_self_covariance", "memorization_scores", "roc_curve"]
+__all__ = ["LABEL_ISSUE_SCORES", "detection_auc", "label_issue_scores", "mean_self_covariance",
+           "memorization_scores", "roc_curve"]
 
 
 def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.ndarray:
@@ -56,6 +57,64 @@ def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.
             cv = variance / mean_sq
         return np.where(mean_sq > 0, cv, np.where(variance > 0, np.inf, 0.0))
     raise ValueError(f"normalize must be False, True, 'median' or 'cv', got {normalize!r}")
+
+
+LABEL_ISSUE_SCORES = ("posterior mean loss", "mean shift", "variance", "neighbour label agreement")
+
+
+def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
+                       which: Any = None) -> Dict[str, np.ndarray]:
+    """Per-sample label-issue scores of the trained model itself (no retraining), larger =
+    more likely mislabelled/memorized, [n] each:
+
+    - ``"posterior mean loss"``: μ̂(x) = E_w[ℓ(x; w)] over the SGLD draws. A memorized wrong
+      label is fitted at w* only: around it the loss of that label comes back up. Needs only
+      the diagonal (``mode="diagonal"`` works on a whole training set).
+    - ``"mean shift"``: E_w[ℓ(x; w)] − ℓ(x; w*) (needs ``kernel.init_loss``).
+    - ``"variance"``: K̂(x, x), the paper's memorization score.
+    - ``"neighbour label agreement"``: 1 − the share of the k most correlated samples (by R̂)
+      that carry x's given label, each neighbour weighted by how *un*-memorized it is
+      (1 − its variance rank), because memorized samples correlate with each other whatever
+      their labels. Needs the full kernel and ``labels``.
+
+    Measured on the memorization tutorial's data (2,000 Fashion-MNIST images, 10% relabelled,
+    4 × 300 draws; ROC-AUC): posterior mean loss 0.951, mean shift 0.951, variance 0.938,
+    neighbour label agreement 0.726 (k = 15), kNN probabilities from R̂ through cleanlab
+    0.82–0.86 — the geometry of R̂ finds fewer label errors than the diagonal does; see
+    tutorials/README.md for the full table beside cleanlab.
+    """
+    if not isinstance(kernel, LossKernel):
+        raise ValueError(f"kernel must be a LossKernel, got {type(kernel).__name__}")
+    which = LABEL_ISSUE_SCORES if which is None else tuple(which)
+    unknown = sorted(set(which) - set(LABEL_ISSUE_SCORES))
+    if unknown:
+        raise ValueError(f"which must name scores among {LABEL_ISSUE_SCORES}, got {unknown}")
+    variance = kernel_variance(kernel)
+    n = variance.shape[0]
+    out: Dict[str, np.ndarray] = {}
+    if "posterior mean loss" in which:
+        out["posterior mean loss"] = as_vector(kernel.mean, "kernel.mean", n).copy()
+    if "mean shift" in which:
+        if kernel.init_loss is None:
+            raise ValueError("the 'mean shift' score needs kernel.init_loss (the probe losses at w*)")
+        out["mean shift"] = as_vector(kernel.mean, "kernel.mean", n) - as_vector(kernel.init_loss, "kernel.init_loss", n)
+    if "variance" in which:
+        out["variance"] = variance.copy()
+    if "neighbour label agreement" in which:
+        if kernel.is_diagonal or kernel.is_rectangular:
+            raise ValueError("the 'neighbour label agreement' score needs a square kernel with covariances "
+                             "(mode='full'; for mode='combined' pass kernel.subset())")
+        y = kernel_labels(kernel, labels, n)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
+            raise ValueError(f"k must be an int in [1, {n - 1}], got {k!r}")
+        corr = as_array(kernel.correlation, "kernel.correlation").astype(np.float64, copy=True)
+        np.fill_diagonal(corr, -np.inf)
+        neighbours = np.argpartition(-corr, k, axis=1)[:, :k]
+        clean = 1.0 - (np.argsort(np.argsort(variance)) + 1.0) / n  # 1 − variance rank
+        weight = clean[neighbours] + 1e-12
+        same = (y[neighbours] == y[:, None]).astype(np.float64)
+        out["neighbour label agreement"] = 1.0 - (weight * same).sum(1) / weight.sum(1)
+    return out
 
 
 def _scores_and_mask(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray]:

@@ -219,6 +219,21 @@ plot_embedding(emb, labels=np.where(a_zero, "division, a = 0", task_name),
 plot_embedding(emb, labels=b_of, title="the same UMAP, coloured by b (cyclic colour map)")
 '''),
 ("md", '''
+### Explore the kernel
+
+`explore` writes one self-contained HTML page (works offline; shown inline here): the same
+UMAP, drawn with WebGL. Hover an input to see its (a, b) pair, task, K(x,x) and mean loss;
+click it to list its 15 most (or least) correlated inputs with their R and lines to them on
+the map. Colour by the 0 / b flag to find the satellite; search "division".
+'''),
+("code", '''
+from devinterp_losskernel import explore
+
+explore(kernel, embedding=emb, texts=list(zip(a_of.tolist(), b_of.tolist())), labels=task,
+        label_names=TASK_NAMES, scores={"0 / b (a = 0 division)": a_zero.astype(int), "b": b_of},
+        color_by="0 / b (a = 0 division)", path="modular_explorer.html")
+'''),
+("md", '''
 ## The numbers, and the script twin
 
 `devinterp_losskernel.tasks.modular.run_modular_kernel(scale)` runs this notebook's pipeline

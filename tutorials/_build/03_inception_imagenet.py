@@ -269,6 +269,22 @@ if len(classes) <= 20:
 fig
 '''),
 ("md", '''
+### Explore the kernel
+
+`explore` writes the map as one self-contained, offline HTML page (shown inline below):
+hover an image for its thumbnail, class, WordNet path, K(x,x) and mean loss; click it for its
+15 most (or least) correlated images with their R, optionally without its own class; colour
+by WordNet position or class; search a WordNet node ("dog", "vehicle") to ring its images.
+'''),
+("code", '''
+from devinterp_losskernel import explore
+
+class_index = np.searchsorted(classes, wnids)        # integer labels: classes[i] is hierarchy class i
+explore(kernel, embedding=emb, images=images, labels=class_index, hierarchy=hierarchy,
+        label_names=[class_name[w] for w in classes], color_by="hierarchy", thumbnail_size=48,
+        path="imagenet_explorer.html")
+'''),
+("md", '''
 ## 3. R sorted by the hierarchy, beside the WordNet distances (Fig. 1B)
 
 Images sorted by their label's position in the tree; left R, right the tree distance between

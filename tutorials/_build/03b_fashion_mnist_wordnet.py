@@ -304,6 +304,20 @@ plot_embedding(emb, labels=np.array([f"{branch_of_class[n]}: {n}" for n in names
                title="the same UMAP, by branch and class")
 '''),
 ("md", '''
+### Explore the kernel
+
+The same map as one self-contained, offline HTML page (`explore`, shown inline below): hover
+an image for its thumbnail, class, WordNet path, K(x,x) and mean loss; click it for its 15
+most (or least) correlated images with R and lines to them, optionally hiding its own class;
+colour by WordNet position, class or K(x,x); search "footwear" or "clothing".
+'''),
+("code", '''
+from devinterp_losskernel import explore
+
+explore(kernel, embedding=emb, images=images, labels=labels, hierarchy=hierarchy,
+        label_names=CLASS_NAMES, color_by="hierarchy", path="fashion_mnist_explorer.html")
+'''),
+("md", '''
 ## 4. Top-k neighbours (Fig. 4)
 
 For a few query images (red frame), the six most correlated probe images *of other

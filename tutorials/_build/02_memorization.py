@@ -53,13 +53,13 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from devinterp_losskernel import detection_auc, memorization_scores
+from devinterp_losskernel import detection_auc, label_issue_scores, memorization_scores
 from devinterp_losskernel.analysis import kernel_knn_graph, mean_self_covariance, umap_embedding
 from devinterp_losskernel.plotting import plot_embedding, plot_memorization
 from devinterp_losskernel.tasks.fashion_mnist import CLASS_NAMES
 from devinterp_losskernel.tasks.memorization import (
     SCALES, MissingOptionalDependency, ekfac_self_influence, knn_share, loss_at_w_star,
-    memorization_data, per_sample_grad_norm, plot_detector_rocs, sample_kernel, score_table,
+    cleanlab_self_confidence, memorization_data, per_sample_grad_norm, plot_detector_rocs, sample_kernel, score_table,
     tracin_self_influence, train_to_memorization,
 )
 
@@ -178,13 +178,33 @@ On the same model and the same samples, each score ranks the training set; we ti
   fitted on the same data (damping λ: Kronfluence's heuristic, 0.1 × the mean eigenvalue);
 - **TracInCP self-influence** (captum): Σ_c η_c ‖∇ℓ(x; w_c)‖² over the training checkpoints.
 
-Without captum or Kronfluence installed, their rows are skipped with a note.
+- **cleanlab self-confidence** (cleanlab 2.9, what practitioners use to find label errors):
+  out-of-fold predicted probabilities from 5-fold cross-validation — of a logistic regression
+  and of this tutorial's MLP, each retrained 5 times — ranked by cleanlab;
+- the kernel's other **label-issue scores** (`label_issue_scores`), from the same draws: the
+  posterior mean loss E_w[ℓ(x; w)], the mean shift E_w[ℓ] − ℓ(w*), and the agreement of a
+  sample's label with its most correlated (and least memorized) neighbours under R.
+
+Where cleanlab wins, it wins by retraining: it needs a model trained five more times on
+folds of the data; the kernel scores the one trained model. On 2,000 images of this data
+(4 × 300 draws) we measured ROC-AUC 0.951 for the posterior mean loss, 0.938 for K(x,x) and
+0.73 for the neighbour agreement: the geometry of R finds fewer label errors than the
+diagonal; at the full scale the issue's own measurement gave cleanlab 0.978–0.981 against
+K(x,x)'s 0.960. Without captum, Kronfluence or cleanlab installed, their rows are skipped
+with a note.
 '''),
 ("code", '''
 scores = {"loss-kernel variance K(x,x)": variance}
 seconds = {"loss-kernel variance K(x,x)": kernel_seconds}
+# the kernel's other label-issue scores come from the same draws (no extra time)
+for name, values in label_issue_scores(kernel, data.y_train).items():
+    if name != "variance":
+        scores[f"loss-kernel {name}"] = values
+        seconds[f"loss-kernel {name}"] = kernel_seconds
 notes = {}
 baselines = {
+    "cleanlab self-confidence, 5-fold CV logistic regression": lambda: cleanlab_self_confidence(data, cfg),
+    "cleanlab self-confidence, 5-fold CV of this MLP": lambda: cleanlab_self_confidence(data, cfg, learner="mlp"),
     "loss at w*": lambda: loss_at_w_star(model, x, y),
     "per-sample gradient norm": lambda: per_sample_grad_norm(model, x, y),
     "EK-FAC self-influence (Kronfluence)": lambda: ekfac_self_influence(model, data.x, data.y_train),

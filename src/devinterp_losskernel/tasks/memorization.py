@@ -410,6 +410,40 @@ def _require(module: str, package: str):
         ) from error
 
 
+def cleanlab_self_confidence(data: "MemorizationData", cfg: "MemorizationConfig", *, learner: str = "logistic",
+                             folds: int = 5, epochs: Optional[int] = None) -> np.ndarray:
+    """cleanlab's label-quality ranking from out-of-fold predicted probabilities — what
+    practitioners use to find label errors — as a score (larger = more likely mislabelled), [n].
+
+    ``learner``: ``"logistic"`` (scikit-learn LogisticRegression, C = 0.01, on the pixels) or
+    ``"mlp"`` (the tutorial's MLP, retrained on each of the ``folds`` folds for ``epochs``,
+    default the tutorial's ``train_epochs``). Needs cleanlab (``pip install cleanlab``)."""
+    rank = _require("cleanlab.rank", "cleanlab")
+    from dataclasses import replace as _replace
+
+    x, y = data.x.numpy(), data.y_train.numpy()
+    n, classes = len(y), data.num_classes
+    probs = np.zeros((n, classes))
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    for fold in np.array_split(order, folds):
+        train = np.setdiff1d(order, fold)
+        if learner == "logistic":
+            from sklearn.linear_model import LogisticRegression
+
+            fitted = LogisticRegression(C=0.01, max_iter=500).fit(x[train], y[train])
+            probs[np.ix_(fold, fitted.classes_)] = fitted.predict_proba(x[fold])
+        elif learner == "mlp":
+            part = MemorizationData(data.x[train], data.y_true[train], data.y_train[train], data.flipped[train],
+                                    data.dataset, data.images[train], data.num_classes)
+            trained = train_to_memorization(part, _replace(cfg, train_epochs=epochs or cfg.train_epochs,
+                                                             tracin_checkpoints=1), verbose=False)
+            with torch.no_grad():
+                probs[fold] = torch.softmax(trained.model(data.x[fold]), dim=1).numpy()
+        else:
+            raise ValueError(f"learner must be 'logistic' or 'mlp', got {learner!r}")
+    return -rank.get_label_quality_scores(y, probs, method="self_confidence")
+
+
 def ekfac_self_influence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
                          damping: Union[float, str] = "heuristic", output_dir: Optional[str] = None) -> np.ndarray:
     """Kronfluence's EK-FAC self-influence ∇ℓ(x)ᵀ (G + λI)⁻¹ ∇ℓ(x) of every training sample, [n].

@@ -46,22 +46,13 @@ from .accumulator import KernelAccumulator, validate_rows
 from .kernel import LossKernel, as_labels
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
 from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, evaluate_probe_losses
-from .provenance import IdentityMismatchError, checksum
+from .provenance import IdentityMismatchError, checksum, devinterp_version
 
 __all__ = ["DivergenceGuard", "KernelStorage", "LossKernelCallback", "ProbeOptions", "SnapshotSchedule",
            "devinterp_version"]
 
 RESULT_PREFIX = "loss_kernel/"
 _HYPERPARAMETER_KEYS = ("lr", "nbeta", "localization", "noise_level", "weight_decay", "temperature")
-
-
-def devinterp_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version("devinterp")
-    except Exception:  # not installed
-        return None
 
 
 # -- what one run holds: reset as a whole when a new run starts --------------------------------

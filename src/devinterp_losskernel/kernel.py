@@ -251,17 +251,6 @@ class LossKernel:
         return save_verified(payload, path)
 
     @classmethod
-    def from_samples(cls, samples, observable: str = "probe", **kwargs) -> "LossKernel":
-        """The exact kernel of a finished devinterp 2.x run (``sample()``, or ``llc()`` /
-        ``bif()`` with ``output_path=``) from its stored per-draw losses of ``observable``,
-        read one chunk of draws at a time (memory n², whatever the number of draws). Keyword
-        arguments (``reduction="mean"|"sum"``, ``chains``, ``dtype``, ``rows``, ``mode``, …):
-        see :func:`devinterp_losskernel.samples.kernel_from_samples`."""
-        from .samples import kernel_from_samples  # lazy: samples.py imports this module
-
-        return kernel_from_samples(samples, observable, **kwargs)
-
-    @classmethod
     def load(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "LossKernel":
         """Read a kernel written by :meth:`save` (safe: no pickled code is executed). The
         file's checksum is verified: a damaged file raises

@@ -33,6 +33,7 @@ __all__ = [
     "IdentityMismatchError",
     "KernelIdentity",
     "checksum",
+    "devinterp_version",
     "load_verified",
     "new_run_id",
     "save_verified",
@@ -46,6 +47,16 @@ class IdentityMismatchError(ValueError):
 
 class FileIntegrityError(ValueError):
     """A kernel or checkpoint file is not what was written: damaged, truncated or foreign."""
+
+
+def devinterp_version() -> Optional[str]:
+    """The installed devinterp's version string, or None."""
+    try:
+        from importlib.metadata import version
+
+        return version("devinterp")
+    except Exception:  # not installed
+        return None
 
 
 def new_run_id() -> str:

@@ -257,7 +257,7 @@ def kernel_from_samples(
         raise ValueError(f"only {accumulator.count} finite draws of {observable!r} in these samples; "
                          "a covariance needs at least 2")
     try:
-        from .callback import devinterp_version
+        from .provenance import devinterp_version
 
         version = devinterp_version()
     except Exception:  # pragma: no cover
@@ -275,3 +275,17 @@ def _sampler_config(ds) -> Dict[str, Any]:
         return dict(meta["config"]["sampler"])
     except (KeyError, TypeError):
         return {}
+
+
+def _from_samples(cls, samples, observable: str = "probe", **kwargs) -> LossKernel:
+    """The exact kernel of a finished devinterp 2.x run (``sample()``, or ``llc()`` /
+    ``bif()`` with ``output_path=``) from its stored per-draw losses of ``observable``,
+    read one chunk of draws at a time (memory n², whatever the number of draws). Keyword
+    arguments (``reduction="mean"|"sum"``, ``chains``, ``dtype``, ``rows``, ``mode``, …):
+    see :func:`devinterp_losskernel.samples.kernel_from_samples`."""
+    return kernel_from_samples(samples, observable, **kwargs)
+
+
+# LossKernel.from_samples is attached here, so that kernel.py never imports this module
+# (which imports kernel.py): the arrows of the pipeline run one way.
+LossKernel.from_samples = classmethod(_from_samples)

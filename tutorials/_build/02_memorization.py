@@ -257,6 +257,20 @@ plot_embedding(emb, labels=np.array(names)[data.y_train.numpy()], point_size=4,
                title="the same UMAP, coloured by training label")
 '''),
 ("md", '''
+### Explore the kernel
+
+`explore` writes the map as one self-contained, offline HTML page (shown inline below): hover an
+image for its thumbnail, training label, K(x,x) and mean loss; click it for its 15 most (or least)
+correlated images with their R; colour by "relabelled" to see the mislabelled images, or by K(x,x).
+'''),
+("code", '''
+from devinterp_losskernel import explore
+
+explore(kernel, embedding=emb, images=data.images, labels=data.y_train.numpy(), label_names=list(names),
+        scores={"relabelled": flipped.astype(int), "loss-kernel variance K(x,x)": variance},
+        color_by="relabelled", path="memorization_explorer.html")
+'''),
+("md", '''
 ## The numbers, and the script twin
 
 `python -m devinterp_losskernel.tasks.memorization --scale full --threads 1` runs this

@@ -174,7 +174,7 @@ def check_kernel(kernel: LossKernel, name: str = "kernel", *, square: bool = Tru
         )
     if square and kernel.is_rectangular:
         raise ValueError(
-            f"{name} must be a square n×n kernel, got a {tuple(kernel.covariance.shape)} kernel "
+            f"{name} must be a square n×n kernel, got a rectangular {tuple(kernel.covariance.shape)} kernel "
             "(estimated with rows=; for mode='combined' use kernel.subset())"
         )
     return kernel

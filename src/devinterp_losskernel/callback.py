@@ -46,7 +46,7 @@ from .accumulator import KernelAccumulator, validate_rows
 from .kernel import LossKernel, as_labels
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
 from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, evaluate_probe_losses
-from .provenance import IdentityMismatchError, checksum, devinterp_version
+from .provenance import argument_differences, checksum, devinterp_version, mismatch_error
 
 __all__ = ["DivergenceGuard", "KernelStorage", "LossKernelCallback", "ProbeOptions", "SnapshotSchedule",
            "devinterp_version"]
@@ -685,12 +685,11 @@ class LossKernelCallback:
         """Restore a :meth:`state_dict`. Its ``arguments`` must equal this callback's (the same
         probe, labels, rows, dtype, …): :class:`~devinterp_losskernel.provenance.IdentityMismatchError`
         lists every one that differs, saved and current value side by side."""
-        saved, current = state["arguments"], self.arguments()
-        diffs = [(k, saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-                 if saved.get(k) != current.get(k) and not (k == "num_train" and saved.get(k) is None)]
+        diffs = [d for d in argument_differences(state["arguments"], self.arguments())
+                 if not (d[0] == "num_train" and d[1] is None)]  # an unknown num_train is taken from the state
         if diffs:
-            lines = "\n".join(f"  {k}: saved = {a!r}   now = {b!r}" for k, a, b in diffs)
-            raise IdentityMismatchError(f"load_state_dict: the state was made with other arguments:\n{lines}")
+            raise mismatch_error("load_state_dict: the state was made with other arguments", diffs,
+                                 mine="saved", theirs="now")
         run = _Run(expected_draws=state.get("expected_draws"), snapshot_indices=self._run.snapshot_indices)
         run.init_loss = state["init_loss"]
         run.hyperparameters = dict(state["hyperparameters"])

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .presets import SGLDSettings
-from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, move_to_device
-from .provenance import IdentityMismatchError, checksum, load_verified, save_verified
+from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
+from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 
 __all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
 
@@ -179,10 +179,9 @@ def estimate_loss_kernel(
     )  # passes over the probe twice and checks labels, rows, … against it
     callback.set_reference(model)  # ℓ(x; w*): loss_fn checked before the sampler touches anything
     checkpoint = _Checkpoint(checkpoint_dir, sgld, callback, devinterp_major=major) if checkpoint_dir else None
-    if checkpoint is not None:
-        sgld = checkpoint.resolve_seed(sgld)  # seed=None resumes with the checkpoint's seed
-    if sgld.seed is None:
-        sgld = replace(sgld, seed=int(np.random.SeedSequence().entropy % 2**32))
+    if sgld.seed is None:  # seed=None resumes with the checkpoint's seed, else draws one
+        saved = checkpoint.saved_seed() if checkpoint is not None else None
+        sgld = replace(sgld, seed=int(np.random.SeedSequence().entropy % 2**32) if saved is None else saved)
     if checkpoint is not None:
         checkpoint.sgld = sgld  # the seed actually used is what the checkpoint records
     settings = dict(sgld.to_dict(), num_train=len(loader.dataset), sampling_method=_method_name(sampling_method),
@@ -277,16 +276,6 @@ class _Progress:
 CHECKPOINT_FORMAT = "devinterp_losskernel.Checkpoint"
 
 
-def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class _Checkpoint:
     """Everything needed to finish or re-report a run, in ``<dir>/loss_kernel_checkpoint.pt``:
     the run's arguments (SGLD settings with the seed actually used, the callback's probe
@@ -310,24 +299,19 @@ class _Checkpoint:
                 "callback": self.callback.arguments(), "devinterp_major": self.devinterp_major,
                 "run": dict(self.run_identity)}
 
-    def resolve_seed(self, sgld: SGLDSettings) -> SGLDSettings:
-        """With seed=None, the seed of the run in the checkpoint (if any)."""
-        if sgld.seed is None and self._saved is not None:
-            sgld = replace(sgld, seed=self._saved["arguments"]["sgld"]["seed"])
-        self.sgld = sgld
-        return sgld
+    def saved_seed(self) -> Optional[int]:
+        """The seed of the run in the checkpoint, or None (no checkpoint yet)."""
+        return None if self._saved is None else self._saved["arguments"]["sgld"]["seed"]
 
     def load(self, model) -> _Progress:
         if self._saved is None:
             return _Progress()
-        saved, now = _flat(self._saved["arguments"]), _flat(self.arguments())
-        diffs = [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        diffs = argument_differences(self._saved["arguments"], self.arguments())
         if diffs:
-            lines = "\n".join(f"  {k}: checkpoint = {a!r}   now = {b!r}" for k, a, b in diffs)
-            raise IdentityMismatchError(
-                f"checkpoint_dir holds a run with other settings ({self.path}):\n{lines}\n"
-                "Resume with the same arguments (seed included), pass another checkpoint_dir, or delete "
-                f"{self.path} to start over.")
+            raise mismatch_error(
+                f"checkpoint_dir holds a run with other settings ({self.path})", diffs, mine="checkpoint",
+                theirs="now", advice="Resume with the same arguments (seed included), pass another "
+                f"checkpoint_dir, or delete {self.path} to start over.")
         self.callback.load_state_dict(self._saved["callback"], model)
         progress = self._saved["progress"]
         return _Progress(progress["llc_per_chain"], progress["diverged"])
@@ -377,14 +361,12 @@ _SET_HERE = {"loss_fn", "dtype", "batch_size", "sample_ids", "labels", "num_trai
 def _data_fingerprint(loader: DataLoader, samples: int = 256) -> Optional[str]:
     """A cheap fingerprint of the training data: its size and up to ``samples`` evenly spaced
     items, collated as the loader does (None where the dataset cannot be indexed)."""
-    from .probe import _sample_stats, _structure
-
     dataset = loader.dataset
     try:
         n = len(dataset)
         picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(samples, n))})
         batch = (loader.collate_fn or torch.utils.data.default_collate)([dataset[i] for i in picks])
-        return f"{n}:" + checksum([_structure(batch), _sample_stats(batch, squares=True)])[:16]
+        return f"{n}:" + fingerprint_batches([batch])[1][:16]
     except Exception:  # an iterable dataset, a collate_fn that needs more: size only
         return None
 

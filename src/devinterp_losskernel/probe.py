@@ -243,7 +243,6 @@ class ProbeSet:
         self._cache: Optional[List[Any]] = None
         self._cache_device = None
         self._checked: Optional[Tuple[int, str]] = None
-        self._sums: Optional[torch.Tensor] = None
         self._reference_sums: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -282,34 +281,27 @@ class ProbeSet:
         batch's structure (keys, per-sample shapes, dtypes) and of every sample's sum and sum
         of squares per tensor, in order — so the same samples in another order, other samples
         of the same size, or other labels give another fingerprint."""
-        structures, stats = [], []
-        for batch in self.loader:
-            structure = _structure(batch)
-            if not structures or structures[-1] != structure:
-                structures.append(structure)
-            stats.append(_sample_stats(batch, squares=True))
-        if not stats or sum(len(s) for s in stats) == 0:
+        n, digest, _sums = fingerprint_batches(self.loader)
+        if n == 0:
             raise ValueError("probe is empty: it yielded no samples")
-        table = torch.cat(stats)
-        # batch-size invariant: the per-sample statistics in order, and the structure once
-        h = hashlib.sha256("|".join(structures).encode())
-        h.update(table.numpy().tobytes())
-        self._sums = table[:, 0::2].clone()
-        return int(table.shape[0]), h.hexdigest()[:32]
+        return n, digest
 
     def check_stable(self) -> Tuple[int, str]:
         """Pass over the probe twice and refuse one that yields its samples in another order
         (or other samples) the second time; returns ``(n, fingerprint)``. Cached."""
         if self._checked is None:
-            first, second = self.fingerprint(), self.fingerprint()
+            *first, sums = fingerprint_batches(self.loader)
+            *second, _ = fingerprint_batches(self.loader)
+            if first[0] == 0:
+                raise ValueError("probe is empty: it yielded no samples")
             if first != second:
                 raise ValueError(
                     "probe must yield the same samples in the same order every pass, but two passes "
                     f"differed ({first[0]} samples, fingerprint {first[1][:12]}…, then {second[0]}, "
                     f"{second[1][:12]}…): a shuffling sampler or a random transform? Pass a "
                     "DataLoader with shuffle=False and no random augmentation, or the tensors themselves")
-            self._checked = first
-            self._reference_sums = self._sums
+            self._checked = (first[0], first[1])
+            self._reference_sums = sums
         return self._checked
 
     def batches(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Iterator:
@@ -379,6 +371,22 @@ def _structure(batch) -> str:
             return f"{value.dtype}{tuple(value.shape[1:])}"
         return type(value).__name__
     return describe(batch)
+
+
+def fingerprint_batches(batches) -> Tuple[int, str, torch.Tensor]:
+    """(number of samples, fingerprint, per-sample sums [n, L]) of a sequence of batches: a
+    SHA-256 of their structure (keys, per-sample shapes, dtypes) and of every sample's sum and
+    sum of squares per tensor, in order. It does not depend on how the samples are batched."""
+    structures, stats = [], []
+    for batch in batches:
+        structure = _structure(batch)
+        if not structures or structures[-1] != structure:
+            structures.append(structure)
+        stats.append(_sample_stats(batch, squares=True))
+    table = torch.cat(stats) if stats else torch.zeros(0, 0, dtype=torch.float64)
+    h = hashlib.sha256("|".join(structures).encode())
+    h.update(table.numpy().tobytes())
+    return int(table.shape[0]), h.hexdigest()[:32], table[:, 0::2].clone()
 
 
 def _sample_stats(batch, *, squares: bool) -> torch.Tensor:

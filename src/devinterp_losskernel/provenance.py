@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "argument_differences",
+    "mismatch_error",
     "FileIntegrityError",
     "IdentityMismatchError",
     "KernelIdentity",
@@ -57,6 +59,25 @@ def devinterp_version() -> Optional[str]:
         return version("devinterp")
     except Exception:  # not installed
         return None
+
+
+def mismatch_error(what: str, diffs, *, mine: str, theirs: str, advice: str = "") -> "IdentityMismatchError":
+    """The one report of differing fields: ``diffs`` is [(field, mine, theirs)]; each line
+    shows both sides (long values shortened), then ``advice``."""
+    lines = "\n".join(f"  {name}: {mine} = {_short(a)!s}   {theirs} = {_short(b)!s}" for name, a, b in diffs)
+    return IdentityMismatchError(f"{what}:\n{lines}" + (f"\n{advice}" if advice else ""))
+
+
+def argument_differences(saved: Dict[str, Any], now: Dict[str, Any], prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """[(dotted key, saved value, current value)] for every entry of two nested dicts that differs."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += argument_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 def new_run_id() -> str:
@@ -134,11 +155,9 @@ class KernelIdentity:
                       theirs: str = "other", advice: str = "") -> None:
         """Raise :class:`IdentityMismatchError` naming each differing field, both sides."""
         diffs = self.differences(other)
-        if not diffs:
-            return
-        lines = "\n".join(f"  {name}: {mine} = {_short(a)!s}   {theirs} = {_short(b)!s}" for name, a, b in diffs)
-        raise IdentityMismatchError(f"{what}: they belong to different kernels.\n{lines}" +
-                                    (f"\n{advice}" if advice else ""))
+        if diffs:
+            raise mismatch_error(f"{what}: they belong to different kernels", diffs, mine=mine, theirs=theirs,
+                                 advice=advice)
 
     def combined(self, other: "KernelIdentity") -> "KernelIdentity":
         """This identity with the fields it does not know taken from ``other``."""

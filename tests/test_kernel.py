@@ -77,3 +77,46 @@ def test_shape_validation():
 def test_trace_is_sum_of_variances(rng):
     k, traces = make_kernel(rng)
     assert k.trace == pytest.approx(traces.var(0, ddof=1).sum(), rel=1e-12)
+
+
+def _xr_kernel(rows=None, columns=None, diagonal=False):
+    torch.manual_seed(0)
+    losses = torch.randn(40, 6, dtype=torch.float64)
+    cov = torch.cov(losses.T)
+    var, mean = cov.diagonal().clone(), losses.mean(0)
+    if rows is not None:
+        cov = cov[rows][:, rows if columns is not None else slice(None)]
+    return LossKernel(covariance=None if diagonal else cov, mean=mean, variance=var, num_draws=40,
+                      init_loss=mean - 0.1, rows=None if rows is None else torch.tensor(rows),
+                      columns=None if columns is None else torch.tensor(columns),
+                      labels=torch.tensor([0, 1, 0, 1, 2, 2]), sample_ids=[10, 11, 12, 13, 14, 15],
+                      draws_per_chain={0: 20, 1: 20}, metadata={"llc/mean": 3.0, "settings": {"lr": 1e-3}})
+
+
+def test_to_xarray_puts_per_sample_variables_on_sample():
+    pytest.importorskip("xarray")
+    k = _xr_kernel()
+    ds = k.to_xarray()
+    for name in ("mean", "variance", "init_loss"):
+        assert ds[name].dims == ("sample",)
+    assert ds.covariance.dims == ("sample", "sample_other")
+    assert list(ds.sample.values) == [10, 11, 12, 13, 14, 15] == list(ds.sample_other.values)
+    assert ds.label.dims == ("sample",)
+    # the diagonal of the 2-D variable is the 1-D variance, read through the coordinates
+    assert float(ds.covariance.sel(sample=12, sample_other=12)) == pytest.approx(float(ds.variance.sel(sample=12)))
+    assert float(ds.covariance.sel(sample=11, sample_other=14)) == pytest.approx(float(k.covariance[1, 4]))
+    assert list(ds.draws_per_chain.values) == [20, 20] and ds.draws_per_chain.dims == ("chain",)
+    assert ds.attrs["meta_llc/mean"] == 3.0
+
+
+def test_to_xarray_rectangular_combined_and_diagonal():
+    pytest.importorskip("xarray")
+    rect = _xr_kernel(rows=[1, 4]).to_xarray()
+    assert rect.covariance.dims == ("query", "sample_other") and rect.covariance.shape == (2, 6)
+    assert list(rect["query"].values) == [11, 14] and list(rect.query_index.values) == [1, 4]
+    assert rect.variance.dims == ("sample",) and rect.variance.shape == (6,)
+    comb = _xr_kernel(rows=[1, 4], columns=[1, 4]).to_xarray()
+    assert comb.covariance.shape == (2, 2) and list(comb.sample_other.values) == [11, 14]
+    assert float(comb.covariance.sel(query=14, sample_other=14)) == pytest.approx(float(comb.variance.sel(sample=14)))
+    diag = _xr_kernel(diagonal=True).to_xarray()
+    assert "covariance" not in diag and diag.variance.dims == ("sample",)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -131,3 +132,59 @@ def test_channels_last_gives_the_same_losses():
     out = to_channels_last({"x": x, "y": y, "pair": (x[:2], y[:2])})
     assert out["x"].is_contiguous(memory_format=torch.channels_last) and out["y"] is y
     assert out["pair"][0].is_contiguous(memory_format=torch.channels_last)
+
+
+# -- the default loss: what it takes, and what it refuses before any sampling -------------------
+def test_default_loss_refuses_images_given_as_input_ids_at_construction():
+    from devinterp_losskernel import LossKernelCallback
+
+    images = torch.randn(16, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"input_ids'\] is torch.float32 \(16, 1, 8, 8\).*\(inputs, targets\)"):
+        LossKernelCallback({"input_ids": images})  # no model needed: refused before any sampling
+    with pytest.raises(ValueError, match="not integer token ids"):
+        LossKernelCallback({"input_ids": torch.randint(0, 5, (16, 3, 4))})
+
+
+def test_default_loss_classifies_mappings_with_per_sample_labels():
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 1, 8, 8), torch.randint(0, 3, (12,))
+    cnn = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    from devinterp_losskernel.probe import default_loss_fn, default_loss_kind
+
+    got = default_loss_fn(cnn, {"input_ids": images, "labels": labels})
+    want = F.cross_entropy(cnn(images), labels, reduction="none")
+    torch.testing.assert_close(got, want)
+    # token ids with [B, T] labels are a language-model batch (Hugging Face style), not a classifier's
+    ids = torch.randint(0, 7, (4, 5))
+    assert default_loss_kind({"input_ids": ids, "labels": ids}) == "language_model"
+    assert default_loss_kind({"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])}) == "classification"
+
+
+def test_language_model_loss_names_a_classifier_given_token_ids():
+    from devinterp_losskernel.probe import default_loss_fn
+
+    classifier = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(20, 3))  # [B, 5] ids -> [B, 3]
+    with pytest.raises(ValueError, match=r"logits \[batch_size, seq_len, vocab\].*got \[4, 3\]"):
+        default_loss_fn(classifier, {"input_ids": torch.randint(0, 7, (4, 5))})
+
+
+@pytest.mark.parametrize("loss_fn, match", [
+    (lambda logits, targets: F.cross_entropy(logits, targets, reduction="none"), r"named \(logits, targets\)"),
+    (lambda batch: batch[0].sum(1), r"takes \(batch\)"),
+    (lambda model, batch, extra: None, r"takes \(model, batch, extra\)"),
+    (F.cross_entropy, r"takes \(logits, targets\)"),
+    (nn.CrossEntropyLoss(reduction="none"), r"takes \(logits, targets\)"),
+])
+def test_a_loss_fn_of_the_wrong_signature_is_named_before_any_pass(loss_fn, match):
+    from devinterp_losskernel import LossKernelCallback
+
+    with pytest.raises(TypeError, match=match):
+        LossKernelCallback((torch.randn(8, 3), torch.randint(0, 2, (8,))), loss_fn)
+
+
+def test_a_loss_fn_with_defaults_or_varargs_is_accepted():
+    from devinterp_losskernel.probe import check_loss_fn
+
+    check_loss_fn(lambda model, batch, scale=1.0: None)
+    check_loss_fn(lambda *args: None)
+    check_loss_fn(lambda m, b: None)

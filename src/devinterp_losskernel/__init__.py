@@ -32,7 +32,7 @@ from .callback import LossKernelCallback
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
 from .provenance import FileIntegrityError, IdentityMismatchError, KernelIdentity
 from .estimate import estimate_loss_kernel
-from .devinterp2 import llc
+from .devinterp2 import as_devinterp2_dataset, devinterp2_evaluate, llc
 from .samples import kernel_from_samples, loss_kernel
 from .hierarchy import Hierarchy, fashion_mnist_hierarchy, imagenet_wnids, wordnet_imagenet
 from .kernel import LossKernel, correlation_from_covariance
@@ -102,6 +102,8 @@ __all__ = [
     "explore",
     "kernel_from_samples",
     "llc",
+    "as_devinterp2_dataset",
+    "devinterp2_evaluate",
     "lm_sequence_loss",
     "loss_kernel",
     "preset",

@@ -45,7 +45,8 @@ from torch import nn
 from .accumulator import KernelAccumulator, validate_rows
 from .kernel import LossKernel, as_labels
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
-from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, evaluate_probe_losses
+from .progress import progress_bar
+from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, default_loss_kind, evaluate_probe_losses
 from .provenance import argument_differences, checksum, devinterp_version, mismatch_error
 
 __all__ = ["DivergenceGuard", "KernelStorage", "LossKernelCallback", "ProbeOptions", "SnapshotSchedule",
@@ -181,6 +182,8 @@ class LossKernelCallback:
         self.probe = ProbeSet(probe, batch_size=self.probe_options.batch_size,
                               cache_on_device=self.probe_options.cache_on_device)
         n, self.probe_fingerprint = self.probe.check_stable()  # two passes: n, order, fingerprint
+        if loss_fn is None:  # the default loss can take this probe's batches (no model needed)
+            default_loss_kind(next(iter(self.probe.loader)))
         self._num_samples = n
         self.loss_fn = loss_fn
         self.labels = None if labels is None else as_labels(labels, n, "labels")
@@ -599,10 +602,7 @@ class LossKernelCallback:
             probe=self.probe_fingerprint, sampler=run.hyperparameters or None,
         )
         if self.total_draws is not None:
-            from tqdm.auto import tqdm
-
-            self._pbar = tqdm(total=self.total_draws, desc="loss kernel draws", unit="draw",
-                              mininterval=1.0)
+            self._pbar = progress_bar(self.total_draws, "loss kernel draws")  # quiet in a log file
         return run.accumulator
 
     def set_reference(self, reference_model: nn.Module) -> torch.Tensor:

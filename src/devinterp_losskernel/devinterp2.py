@@ -29,14 +29,104 @@ observable passes consume random numbers, so its chains, and its LLC, differ fro
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .callback import LossKernelCallback
+from .progress import devinterp_bars
 
-__all__ = ["llc"]
+__all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset"]
+
+
+class _MappingDataset(torch.utils.data.Dataset):
+    """A dataset of ``(input, target)`` items seen as ``{"input_ids": input, "labels": target}``."""
+
+    def __init__(self, dataset, input_key: str, target_key: str):
+        self.dataset, self.input_key, self.target_key = dataset, input_key, target_key
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if isinstance(item, Mapping):
+            return item
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"as_devinterp2_dataset: item {index} is a {type(item).__name__}"
+                            f"{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}; "
+                            "expected an (input, target) pair or a mapping")
+        return {self.input_key: item[0], self.target_key: torch.as_tensor(item[1])}
+
+
+def as_devinterp2_dataset(dataset, *, input_key: str = "input_ids", target_key: str = "labels"):
+    """``dataset`` of ``(input, target)`` items (a ``TensorDataset``, a torchvision dataset, …)
+    as devinterp 2.x's sampler wants it: items ``{"input_ids": input, "labels": target}``.
+
+    devinterp 2's ``sample_single_chain`` batches every dataset with its own DataLoader and
+    reads ``batch["input_ids"]`` (the only key it moves to the device), so an image
+    classifier's ``TensorDataset`` fails inside devinterp with ``list indices must be integers
+    or slices, not str``. Pair it with :func:`devinterp2_evaluate`, which moves the labels
+    too. Mapping items pass through unchanged.
+    """
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise TypeError(f"dataset must be a map-style dataset (len() and [i]), got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty")
+    wrapped = _MappingDataset(dataset, input_key, target_key)
+    wrapped[0]  # the first item's structure is checked now, not inside devinterp's loop
+    return wrapped
+
+
+def devinterp2_evaluate(loss_fn=None):
+    """devinterp 2.x's ``evaluate(model, batch) -> (loss, {})`` from a per-sample
+    ``loss_fn(model, batch) -> [B]`` (default: :func:`~devinterp_losskernel.probe.default_loss_fn`,
+    cross-entropy on ``batch["labels"]`` for a classifier, the LM loss for token ids). Every
+    tensor of the batch is moved to the device of ``batch["input_ids"]`` (devinterp moves only
+    that one). The loss returned is the per-sample vector: devinterp averages it."""
+    from .probe import check_loss_fn, default_loss_fn, move_to_device
+
+    check_loss_fn(loss_fn)
+    per_sample = loss_fn or default_loss_fn
+
+    def evaluate(model, batch):
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError("devinterp2_evaluate: devinterp 2 batches are mappings with 'input_ids'; wrap the "
+                            "dataset with as_devinterp2_dataset(dataset)")
+        batch = move_to_device(batch, batch["input_ids"].device)
+        return per_sample(model, batch), {}
+
+    return evaluate
+
+
+def check_devinterp2_dataset(dataset, name: str = "dataset", *, tokens: bool = False) -> None:
+    """Refuse, before any sampling, a dataset that devinterp 2's sampler cannot batch: its
+    items must be mappings with an ``"input_ids"`` tensor (integer token ids [T] when
+    ``tokens``, as devinterp's ``llc()`` and its LM loss need)."""
+    try:
+        size = len(dataset)
+        item = dataset[0] if size else None
+    except TypeError as error:
+        raise TypeError(f"{name} must be a map-style dataset (len() and [i]) of {{'input_ids': …}} items, got "
+                        f"{type(dataset).__name__}") from error
+    if item is None:
+        raise ValueError(f"{name} is empty")
+    if not isinstance(item, Mapping) or "input_ids" not in item:
+        got = f"a mapping with keys {sorted(item)}" if isinstance(item, Mapping) else \
+            f"a {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        fix = ("devinterp's llc() computes a language-model loss on token ids; for a classifier (images, "
+               "(input, target) pairs) use estimate_loss_kernel(model, loader, probe, …), which runs devinterp 2's "
+               "sampler for any data, or sample_single_chain(as_devinterp2_dataset(dataset), "
+               "devinterp2_evaluate(), …)") if tokens else \
+            "wrap it: as_devinterp2_dataset(dataset) turns (input, target) items into {'input_ids', 'labels'}"
+        raise TypeError(f"{name}[0] is {got}, but devinterp 2's sampler reads item['input_ids']; {fix}")
+    ids = torch.as_tensor(item["input_ids"])
+    if tokens and (ids.is_floating_point() or ids.dim() != 1):
+        raise TypeError(f"{name}[0]['input_ids'] is {ids.dtype} {tuple(ids.shape)}, not integer token ids [seq_len]: "
+                        "devinterp's llc() computes a language-model loss; for images or other classifier inputs use "
+                        "estimate_loss_kernel, or sample_single_chain with devinterp2_evaluate()")
 
 
 def _per_sequence_loss(per_token):
@@ -102,10 +192,11 @@ def llc(
     Returns:
         An ``xarray.Dataset`` with devinterp's ``llc_mean``, ``llc_std``, ``llc_per_chain``
         (chain), ``llc_scalar``, ``loss_trace`` (chain, step) and ``init_loss``, computed as
-        ``compute_llc`` computes them, and the kernel's ``covariance`` and ``correlation``
-        (sample, sample_other: the probe's sequences, or ``rows`` / its columns), ``variance``,
-        ``probe_mean``, ``probe_init_loss`` (the probe's losses at w*) (probe_sample),
-        ``probe_input_ids`` (probe_sample, token),
+        ``compute_llc`` computes them, and the kernel's variables as
+        :meth:`LossKernel.to_xarray` names them: ``variance``, ``probe_mean``,
+        ``probe_init_loss`` (the probe's losses at w*) and ``probe_input_ids`` (…, token) on
+        dim ``sample`` (the probe's sequences); ``covariance`` and ``correlation`` on
+        (sample, sample_other), or (query, sample_other) with ``rows=``;
         ``draws_per_chain`` (chain), ``probe_llc``, ``singular_fluctuation``,
         ``empirical_variance`` and ``num_draws``. With ``return_kernel=True``:
         ``(dataset, kernel)``.
@@ -133,6 +224,10 @@ def llc(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if param_masks is None:
         param_masks = {n: None for n, _ in model.named_parameters()}
+    check_devinterp2_dataset(dataset, "dataset", tokens=loss_fn is None)  # before any sampling
+    probe_spec = observables[name]
+    check_devinterp2_dataset(probe_spec[0] if isinstance(probe_spec, tuple) else probe_spec,
+                             f"observables[{name!r}]", tokens=loss_fn is None)
     context_length = len(dataset[0]["input_ids"]) - 1
     if context_length < 1:
         raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
@@ -198,16 +293,17 @@ def llc(
             step_counts[chain, step] = int(finite.sum())
 
     dataloader_seed = init_seed if config.match_sampling_input_ids_across_chains else None
-    for chain in range(num_chains):
-        sample_single_chain(
-            ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=param_masks,
-            num_draws=num_draws, num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
-            gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
-            sampling_method_kwargs=method_kwargs, chain=chain, seed=init_seed + chain,
-            dataloader_seed=dataloader_seed if dataloader_seed is not None else init_seed + chain,
-            device=device, callbacks=[callback], micro_callback=on_micro, batch_size=batch_size,
-            init_noise=init_noise, shuffle=config.shuffle, epoch_mode=config.epoch_mode,
-        )
+    with devinterp_bars():  # devinterp's own per-chain bars, one line a minute when written to a log
+        for chain in range(num_chains):
+            sample_single_chain(
+                ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=param_masks,
+                num_draws=num_draws, num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
+                gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
+                sampling_method_kwargs=method_kwargs, chain=chain, seed=init_seed + chain,
+                dataloader_seed=dataloader_seed if dataloader_seed is not None else init_seed + chain,
+                device=device, callbacks=[callback], micro_callback=on_micro, batch_size=batch_size,
+                init_noise=init_noise, shuffle=config.shuffle, epoch_mode=config.epoch_mode,
+            )
     callback.finalize()
     kernel = callback.kernel
     kernel.metadata.update(callback.slt_summary(kernel))
@@ -225,9 +321,10 @@ def llc(
                             "sampler_config": config.model_dump()})
 
     k = kernel.cpu()
-    sample = np.arange(k.num_samples)
-    rows = sample if k.rows is None else k.rows.numpy()
-    columns = sample if k.columns is None else k.columns.numpy()
+    per_sample = k.to_xarray()  # the kernel's own dialect: per-sample variables on dim "sample"
+    per_sample = per_sample.drop_vars([v for v in ("draws_per_chain", "chain") if v in per_sample.variables])
+    per_sample = per_sample.rename({name_: f"probe_{name_}" for name_ in ("mean", "init_loss")
+                                    if name_ in per_sample})  # devinterp's init_loss is the LLC's
     data = {
         "llc_mean": llc_per_chain.mean(),
         "llc_std": llc_per_chain.std(),
@@ -235,24 +332,14 @@ def llc(
         "llc_scalar": llc_scalar,
         "loss_trace": loss_trace,
         "init_loss": init_loss_mean,
-        "variance": (("probe_sample",), k.variance.numpy()),
-        "probe_mean": (("probe_sample",), k.mean.numpy()),
-        "probe_input_ids": (("probe_sample", "token"), obs.input_ids.cpu().numpy()),
+        "probe_input_ids": (("sample", "token"), obs.input_ids.cpu().numpy()),
         "draws_per_chain": (("chain",), np.array([k.draws_per_chain.get(c, 0) for c in range(num_chains)])),
         "num_draws": k.num_draws,
     }
-    if k.covariance is not None:  # not in mode="diagonal"
-        data["covariance"] = (("sample", "sample_other"), k.covariance.numpy())
-        data["correlation"] = (("sample", "sample_other"), k.correlation.numpy())
-    if k.init_loss is not None:
-        data["probe_init_loss"] = (("probe_sample",), k.init_loss.numpy())
     for key in ("probe_llc", "singular_fluctuation", "empirical_variance"):
         if key in kernel.metadata:
             data[key] = float(kernel.metadata[key])
-    coords = {"probe_sample": sample}
-    if k.covariance is not None:
-        coords.update(sample=rows, sample_other=columns)
-    ds = xr.Dataset(data, coords=coords)
+    ds = xr.merge([per_sample, xr.Dataset(data)], combine_attrs="override")
     ds.attrs.update({"observable": name, "n_beta": float(n_beta),
                      "diverged_chains": [int(c) for c in kernel.metadata.get("diverged_chains", [])]})
     return (ds, kernel) if return_kernel else ds

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .presets import SGLDSettings
+from .progress import devinterp_bars
 from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
 from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 
@@ -197,7 +198,7 @@ def estimate_loss_kernel(
     callback.allocate(model)  # before any checkpoint is restored into it
     progress = checkpoint.load(model) if checkpoint else _Progress()
     if checkpoint is None or not checkpoint.finished(progress, num_chains):
-        with _quiet_devinterp():
+        with _quiet_devinterp(), devinterp_bars(show=False):  # our one bar (verbose) covers all chains, as under 1.x
             _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
     settings.pop("sampling_method_callable")
     callback.finalize()

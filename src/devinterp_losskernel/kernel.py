@@ -278,8 +278,18 @@ class LossKernel:
         )
 
     def to_xarray(self):
-        """An ``xarray.Dataset`` (the devinterp 2.x dialect) with dims ``sample`` (rows) and
-        ``sample_other`` (columns): covariance, correlation, mean, variance, init_loss."""
+        """An ``xarray.Dataset`` (the devinterp 2.x dialect).
+
+        Every per-sample variable is on dim ``sample`` (all n probe samples; coordinate: the
+        sample ids, else 0…n−1): ``mean`` μ̂(x), ``variance`` K̂(x,x), ``init_loss`` ℓ(x; w*),
+        and the ``label`` coordinate. ``covariance`` K̂ and ``correlation`` R̂ are on
+        (``sample``, ``sample_other``) for a square kernel — ``sample_other`` is the same n
+        samples again, so ``ds.covariance.sel(sample=i, sample_other=j)`` reads K̂(x_i, x_j) —
+        and on (``query``, ``sample_other``) for a rectangular or combined one, where ``query``
+        holds the kernel's rows and ``sample_other`` its columns (both with their sample
+        ids, and with ``query_index`` / ``sample_other_index`` the probe positions). A
+        diagonal-mode kernel has no 2-D variables. ``draws_per_chain`` is on dim ``chain``;
+        the metadata are attributes (dicts and lists as JSON)."""
         import xarray as xr
 
         k = self.cpu()
@@ -287,25 +297,27 @@ class LossKernel:
         ids = np.arange(n) if k.sample_ids is None else np.asarray(
             k.sample_ids.numpy() if isinstance(k.sample_ids, torch.Tensor) else k.sample_ids
         )
-        row_ids = ids if k.rows is None else ids[k.rows.numpy()]
-        col_ids = ids if k.columns is None else ids[k.columns.numpy()]
-        data_vars = {
-            "mean": (("sample_other",), k.mean.numpy()),
-            "variance": (("sample_other",), k.variance.numpy()),
-        }
-        if k.covariance is not None and k.columns is None:
-            data_vars["covariance"] = (("sample", "sample_other"), k.covariance.numpy())
-            data_vars["correlation"] = (("sample", "sample_other"), k.correlation.numpy())
-        elif k.covariance is not None:  # combined: its own column coordinate
-            data_vars["covariance"] = (("sample", "sample_column"), k.covariance.numpy())
-            data_vars["correlation"] = (("sample", "sample_column"), k.correlation.numpy())
+        coords = {"sample": ids}
+        data_vars = {"mean": (("sample",), k.mean.numpy()), "variance": (("sample",), k.variance.numpy())}
         if k.init_loss is not None:
-            data_vars["init_loss"] = (("sample_other",), k.init_loss.numpy())
-        coords = {"sample": row_ids, "sample_other": ids}
-        if k.covariance is not None and k.columns is not None:
-            coords["sample_column"] = col_ids
+            data_vars["init_loss"] = (("sample",), k.init_loss.numpy())
         if k.labels is not None:
-            coords["label"] = ("sample_other", k.labels.numpy())
+            coords["label"] = ("sample", k.labels.numpy())
+        if k.covariance is not None:
+            square = k.rows is None and k.columns is None
+            rows = np.arange(n) if k.rows is None else k.rows.numpy()
+            columns = np.arange(n) if k.columns is None else k.columns.numpy()
+            dims = ("sample", "sample_other") if square else ("query", "sample_other")
+            data_vars["covariance"] = (dims, k.covariance.numpy())
+            data_vars["correlation"] = (dims, k.correlation.numpy())
+            coords["sample_other"] = ids[columns]
+            if not square:
+                coords.update(query=ids[rows], query_index=("query", rows),
+                              sample_other_index=("sample_other", columns))
+        if k.draws_per_chain:
+            chains = sorted(k.draws_per_chain)
+            coords["chain"] = np.asarray(chains)
+            data_vars["draws_per_chain"] = (("chain",), np.asarray([k.draws_per_chain[c] for c in chains]))
         attrs = {"num_draws": k.num_draws, **{
             f"meta_{key}": json.dumps(_to_jsonable(v)) if isinstance(v, (dict, list)) else _to_jsonable(v)
             for key, v in k.metadata.items()

@@ -12,6 +12,7 @@ dropout would add noise that is not the posterior's.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
@@ -33,6 +34,7 @@ __all__ = [
     "lm_sequence_loss",
     "move_to_device",
     "check_loss_fn",
+    "default_loss_kind",
 ]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -98,6 +100,11 @@ def lm_sequence_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
     """
     input_ids = batch["input_ids"]
     logits = _logits(model(input_ids)).float()
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(
+            f"the language-model loss expects logits [batch_size, seq_len, vocab] = {list(input_ids.shape)} + "
+            f"[V] for input_ids {list(input_ids.shape)}, got {list(logits.shape)}; for a classifier give "
+            "per-sample 'labels' [batch_size] in the batch, or pass loss_fn=(model, batch) -> Tensor[batch_size]")
     token_loss = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none"
     ).view(input_ids.shape[0], -1)
@@ -108,6 +115,10 @@ def lm_sequence_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+_LOGIT_NAMES = {"logits", "outputs", "output", "preds", "pred", "predictions", "input", "y_pred", "scores"}
+_TARGET_NAMES = {"targets", "target", "labels", "label", "y", "y_true"}
+
+
 def check_loss_fn(loss_fn, name: str = "loss_fn") -> None:
     """Refuse what cannot be a ``loss_fn(model, batch) -> Tensor[batch_size]`` before any work:
     not callable, a torch loss module or a torch.nn.functional loss (they take
@@ -116,29 +127,79 @@ def check_loss_fn(loss_fn, name: str = "loss_fn") -> None:
         return
     if not callable(loss_fn):
         raise TypeError(f"{name} must be callable (model, batch) -> Tensor[batch_size], got {loss_fn!r}")
+    example = ("Leave it as None for cross-entropy on (inputs, targets) batches, or pass e.g. "
+               "lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction='none')")
     module = getattr(loss_fn, "__module__", "") or ""
     if isinstance(loss_fn, nn.Module) or module.startswith("torch.nn.functional") or module.startswith("torch._C"):
         raise TypeError(
             f"{name} must take (model, batch) and return per-sample losses [batch_size], but {loss_fn!r} takes "
-            "(logits, targets). Leave it as None for cross-entropy, or pass e.g. "
-            "lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], reduction='none')")
+            f"(logits, targets). {example}")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins without a signature: judged when called
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        params = ", ".join(signature.parameters) or "no arguments"
+        raise TypeError(f"{name} must be called as {name}(model, batch) -> Tensor[batch_size], but it takes "
+                        f"({params}). {example}") from None
+    first = [p.lower() for p in list(signature.parameters)[:2]]
+    if len(first) == 2 and first[0] in _LOGIT_NAMES and first[1] in _TARGET_NAMES:
+        raise TypeError(
+            f"{name} must take (model, batch), but its parameters are named ({', '.join(first)}): it looks like "
+            f"a (logits, targets) loss, which would be called with the model and a probe batch. {example}")
 
 
-def default_loss_fn(model: nn.Module, batch) -> torch.Tensor:
-    """Cross-entropy for ``(inputs, targets)``; per-sequence LM loss for ``{"input_ids"}``."""
+def default_loss_kind(batch) -> str:
+    """Which loss :func:`default_loss_fn` takes for ``batch``: ``"classification"`` or
+    ``"language_model"``; a batch it cannot take is refused by name (no model needed, so the
+    callback checks its probe's first batch before any sampling)."""
     if isinstance(batch, Mapping):
         if "input_ids" not in batch:
             raise ValueError(
                 f"the default loss_fn expects dict batches with 'input_ids', got keys "
                 f"{sorted(batch)}; pass loss_fn=(model, batch) -> Tensor[batch_size]"
             )
-        return lm_sequence_loss(model, batch)
+        inputs, labels = batch["input_ids"], batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() == 1 and labels.shape[0] == batch_size_of(batch):
+            return "classification"  # per-sample labels: a classifier
+        if not isinstance(inputs, torch.Tensor) or inputs.is_floating_point() or inputs.dim() != 2:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            dtype = f" {inputs.dtype}" if isinstance(inputs, torch.Tensor) else ""
+            raise ValueError(
+                f"batch['input_ids'] is{dtype} {shape}, not integer token ids [batch_size, seq_len]: for "
+                "{'input_ids'} batches the default loss_fn is the language-model loss. For images or other "
+                "inputs of a classifier, give the probe as (inputs, targets) (a tuple or a TensorDataset), or "
+                "add per-sample 'labels' [batch_size] to each mapping, or pass loss_fn=(model, batch) -> "
+                "Tensor[batch_size]")
+        return "language_model"
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return classification_loss(model, batch)
+        return "classification"
     raise ValueError(
         "the default loss_fn expects (inputs, targets) or {'input_ids': ...} batches, got "
         f"{type(batch).__name__}; pass loss_fn=(model, batch) -> Tensor[batch_size]"
     )
+
+
+def default_loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    """The loss used when ``loss_fn`` is None, [B]:
+
+    - ``(inputs, targets)``: cross-entropy of ``model(inputs)`` [B, C] on the class indices;
+    - ``{"input_ids": x, "labels": y}`` with per-sample ``labels`` [B] (devinterp 2's batches
+      for a classifier, images included): cross-entropy of ``model(x)`` on ``y``;
+    - ``{"input_ids": tokens [B, T]}`` (integer token ids): the mean next-token cross-entropy
+      per sequence (:func:`lm_sequence_loss`).
+
+    Anything else (e.g. float images as ``input_ids`` without labels) is refused by name
+    (:func:`default_loss_kind`).
+    """
+    kind = default_loss_kind(batch)
+    if kind == "language_model":
+        return lm_sequence_loss(model, batch)
+    if isinstance(batch, Mapping):
+        return classification_loss(model, (batch["input_ids"], batch["labels"]))
+    return classification_loss(model, batch)
 
 
 def map_tensors(batch, fn):

@@ -218,3 +218,19 @@ def test_checkpoint_dir_that_is_a_file_and_colliding_callback_kwargs_fail_first(
             m(b[0]), b[1], reduction="none")))
     with pytest.raises(ValueError, match="non-finite minibatch loss at w"):
         estimate_loss_kernel(model, loader, probe, **dict(kwargs, evaluate=lambda m, b: m(b[0]).sum() * float("nan")))
+
+
+def test_a_checkpoint_from_before_the_draw_schedule_was_recorded_is_refused(tmp_path):
+    """A checkpoint whose draws were taken on another schedule (older versions ran devinterp 2
+    chains on 1.x's) must not be continued on the current one."""
+    from devinterp_losskernel.estimate import CHECKPOINT_FORMAT, DRAW_SCHEDULES, devinterp_major
+    from devinterp_losskernel.provenance import load_verified, save_verified
+
+    _small_run(tmp_path, num_steps_bw_draws=3)
+    path = tmp_path / CHECKPOINT_NAME
+    saved = load_verified(path, kind=CHECKPOINT_FORMAT)
+    assert saved["arguments"]["draw_schedule"] == DRAW_SCHEDULES[devinterp_major()]
+    del saved["arguments"]["draw_schedule"]
+    save_verified(saved, path)
+    with pytest.raises(IdentityMismatchError, match=r"draw_schedule: checkpoint = None"):
+        _small_run(tmp_path, num_steps_bw_draws=3)

@@ -275,6 +275,11 @@ class _Progress:
 
 
 CHECKPOINT_FORMAT = "devinterp_losskernel.Checkpoint"
+# Which SGLD steps are draws, per devinterp major (b burn-in steps, k = num_steps_bw_draws, steps
+# counted from 1). A checkpoint records it: one written when 2.x runs drew on 1.x's schedule (before
+# they went through devinterp 2's own loop) has none and is refused instead of mixing the schedules.
+DRAW_SCHEDULES = {1: "devinterp 1.x sampler: a draw after SGLD steps b+k, b+2k, ...",
+                  2: "devinterp 2.x sample_single_chain: a draw after SGLD steps b+1, b+1+k, b+1+2k, ..."}
 
 
 class _Checkpoint:
@@ -298,6 +303,7 @@ class _Checkpoint:
     def arguments(self) -> Dict[str, Any]:
         return {"sgld": {k: v for k, v in self.sgld.to_dict().items() if k != "source"},
                 "callback": self.callback.arguments(), "devinterp_major": self.devinterp_major,
+                "draw_schedule": DRAW_SCHEDULES[self.devinterp_major],
                 "run": dict(self.run_identity)}
 
     def saved_seed(self) -> Optional[int]:

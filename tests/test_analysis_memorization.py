@@ -1,6 +1,7 @@
 """memorization: self-covariance scores, our ROC-AUC (vs scikit-learn), group means."""
 
 import numpy as np
+import torch.nn.functional as F
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
@@ -165,3 +166,122 @@ def test_label_issue_scores_against_a_hand_computation():
         assert detection_auc(scores[name], flipped) == 1.0, name
     with pytest.raises(ValueError, match="which must name scores"):
         label_issue_scores(kernel, which=["magic"])
+
+
+def _reference_predictive_scores(probs, labels):
+    """A float64 loop over samples: the three posterior-predictive scores by their definition."""
+    probs = np.asarray(probs, dtype=np.float64)
+    n, classes = probs.shape
+    threshold = {c: np.mean([probs[i, c] for i in range(n) if labels[i] == c]) for c in set(labels.tolist())}
+    confidence, margin, normalised = [], [], []
+    for i in range(n):
+        given = probs[i, labels[i]]
+        confidence.append(1.0 - given)
+        margin.append(max(probs[i, c] for c in range(classes) if c != labels[i]) - given)
+        normalised.append(-given / threshold[labels[i]])
+    return {"posterior self-confidence": confidence, "posterior margin": margin,
+            "normalised posterior self-confidence": normalised}
+
+
+def test_posterior_predictive_scores_match_a_float64_loop_and_find_label_errors():
+    from devinterp_losskernel.analysis.memorization import posterior_predictive_scores
+
+    rng = np.random.default_rng(5)
+    n, classes = 300, 4
+    true = rng.integers(0, classes, n)
+    flipped = rng.random(n) < 0.15
+    given = np.where(flipped, (true + rng.integers(1, classes, n)) % classes, true)
+    # a posterior that mostly predicts the true class: the given label of a flipped sample is unlikely
+    logits = 2.0 * np.eye(classes)[true] + rng.normal(size=(n, classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = posterior_predictive_scores(probs.astype(np.float32), torch.from_numpy(given))
+    expected = _reference_predictive_scores(probs.astype(np.float32), given)
+    assert list(scores) == list(expected)
+    for name in expected:
+        assert scores[name].dtype == np.float64
+        np.testing.assert_allclose(scores[name], expected[name], rtol=1e-12, atol=1e-12)
+        assert detection_auc(scores[name], flipped) > 0.9, name
+    # a posterior that has memorized every given label (p̄(y|x) = 0.9 for all) cannot tell: chance
+    memorized = np.full((n, classes), 0.1 / (classes - 1))
+    memorized[np.arange(n), given] = 0.9
+    for name, values in posterior_predictive_scores(memorized, given).items():
+        assert detection_auc(np.round(values, 9), flipped) == 0.5, name  # equal up to rounding
+    # scored against the true labels, nothing is flagged better than chance by the true class
+    assert detection_auc(posterior_predictive_scores(probs, true)["posterior self-confidence"], flipped) < 0.6
+
+
+def test_posterior_predictive_scores_refuse_bad_input():
+    from devinterp_losskernel.analysis.memorization import posterior_predictive_scores
+
+    probs = np.full((4, 2), 0.5)
+    with pytest.raises(ValueError, match="rows sum to 1"):
+        posterior_predictive_scores(np.full((4, 2), 0.7), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="labels must be integers in"):
+        posterior_predictive_scores(probs, [0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"float \[n, C\]"):
+        posterior_predictive_scores(np.ones(4), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="which must name"):
+        posterior_predictive_scores(probs, [0, 1, 0, 1], which=["magic"])
+
+
+def test_label_issue_scores_with_posterior_probs():
+    from devinterp_losskernel import label_issue_scores
+    from devinterp_losskernel.analysis.memorization import LABEL_ISSUE_SCORES, PREDICTIVE_LABEL_ISSUE_SCORES
+
+    rng = np.random.default_rng(1)
+    n = 40
+    labels = np.repeat(np.arange(4), 10)
+    kernel = kernel_from_draws(rng.normal(size=(50, n)), init_loss=torch.zeros(n), labels=torch.from_numpy(labels))
+    probs = rng.dirichlet(np.ones(4), n)
+    assert list(label_issue_scores(kernel)) == list(LABEL_ISSUE_SCORES)  # unchanged without probs
+    scores = label_issue_scores(kernel, posterior_probs=probs, k=5)
+    assert list(scores) == list(LABEL_ISSUE_SCORES + PREDICTIVE_LABEL_ISSUE_SCORES)
+    expected = _reference_predictive_scores(probs, labels)
+    for name in PREDICTIVE_LABEL_ISSUE_SCORES:
+        np.testing.assert_allclose(scores[name], expected[name], rtol=1e-12)
+    only = label_issue_scores(kernel, which=["posterior margin"], posterior_probs=probs)
+    assert list(only) == ["posterior margin"]
+    with pytest.raises(ValueError, match="need posterior_probs"):
+        label_issue_scores(kernel, which=["posterior self-confidence"])
+    with pytest.raises(ValueError, match=r"posterior_probs must be \[n=40"):
+        label_issue_scores(kernel, posterior_probs=probs[:10])
+
+
+def test_sample_kernel_and_predictive_averages_the_softmax_over_the_draws():
+    """The recorder skips the passes at w* and adds one softmax per draw; p̄ is consistent
+    with the kernel's mean loss from the same draws (Jensen: E[e^−ℓ] ≥ e^−E[ℓ])."""
+    from dataclasses import replace
+
+    from devinterp_losskernel.tasks import memorization as task
+
+    torch.manual_seed(0)
+    model = task.make_mlp(6, hidden=8, depth=1, num_classes=3)
+    recorder = task._PredictiveRecorder(model, 5, 3)
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    recorder(model, (x, y, torch.arange(5)))  # at w*: not recorded
+    assert float(recorder.counts.sum()) == 0
+    moved = task.make_mlp(6, hidden=8, depth=1, num_classes=3)
+    losses = recorder(moved, (x[1:3], y[1:3], torch.tensor([1, 2])))
+    np.testing.assert_allclose(losses.detach().numpy(), F.cross_entropy(moved(x[1:3]), y[1:3], reduction="none").detach().numpy())
+    expected = torch.softmax(moved(x[1:3]).double(), 1).detach().numpy()
+    np.testing.assert_allclose(recorder.sums[1:3].numpy(), expected, rtol=1e-12)
+    assert recorder.counts.tolist() == [0, 1, 1, 0, 0]
+    recorder(moved, (x[:2], y[:2]))  # a training minibatch (no index): not recorded
+    assert recorder.counts.tolist() == [0, 1, 1, 0, 0]
+
+    n = 60
+    data = task.MemorizationData(x=torch.randn(n, 6), y_true=torch.arange(n) % 3, y_train=torch.arange(n) % 3,
+                                 flipped=torch.zeros(n, dtype=torch.bool), dataset="synthetic",
+                                 images=np.zeros((n, 1, 1)), num_classes=3)
+    cfg = replace(task.get_config("ci"), num_chains=2, num_draws=20, num_burnin_steps=5, sgld_batch_size=20)
+    kernel, probs = task.sample_kernel_and_predictive(model, data, cfg, device="cpu", verbose=False)
+    assert probs.shape == (n, 3) and probs.dtype == np.float64
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+    given = probs[np.arange(n), data.y_train.numpy()]
+    assert np.all(given >= np.exp(-kernel.mean.numpy()) - 1e-12)
+    # the same draws as sample_kernel: the kernel is the same to the last bit
+    plain = task.sample_kernel(model, data, cfg, device="cpu", verbose=False)
+    torch.testing.assert_close(kernel.covariance, plain.covariance, rtol=0, atol=0)
+    # and not the softmax at w*
+    at_w_star = torch.softmax(model(data.x).double(), 1).detach().numpy()
+    assert np.abs(probs - at_w_star).max() > 1e-3

@@ -15,8 +15,8 @@ import numpy as np
 from ..kernel import LossKernel
 from ._validate import as_array, as_labels, as_mask, as_vector, kernel_labels, kernel_variance, py_scalar
 
-__all__ = ["LABEL_ISSUE_SCORES", "detection_auc", "label_issue_scores", "mean_self_covariance",
-           "memorization_scores", "roc_curve"]
+__all__ = ["LABEL_ISSUE_SCORES", "PREDICTIVE_LABEL_ISSUE_SCORES", "detection_auc", "label_issue_scores",
+           "mean_self_covariance", "memorization_scores", "posterior_predictive_scores", "roc_curve"]
 
 
 def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.ndarray:
@@ -60,10 +60,67 @@ def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.
 
 
 LABEL_ISSUE_SCORES = ("posterior mean loss", "mean shift", "variance", "neighbour label agreement")
+PREDICTIVE_LABEL_ISSUE_SCORES = ("posterior self-confidence", "posterior margin",
+                                 "normalised posterior self-confidence")
+
+
+def posterior_predictive_scores(probs: Any, labels: Any, which: Any = None) -> Dict[str, np.ndarray]:
+    """Label-issue scores from the posterior predictive p̄(c | x) = E_w[p_w(c | x)], the
+    softmax probabilities averaged over the same SGLD draws as the kernel
+    (:func:`~devinterp_losskernel.tasks.memorization.sample_kernel_and_predictive`), larger =
+    more likely mislabelled, [n] each:
+
+    - ``"posterior self-confidence"``: 1 − p̄(y | x) for the given label y, i.e.
+      1 − E_w[exp(−ℓ(x; w))] with ℓ the cross-entropy (cleanlab's self-confidence, but from
+      the local posterior of the one trained model instead of cross-validated refits);
+    - ``"posterior margin"``: max_{c≠y} p̄(c | x) − p̄(y | x) (cleanlab's normalized margin
+      without its class thresholds);
+    - ``"normalised posterior self-confidence"``: −p̄(y | x) / t_y with t_c the mean of
+      p̄(c | ·) over the samples labelled c (confident learning's per-class threshold), so
+      that classes the posterior forgets more easily are not all flagged.
+
+    Args:
+        probs: [n, C] probabilities (rows summing to 1, entries in [0, 1]).
+        labels: [n] given (training) labels in [0, C).
+        which: names among :data:`PREDICTIVE_LABEL_ISSUE_SCORES` (default: all).
+    """
+    p = as_array(probs, "probs")
+    if p.ndim != 2 or p.dtype.kind not in "f" or p.shape[1] < 2:
+        raise ValueError(f"probs must be a float [n, C] array with C >= 2, got shape {p.shape}, dtype {p.dtype}")
+    p = p.astype(np.float64)
+    n, classes = p.shape
+    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1 + 1e-6 or np.abs(p.sum(1) - 1).max() > 1e-4:
+        raise ValueError("probs must hold finite probabilities in [0, 1] whose rows sum to 1")
+    y = as_labels(labels, n, "labels")
+    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"labels must be integers in [0, {classes}), got dtype {y.dtype}, "
+                         f"range [{y.min()}, {y.max()}]")
+    y = y.astype(np.int64)
+    which = PREDICTIVE_LABEL_ISSUE_SCORES if which is None else tuple(which)
+    unknown = sorted(set(which) - set(PREDICTIVE_LABEL_ISSUE_SCORES))
+    if unknown:
+        raise ValueError(f"which must name scores among {PREDICTIVE_LABEL_ISSUE_SCORES}, got {unknown}")
+    rows = np.arange(n)
+    given = p[rows, y]
+    out: Dict[str, np.ndarray] = {}
+    if "posterior self-confidence" in which:
+        out["posterior self-confidence"] = 1.0 - given
+    if "posterior margin" in which:
+        others = p.copy()
+        others[rows, y] = -np.inf
+        out["posterior margin"] = others.max(1) - given
+    if "normalised posterior self-confidence" in which:
+        present = np.unique(y)
+        threshold = np.ones(classes)
+        threshold[present] = [p[y == c, c].mean() for c in present]
+        if not np.all(threshold[present] > 0):
+            raise ValueError("probs must give each present label a positive mean probability among its samples")
+        out["normalised posterior self-confidence"] = -given / threshold[y]
+    return out
 
 
 def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
-                       which: Any = None) -> Dict[str, np.ndarray]:
+                       which: Any = None, posterior_probs: Any = None) -> Dict[str, np.ndarray]:
     """Per-sample label-issue scores of the trained model itself (no retraining), larger =
     more likely mislabelled/memorized, [n] each:
 
@@ -76,19 +133,31 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
       that carry x's given label, each neighbour weighted by how *un*-memorized it is
       (1 − its variance rank), because memorized samples correlate with each other whatever
       their labels. Needs the full kernel and ``labels``.
+    - with ``posterior_probs`` ([n, C] softmax probabilities averaged over the same draws,
+      from :func:`~devinterp_losskernel.tasks.memorization.sample_kernel_and_predictive`):
+      the scores of :func:`posterior_predictive_scores` (``"posterior self-confidence"``
+      1 − E_w[p_w(y | x)], ``"posterior margin"``, ``"normalised posterior self-confidence"``).
+      They are added to the default ``which`` when ``posterior_probs`` is given.
 
     Measured on the memorization tutorial's data (2,000 Fashion-MNIST images, 10% relabelled,
-    4 × 300 draws; ROC-AUC): posterior mean loss 0.951, mean shift 0.951, variance 0.938,
-    neighbour label agreement 0.726 (k = 15), kNN probabilities from R̂ through cleanlab
-    0.82–0.86 — the geometry of R̂ finds fewer label errors than the diagonal does; see
-    tutorials/README.md for the full table beside cleanlab.
+    4 × 300 draws; ROC-AUC) at the tutorial's γ = 200: posterior mean loss 0.951, mean shift
+    0.951, variance 0.938, neighbour label agreement 0.726 (k = 15). A looser posterior
+    forgets the memorized labels: at γ = 20 (nβ = 100, ε = 3e-4) the posterior
+    self-confidence reaches 0.986 and the posterior mean loss 0.984 (γ chosen on that
+    seed; see tutorials/sweeps/RESULTS_label_issues.md for the other seed and 5,000 images).
     """
     if not isinstance(kernel, LossKernel):
         raise ValueError(f"kernel must be a LossKernel, got {type(kernel).__name__}")
-    which = LABEL_ISSUE_SCORES if which is None else tuple(which)
-    unknown = sorted(set(which) - set(LABEL_ISSUE_SCORES))
+    names = LABEL_ISSUE_SCORES + (PREDICTIVE_LABEL_ISSUE_SCORES if posterior_probs is not None else ())
+    which = names if which is None else tuple(which)
+    unknown = sorted(set(which) - set(LABEL_ISSUE_SCORES) - set(PREDICTIVE_LABEL_ISSUE_SCORES))
     if unknown:
-        raise ValueError(f"which must name scores among {LABEL_ISSUE_SCORES}, got {unknown}")
+        raise ValueError(f"which must name scores among {LABEL_ISSUE_SCORES + PREDICTIVE_LABEL_ISSUE_SCORES}, "
+                         f"got {unknown}")
+    predictive = [name for name in which if name in PREDICTIVE_LABEL_ISSUE_SCORES]
+    if predictive and posterior_probs is None:
+        raise ValueError(f"the scores {predictive} need posterior_probs (the posterior predictive [n, C]; "
+                         "see tasks.memorization.sample_kernel_and_predictive)")
     variance = kernel_variance(kernel)
     n = variance.shape[0]
     out: Dict[str, np.ndarray] = {}
@@ -114,7 +183,12 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
         weight = clean[neighbours] + 1e-12
         same = (y[neighbours] == y[:, None]).astype(np.float64)
         out["neighbour label agreement"] = 1.0 - (weight * same).sum(1) / weight.sum(1)
-    return out
+    if predictive:
+        probs = as_array(posterior_probs, "posterior_probs")
+        if probs.ndim != 2 or probs.shape[0] != n:
+            raise ValueError(f"posterior_probs must be [n={n}, C], got shape {probs.shape}")
+        out.update(posterior_predictive_scores(probs, kernel_labels(kernel, labels, n), which=predictive))
+    return {name: out[name] for name in which}
 
 
 def _scores_and_mask(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray]:

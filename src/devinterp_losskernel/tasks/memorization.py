@@ -63,6 +63,7 @@ __all__ = [
     "relabel",
     "run_memorization",
     "sample_kernel",
+    "sample_kernel_and_predictive",
     "score_table",
     "tracin_self_influence",
     "train_to_memorization",
@@ -551,6 +552,60 @@ def sample_kernel(model: nn.Module, data: MemorizationData, cfg: MemorizationCon
     kwargs = sampler_kwargs(cfg, **{**dict(seed=cfg.seed, device=device, verbose=verbose, labels=data.y_train),
                                     **overrides})
     return estimate_loss_kernel(model, loader, (data.x, data.y_train), **kwargs)
+
+
+class _PredictiveRecorder:
+    """The probe loss (per-sample cross-entropy) that also sums, at every SGLD draw, the
+    softmax probabilities of each probe sample (batches ``(x, y, index)``). Passes at w*
+    itself (the callback's checks and ℓ(x; w*)) are left out: their weights equal w*
+    exactly, which no SGLD draw does."""
+
+    def __init__(self, model: nn.Module, n: int, num_classes: int):
+        self.reference = [p.detach().clone() for p in model.parameters()]
+        self.sums = torch.zeros(n, num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(n, dtype=torch.float64)
+
+    def _at_reference(self, model: nn.Module) -> bool:
+        return all(torch.equal(p, r.to(p.device)) for p, r in zip(model.parameters(), self.reference))
+
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        logits = model(batch[0])
+        losses = F.cross_entropy(logits, batch[1], reduction="none")
+        if len(batch) == 3 and not self._at_reference(model):  # a probe batch at a draw
+            with torch.no_grad():
+                index = batch[2].cpu()
+                self.sums.index_add_(0, index, torch.softmax(logits.detach().double(), 1).cpu())
+                self.counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+        return losses
+
+
+def sample_kernel_and_predictive(model: nn.Module, data: MemorizationData, cfg: MemorizationConfig, *,
+                                 device: Union[str, torch.device, None] = None, verbose: bool = True,
+                                 **overrides):
+    """:func:`sample_kernel` (the same draws, the same kernel) and, from the same draws, the
+    posterior predictive p̄(c | x) = E_w[p_w(c | x)] of every training image, float64 [n, C].
+
+    p̄ feeds :func:`~devinterp_losskernel.analysis.memorization.label_issue_scores`
+    (``posterior_probs=``): 1 − p̄(y | x) = 1 − E_w[exp(−ℓ(x; w))] is a label-issue score
+    of the one trained model. Draws of chains cut off as diverged still count in p̄ (the
+    kernel leaves them out); a warning says so.
+    """
+    from ..estimate import estimate_loss_kernel
+
+    n = len(data.x)
+    recorder = _PredictiveRecorder(model, n, data.num_classes)
+    loader = DataLoader(TensorDataset(data.x, data.y_train), batch_size=cfg.sgld_batch_size, shuffle=True)
+    kwargs = sampler_kwargs(cfg, **{**dict(seed=cfg.seed, device=device, verbose=verbose, labels=data.y_train),
+                                    **overrides})
+    kernel = estimate_loss_kernel(model, loader, (data.x, data.y_train, torch.arange(n)), loss_fn=recorder,
+                                  **kwargs)
+    counts = recorder.counts
+    if not bool((counts == counts[0]).all()) or float(counts[0]) == 0:
+        raise RuntimeError("the posterior predictive did not see every probe sample at every draw")
+    if kernel.metadata.get("diverged_chains"):
+        warnings.warn(f"chains {kernel.metadata['diverged_chains']} diverged: the posterior predictive "
+                      "includes their draws, the kernel does not", stacklevel=2)
+    return kernel, (recorder.sums / counts[:, None]).numpy()
 
 
 # ---------------------------------------------------------------------------------------------

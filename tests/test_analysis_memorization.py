@@ -276,6 +276,7 @@ def test_sample_kernel_and_predictive_averages_the_softmax_over_the_draws():
     cfg = replace(task.get_config("ci"), num_chains=2, num_draws=20, num_burnin_steps=5, sgld_batch_size=20)
     kernel, probs = task.sample_kernel_and_predictive(model, data, cfg, device="cpu", verbose=False)
     assert probs.shape == (n, 3) and probs.dtype == np.float64
+    np.testing.assert_array_equal(np.asarray(kernel.labels), data.y_train.numpy())  # labels reach the kernel
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
     given = probs[np.arange(n), data.y_train.numpy()]
     assert np.all(given >= np.exp(-kernel.mean.numpy()) - 1e-12)

@@ -13,10 +13,13 @@ class _Terminal(io.StringIO):
         return True
 
 
+def test_a_python_process_is_not_taken_for_a_notebook():
+    assert progress._in_notebook() is False  # else a log file would get the widget's fast updates
+
+
 def test_a_log_file_gets_rare_updates_not_a_flood(monkeypatch):
     monkeypatch.delenv("LOSSKERNEL_PROGRESS", raising=False)
     monkeypatch.delenv("LOSSKERNEL_PROGRESS_INTERVAL", raising=False)
-    monkeypatch.setattr(progress, "_in_notebook", lambda: False)
     log = io.StringIO()
     bar = progress.progress_bar(2000, "loss kernel draws", file=log)
     for _ in range(2000):
@@ -68,3 +71,24 @@ def test_devinterp2_sampler_still_has_the_bar_we_patch():
         pytest.skip("devinterp 2.x only")
     from devinterp.slt import sampler
     assert callable(sampler.trange)
+
+
+def test_a_run_logged_to_a_file_writes_a_few_lines_not_one_per_draw(capsys, monkeypatch):
+    """estimate_loss_kernel's bar (and, under devinterp 2, devinterp's per-chain bars) in a log."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from devinterp_losskernel import estimate_loss_kernel
+
+    monkeypatch.delenv("LOSSKERNEL_PROGRESS", raising=False)
+    monkeypatch.delenv("LOSSKERNEL_PROGRESS_INTERVAL", raising=False)
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    model = torch.nn.Linear(4, 2)
+    estimate_loss_kernel(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True), (x[:16], y[:16]),
+                         num_chains=2, num_draws=150, num_burnin_steps=5, lr=1e-4, nbeta=10.0,
+                         localization=100.0, seed=0)
+    err = capsys.readouterr().err
+    assert "loss kernel draws" in err and "300/300" in err
+    assert err.count("\r") <= 6, err.count("\r")
+    assert "Chain 0" not in err  # devinterp 2's own bars are covered by ours

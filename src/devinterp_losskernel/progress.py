@@ -19,10 +19,16 @@ _DEFAULT_LOG_INTERVAL = 60.0
 
 
 def _in_notebook() -> bool:
-    from tqdm.auto import tqdm as auto
+    """Whether tqdm.auto draws a notebook widget here (tqdm.auto's class is always its own
+    subclass; tqdm.autonotebook's is the plain one outside a notebook kernel)."""
+    import warnings
+
+    with warnings.catch_warnings():  # autonotebook warns about its experimental status in notebooks
+        warnings.simplefilter("ignore")
+        from tqdm.autonotebook import tqdm as chosen
     from tqdm.std import tqdm as plain
 
-    return auto is not plain
+    return chosen is not plain
 
 
 def bar_settings(file: Any = None) -> Dict[str, Any]:

@@ -34,6 +34,17 @@ co-moment — on the first 1, 2, … chains of that store (N = chains × draws):
 
 (``--synthetic`` writes the store in devinterp's layout from random losses: a real run of
 8,000 draws on a 4,096-sequence observable takes hours on a 2-core CPU.)
+
+``--end-to-end``: our in-run callback against devinterp's ``bif()`` end to end, on a tiny LM
+(an embedding, one mixing layer, a readout; the same briefly trained model and data in every
+process). Each of these runs in a fresh process, the model trained and everything imported
+before the measurement starts: ``bif(..., correlation_method="sequence", compute_covariance=True,
+output_path=…)`` (``sample()`` writes the zarr store, ``compute_bif`` loads it back);
+``sample_single_chain`` per chain with ``LossKernelCallback`` (float64 and float32 state: the
+same chains, nothing written); and our ``llc()`` twin (devinterp's LLC and the kernel of the
+same draws)::
+
+    .venv2/bin/python benchmarks/vs_devinterp_bif.py --end-to-end --n 4096 --chains 2 --draws 100 --seq-len 8
 """
 
 from __future__ import annotations
@@ -118,7 +129,7 @@ def train_briefly(model, ids, steps: int, batch_size: int, seed: int):
     return model
 
 
-def run_bif(model, train_ds, probe_ds, args, out_dir: Path):
+def run_bif(model, train_ds, probe_ds, args, out_dir: Path, compute_covariance: bool = False):
     """devinterp 2.x end to end: bif() = sample() (zarr on disk) + compute_bif()."""
     from devinterp.slt.bif import bif
 
@@ -130,18 +141,18 @@ def run_bif(model, train_ds, probe_ds, args, out_dir: Path):
             correlation_method="sequence", num_chains=args.chains, num_draws=args.draws,
             batch_size=args.batch_size, num_burnin_steps=args.burnin,
             num_init_loss_batches=1, init_seed=args.seed, output_path=str(out_dir),
-            device="cpu", bif_device="cpu",
+            device="cpu", bif_device="cpu", compute_covariance=compute_covariance,
         )
     return np.asarray(result["influences"].values)
 
 
-def run_ours(model, train_ds, probe_ids, args):
+def run_ours(model, train_ds, probe_ids, args, dtype=torch.float64, return_kernel=False):
     """The same chains through sample_single_chain, with LossKernelCallback."""
     from devinterp.slt.config import SAMPLING_METHODS
     from devinterp.slt.lm_loss import make_evaluate_fn
     from devinterp.slt.sampler import sample_single_chain
 
-    cb = LossKernelCallback({"input_ids": probe_ids}, batch_size=args.batch_size)
+    cb = LossKernelCallback({"input_ids": probe_ids}, batch_size=args.batch_size, dtype=dtype)
     kwargs = dict(nbeta=args.nbeta, lr=args.lr, localization=args.localization,
                   noise_level=1.0, weight_decay=0.0, bounding_box_size=None, save_metrics=False)
     with warnings.catch_warnings():
@@ -156,6 +167,8 @@ def run_ours(model, train_ds, probe_ids, args):
                 callbacks=[cb], batch_size=args.batch_size, shuffle=True, epoch_mode="cycle",
             )
     kernel = cb.kernel
+    if return_kernel:
+        return kernel
     return kernel.correlation.numpy(), kernel.mean.numpy(), kernel.num_draws
 
 
@@ -331,6 +344,141 @@ def main_from_samples(args) -> None:
                    table + "\n\n" + notes, path=args.results, write=not args.no_record)
 
 
+E2E_FORWARDED = ("n", "chains", "draws", "burnin", "batch_size", "seq_len", "vocab", "width", "num_train",
+                 "train_steps", "lr", "nbeta", "localization", "seed")
+E2E_METHODS = (("bif", "float32"), ("ours", "float64"), ("ours", "float32"), ("llc", "float64"))
+
+
+def end_to_end_inputs(args):
+    """The tiny LM (briefly trained), the training set, the probe observable and its sequences
+    in devinterp's own order: built identically in every worker process."""
+    from datasets import Dataset
+    from devinterp.slt.observables import Observable
+
+    length = args.seq_len + 1
+    train_ids = make_tokens(args.num_train, length, args.vocab, seed=1)
+    probe_pool = make_tokens(args.n, length, args.vocab, seed=2)
+    train_ds = Dataset.from_dict({"input_ids": train_ids.tolist()}).with_format("torch")
+    probe_ds = Dataset.from_dict({"input_ids": probe_pool.tolist()}).with_format("torch")
+    probe_ids = Observable(  # sample()'s observable: the same sequences in the same order
+        dataset=probe_ds, task_name="probe", batches_per_draw=args.n // args.batch_size,
+        batch_size=args.batch_size, context_length=args.seq_len, device=torch.device("cpu"),
+    ).input_ids
+    torch.manual_seed(args.seed)
+    model = train_briefly(TinyLM(args.vocab, args.width), train_ids, args.train_steps, args.batch_size, args.seed)
+    return model, train_ds, probe_ds, probe_ids
+
+
+def worker_end_to_end(method: str, args, out: str, dtype: str) -> None:
+    """One end-to-end run in this (fresh) process; prints {"seconds", "cpu_seconds",
+    "peak_bytes", "disk_bytes", "llc_mean"} as JSON and saves the kernel (covariance) to ``out``."""
+    import json
+
+    import devinterp.slt.bif  # noqa: F401  (imports are not part of the measurement)
+    import devinterp.slt.sampling  # noqa: F401
+    import xarray  # noqa: F401
+    import zarr  # noqa: F401
+
+    from devinterp_losskernel import llc
+
+    model, train_ds, probe_ds, probe_ids = end_to_end_inputs(args)
+    store = Path(out).with_suffix(".zarr")
+    llc_mean = None
+    with PeakRSS() as mem, Timer() as t:
+        if method == "bif":
+            matrix = run_bif(model, train_ds, probe_ds, args, store, compute_covariance=True)
+        elif method == "ours":
+            matrix = run_ours(model, train_ds, probe_ids, args, dtype=getattr(torch, dtype),
+                              return_kernel=True).covariance.numpy()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = llc(model, train_ds, {"probe": (probe_ds, args.n // args.batch_size)}, lr=args.lr,
+                         n_beta=args.nbeta, localization=args.localization, num_chains=args.chains,
+                         num_draws=args.draws, batch_size=args.batch_size, num_burnin_steps=args.burnin,
+                         num_init_loss_batches=1, init_seed=args.seed, device="cpu",
+                         # the probe is held-out sequences, not training samples: no singular fluctuation
+                         callback_kwargs=dict(dtype=getattr(torch, dtype), probe_train_mask=False))
+            matrix = ds.covariance.values
+            llc_mean = float(ds.llc_mean)
+    disk = directory_bytes(store) if store.exists() else 0
+    shutil.rmtree(store, ignore_errors=True)
+    np.save(out, np.asarray(matrix, dtype=np.float64))
+    print(json.dumps({"seconds": t.seconds, "cpu_seconds": t.cpu_seconds, "peak_bytes": mem.peak_bytes,
+                      "method": mem.method, "disk_bytes": disk, "llc_mean": llc_mean}))
+
+
+def main_end_to_end(args) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bif_e2e_"))
+    root.mkdir(parents=True, exist_ok=True)
+    results = {}
+    try:
+        for method, dtype in E2E_METHODS:
+            out = root / f"e2e_{method}_{dtype}.npy"
+            command = [sys.executable, __file__, "--end-to-end-worker", method, "--out", str(out), "--dtype", dtype]
+            for name in E2E_FORWARDED:
+                command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            if args.threads is not None:
+                command += ["--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"worker {method} ({dtype}) failed:\n{done.stderr[-3000:]}")
+            results[method, dtype] = (json.loads(done.stdout.strip().splitlines()[-1]), np.load(out))
+            out.unlink()
+            print(f"{method} ({dtype}): {results[method, dtype][0]}", flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    bif_info, k_bif = results["bif", "float32"]
+    scale = float(np.abs(k_bif).max())
+    names = {"bif": "devinterp bif(sequence, compute_covariance=True)",
+             "ours": "LossKernelCallback + sample_single_chain ({} state)",
+             "llc": "devinterp_losskernel.llc() twin ({} state; + devinterp's LLC)"}
+    rows = []
+    for (method, dtype), (info, matrix) in results.items():
+        rows.append([names[method].format(dtype), f"{info['seconds']:.1f}", f"{info['cpu_seconds']:.1f}",
+                     f"{info['peak_bytes'] / 2**20:,.0f}", f"{info['disk_bytes'] / 2**20:,.1f}",
+                     "0" if method == "bif" else f"{np.abs(matrix - k_bif).max() / scale:.1e}"])
+    headers = ["method", "wall s", "CPU s", "peak RSS MiB", "disk written MiB", "max |K − K_bif| / max |K_bif|"]
+    title = (f"End to end: n={args.n:,} probe sequences × {args.seq_len} predicted tokens, {args.chains} chains "
+             f"× {args.draws} draws (burn-in {args.burnin}), tiny LM (embedding, one {args.width}-wide layer, "
+             f"vocab {args.vocab})")
+    table = print_table(headers, rows, title)
+    t_bif, m_bif = bif_info["seconds"], bif_info["peak_bytes"]
+    verdicts = []
+    for (method, dtype), (info, _) in results.items():
+        if method == "bif":
+            continue
+        verdicts.append(f"{names[method].format(dtype)}: {info['seconds'] / t_bif:.2f}× bif()'s wall time, "
+                        f"{info['peak_bytes'] / m_bif:.2f}× its peak RSS — target "
+                        + ("met" if info["seconds"] < t_bif and info["peak_bytes"] <= m_bif else "NOT met"))
+    llc_info = results["llc", "float64"][0]
+    notes = "\n".join([
+        title + ".",
+        f"SGLD (SGMCMC.sgld): lr={args.lr}, nβ={args.nbeta}, localization={args.localization}, batch "
+        f"{args.batch_size} (also the probe batch size on every side), seed {args.seed} (chain c: {args.seed} + c; "
+        f"data order {args.seed}); bif() and llc() with num_init_loss_batches=1; {args.train_steps} Adam steps "
+        f"on {args.num_train:,} bigram sequences before sampling; CPU.",
+        "Each row is a fresh process (model trained and modules imported before the clock starts); peak RSS is "
+        "the process high-water mark above its level at the start of the measurement. bif() = sample() "
+        "(every draw's per-token probe losses, the per-step SGLD losses and input ids written to a zarr store: "
+        "'disk written') + compute_bif() (loads the stored losses, torch.cov in float32 of the stacked "
+        f"[2n, N] matrix). The callback keeps the mean and co-moment (8n² = {8 * args.n**2 / 2**20:,.1f} MiB in "
+        f"float64, {4 * args.n**2 / 2**20:,.1f} MiB in float32) and writes nothing; the kernel it returns "
+        "holds K and R (two more n² matrices).",
+        f"The chains are the same on every side (same seeds, same sampler; the LM has no dropout): the "
+        f"differences are float32 rounding. llc() twin's llc_mean = {llc_info['llc_mean']:.4f}.",
+        *verdicts,
+    ])
+    print("\n" + notes)
+    append_results("In-run loss kernel vs devinterp 2.x bif() end to end (benchmarks/vs_devinterp_bif.py "
+                   "--end-to-end)", table + "\n\n" + notes, path=args.results, write=not args.no_record)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1024, help="probe sequences (multiple of --batch-size)")
@@ -355,6 +503,9 @@ def main(argv=None):
     parser.add_argument("--synthetic", action="store_true",
                         help="with --from-samples: write the store in devinterp's layout from random losses "
                              "instead of running sample() (for large draw counts)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="our in-run callback (and llc() twin) vs bif() end to end, each in a fresh process")
+    parser.add_argument("--end-to-end-worker", choices=["bif", "ours", "llc"], help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["bif", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--use-chains", type=int, help=argparse.SUPPRESS)
@@ -366,6 +517,12 @@ def main(argv=None):
     require_devinterp2()
     if args.worker:
         return worker(args.worker, args.store, args.use_chains, args.out, args.dtype)
+    if args.end_to_end_worker:
+        return worker_end_to_end(args.end_to_end_worker, args, args.out, args.dtype)
+    if args.end_to_end:
+        if args.n % args.batch_size:
+            raise SystemExit("--n must be a multiple of --batch-size (devinterp's observables are whole batches)")
+        return main_end_to_end(args)
     if args.from_samples:
         if args.n % args.batch_size:
             raise SystemExit("--n must be a multiple of --batch-size")

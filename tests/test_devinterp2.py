@@ -282,3 +282,84 @@ def test_attention_mask_follows_the_tokens_to_their_device():
     out = lm_sequence_loss(model, {"input_ids": ids, "attention_mask": mask})
     full = lm_sequence_loss(model, {"input_ids": ids[:1, :5]})
     torch.testing.assert_close(out[0], full[0])
+
+
+def test_cnn_through_sample_single_chain_with_mapping_items_and_num_steps_bw_draws_3():
+    # the notebook's recipe (tutorial 05): an image dataset as {"input_ids": image, "labels": y}
+    # items, straight into devinterp 2's sampler with the callback; devinterp's draw schedule
+    from devinterp.optim import SGMCMC
+    from devinterp.slt.sampler import sample_single_chain
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(48, 1, 8, 8), torch.randint(0, 3, (48,))
+    model = SmallCNN()
+
+    class AsInputIds(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return {"input_ids": images[i], "labels": labels[i]}
+
+    events = []
+
+    def evaluate(model, batch):  # devinterp moves only "input_ids"; the labels are moved here
+        events.append("e")
+        logits = model(batch["input_ids"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none"), {}
+
+    draws = []
+
+    def witness_draw(*, draw, chain, **_):
+        events.append("p")
+        draws.append((chain, draw))
+
+    probe = (images[:10], labels[:10])
+    b, k, T, C = 2, 3, 5, 2
+    cb, witness = LossKernelCallback(probe, reference_model=model, num_draws=T), ProbeRecorder(probe)
+    for chain in range(C):
+        sample_single_chain(model, AsInputIds(), evaluate, param_masks={n: None for n, _ in model.named_parameters()},
+                            num_draws=T, num_burnin_steps=b, num_steps_bw_draws=k, sampling_method=SGMCMC.sgld,
+                            sampling_method_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0),
+                            chain=chain, seed=chain, device="cpu", callbacks=[cb, witness, witness_draw],
+                            batch_size=8)
+    cb.finalize()
+    kernel = cb.kernel
+    # devinterp 2: draws after steps b, b+k, …, b+(T−1)k (0-based), then the k−1 remaining steps
+    assert "".join(events) == ("e" * (b + 1) + "p" + ("e" * k + "p") * (T - 1) + "e" * (k - 1)) * C
+    assert draws == [(c, d) for c in range(C) for d in range(T)]
+    assert kernel.num_draws == C * T and kernel.draws_per_chain == {0: T, 1: T}
+    np.testing.assert_allclose(kernel.covariance.numpy(), np.cov(witness.traces(), rowvar=False),
+                               rtol=1e-9, atol=1e-15)
+    assert kernel.covariance.abs().max() > 0 and kernel.init_loss.shape == (10,)
+    assert kernel.metadata["sampler"]["localization"] == 100.0
+
+
+def test_llc_twin_equals_devinterp_with_num_steps_bw_draws_3(tmp_path):
+    import warnings
+
+    from devinterp.slt.bif import compute_bif
+    from devinterp.slt.llc import llc as devinterp_llc
+    from devinterp.slt.sampling import sample
+
+    from devinterp_losskernel import llc
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, 13, (64, 9))
+    model, dataset = TinyLM(), LMDataset(ids)
+    observables = {"probe": LMDataset(ids[:24])}
+    args = lm_run_args(num_steps_bw_draws=3)
+    args.update(num_chains=2, num_draws=5, num_burnin_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = devinterp_llc(model, dataset, observables, **args)
+        ours = llc(model, dataset, observables, **args)
+        samples = sample(model, dataset, observables, output_path=str(tmp_path / "s.zarr"), **args)
+    assert ours.loss_trace.shape == theirs.loss_trace.shape == (2, 2 + 5 * 3)  # every step
+    for name in ("llc_mean", "llc_per_chain", "loss_trace", "init_loss"):
+        np.testing.assert_allclose(np.asarray(ours[name].values, float), np.asarray(theirs[name].values, float),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
+    bif = compute_bif(samples, correlation_method="sequence", compute_covariance=True).influences.values
+    scale = float(np.abs(bif).max())
+    assert scale > 0 and ours.draws_per_chain.values.tolist() == [5, 5]
+    np.testing.assert_allclose(ours.covariance.values, bif, rtol=0, atol=1e-5 * scale)  # the same draws

@@ -29,7 +29,7 @@ correlation R) from devinterp 2's SGLD draws:
 3. **Any model through devinterp 2's `sample_single_chain`** — a small CNN on scikit-learn's
    digits with `LossKernelCallback`, and `estimate_loss_kernel` as the one-call alternative.
 
-Everything runs on a CPU in a few minutes; nothing is downloaded.
+The whole notebook runs in about a minute on a 2-core CPU; nothing is downloaded.
 
 [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/timaeus-research/devinterp-losskernel/blob/main/tutorials/05_devinterp2.ipynb)
 '''),

@@ -169,7 +169,9 @@ def test_llc_twin_gives_devinterps_llc_and_compute_bifs_kernel(tmp_path):
     np.testing.assert_allclose(ours.covariance.values, stored.covariance.numpy(), rtol=0, atol=1e-6 * scale)
     np.testing.assert_allclose(ours.correlation.values, kernel.correlation.numpy())
     assert ours.draws_per_chain.values.tolist() == [10, 10, 10] and int(ours.num_draws) == 30
-    assert np.isfinite(float(ours.singular_fluctuation)) and np.isfinite(float(ours.probe_llc))
+    assert np.isfinite(float(ours.probe_llc))
+    # the probe observable is another dataset object: not taken as training data, so no ν (said why)
+    assert np.isnan(float(ours.singular_fluctuation)) and "probe_train_mask" in ours.singular_fluctuation.attrs["why_nan"]
     assert kernel.metadata["sampler"]["localization"] == 50.0 and kernel.metadata["sampler"]["nbeta"] == 20.0
     assert kernel.metadata["llc/mean"] == pytest.approx(float(theirs.llc_mean), rel=1e-6)
     with pytest.raises(KeyError, match="missing"):

@@ -78,3 +78,18 @@ def test_llc_refuses_non_token_data_before_sampling():
     with pytest.raises(TypeError, match=r"observables\['probe'\]\[0\]\['input_ids'\] is torch.float32"):
         llc(lm, tokens, {"probe": as_devinterp2_dataset(TensorDataset(images, labels))}, lr=1e-3, n_beta=10.0,
             num_draws=2)
+
+
+def test_llc_takes_the_probe_as_training_data_only_when_it_is_the_training_set():
+    """A held-out observable larger than the training set used to fail after all chains had run."""
+    require_devinterp(2)
+    torch.manual_seed(0)
+    train, held_out = LMDataset(torch.randint(0, 13, (24, 9))), LMDataset(torch.randint(0, 13, (48, 9)))
+    args = dict(lr=1e-3, n_beta=10.0, num_chains=2, num_draws=4, num_burnin_steps=1, batch_size=8,
+                localization=50.0, device="cpu")
+    ds = llc(TinyLM(), train, {"probe": (held_out, 6), "train": train}, **args)  # 6 batches: 48 > 24 train
+    assert np.isnan(float(ds.singular_fluctuation)) and np.isfinite(float(ds.llc_mean))
+    ds = llc(TinyLM(), train, {"train": train}, **args)                    # the training set itself
+    assert np.isfinite(float(ds.singular_fluctuation)) and ds.singular_fluctuation.attrs["method"]
+    with pytest.raises(ValueError, match=r"num_train=24 .* smaller than the 48 probe samples"):
+        llc(TinyLM(), train, {"probe": (held_out, 6)}, callback_kwargs=dict(probe_train_mask=None), **args)

@@ -193,6 +193,13 @@ class LossKernelCallback:
         self.rows = None if self.storage.rows is None else validate_rows(self.storage.rows, n)
         self.probe_train_mask = self._check_train_mask(probe_train_mask, n)
         self.num_train = num_train
+        in_training_set = 0 if self.probe_train_mask is False else \
+            n if self.probe_train_mask is None else int(self.probe_train_mask.sum())
+        if num_train is not None and in_training_set > num_train:  # ν's sum would fail after sampling
+            raise ValueError(
+                f"num_train={num_train} (the training set size) is smaller than the {in_training_set} probe "
+                "samples taken as training samples: probe_train_mask=None means the whole probe is training "
+                "data. For a held-out probe pass probe_train_mask=False; for a mixed one a bool mask [n]")
         self.num_draws = num_draws
         self.total_draws = total_draws
         self.reference_model = reference_model

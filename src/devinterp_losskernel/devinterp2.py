@@ -268,7 +268,11 @@ def llc(
 
     init_loss = _init_loss(config, model, dataset, device, per_token)  # [chain, token_pos] float32
 
-    options = dict(batch_size=batch_size, num_train=len(dataset), num_draws=num_draws)
+    # The probe's sequences count as training samples (for ν) only when the observable is the
+    # training dataset itself; a held-out observable gets no singular fluctuation unless
+    # callback_kwargs=dict(probe_train_mask=…) says which of its sequences are training data.
+    options = dict(batch_size=batch_size, num_train=len(dataset), num_draws=num_draws,
+                   probe_train_mask=None if obs_dataset is dataset else False)
     options.update(callback_kwargs or {})
     was_training = model.training
     callback = LossKernelCallback({"input_ids": obs.input_ids}, _per_sequence_loss(per_token),
@@ -336,10 +340,15 @@ def llc(
         "draws_per_chain": (("chain",), np.array([k.draws_per_chain.get(c, 0) for c in range(num_chains)])),
         "num_draws": k.num_draws,
     }
-    for key in ("probe_llc", "singular_fluctuation", "empirical_variance"):
-        if key in kernel.metadata:
-            data[key] = float(kernel.metadata[key])
+    for key in ("probe_llc", "singular_fluctuation", "empirical_variance"):  # NaN where not known
+        data[key] = float(kernel.metadata.get(key, np.nan))
     ds = xr.merge([per_sample, xr.Dataset(data)], combine_attrs="override")
+    if "singular_fluctuation" not in kernel.metadata:
+        ds.singular_fluctuation.attrs["why_nan"] = (
+            "the probe observable is not the training dataset, so none of its sequences is taken as a training "
+            "sample; pass callback_kwargs=dict(probe_train_mask=<bool [n]>) to say which are")
+    else:
+        ds.singular_fluctuation.attrs["method"] = str(kernel.metadata.get("singular_fluctuation_method", ""))
     ds.attrs.update({"observable": name, "n_beta": float(n_beta),
                      "diverged_chains": [int(c) for c in kernel.metadata.get("diverged_chains", [])]})
     return (ds, kernel) if return_kernel else ds

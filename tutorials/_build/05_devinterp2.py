@@ -227,35 +227,28 @@ with torch.no_grad():
 print(f"training accuracy on the noisy labels: {train_acc:.3f}  ({int(flipped.sum())} flipped of {len(y_train)})")
 '''),
 ("md", '''
-The recipe: wrap the image dataset so that each item is a mapping with `"input_ids"`, and
-write `evaluate` to read the image from `"input_ids"` and move the labels to the model's
-device itself (devinterp moves only `"input_ids"`). The callback's probe is plain
-`(images, labels)` tensors: its default loss is the per-sample cross-entropy.
+The recipe: `as_devinterp2_dataset` gives each `(image, label)` item as the mapping
+`{"input_ids": image, "labels": label}` that devinterp 2's sampler iterates, and
+`devinterp2_evaluate()` is devinterp's `evaluate` for it (per-sample cross-entropy on
+`"labels"`, which it moves to the model's device: devinterp moves only `"input_ids"`). The
+callback's probe is plain `(images, labels)` tensors: its default loss is the per-sample
+cross-entropy.
 '''),
 ("code", '''
+from torch.utils.data import TensorDataset
 from devinterp.optim import SGMCMC
 from devinterp.slt.sampler import sample_single_chain
-from devinterp_losskernel import LossKernelCallback
+from devinterp_losskernel import LossKernelCallback, as_devinterp2_dataset, devinterp2_evaluate
 
-class AsInputIds(torch.utils.data.Dataset):
-    """(image, label) pairs as the mapping items devinterp 2's sampler iterates."""
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
-    def __len__(self):
-        return len(self.images)
-    def __getitem__(self, i):
-        return {"input_ids": self.images[i], "labels": self.labels[i]}
-
-def evaluate(model, batch):  # devinterp 2: (model, batch) -> (per-sample losses, extras)
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none"), {}
+train_items = as_devinterp2_dataset(TensorDataset(images, y_train))   # items {"input_ids", "labels"}
+evaluate = devinterp2_evaluate()                                       # (model, batch) -> (losses [B], {})
 
 probe = (images[: cfg.num_probe], y_train[: cfg.num_probe])
 callback = LossKernelCallback(probe, labels=probe[1], reference_model=cnn,
                               num_draws=SG["num_draws"], num_train=cfg.num_train)
 for chain in range(SG["num_chains"]):
     sample_single_chain(
-        cnn, AsInputIds(images, y_train), evaluate, param_masks={name: None for name, _ in cnn.named_parameters()},
+        cnn, train_items, evaluate, param_masks={name: None for name, _ in cnn.named_parameters()},
         num_draws=SG["num_draws"], num_burnin_steps=SG["num_burnin_steps"], sampling_method=SGMCMC.sgld,
         sampling_method_kwargs=SGLD_KW,
         chain=chain, seed=cfg.seed + chain, device=DEVICE, callbacks=[callback], batch_size=cfg.batch_size,

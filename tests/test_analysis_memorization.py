@@ -286,3 +286,19 @@ def test_sample_kernel_and_predictive_averages_the_softmax_over_the_draws():
     # and not the softmax at w*
     at_w_star = torch.softmax(model(data.x).double(), 1).detach().numpy()
     assert np.abs(probs - at_w_star).max() > 1e-3
+
+
+def test_label_issue_scores_default_to_what_the_kernel_supports():
+    from devinterp_losskernel import LossKernel
+    from devinterp_losskernel.analysis import label_issue_scores
+
+    torch.manual_seed(0)
+    losses = torch.rand(50, 8, dtype=torch.float64)
+    diagonal = LossKernel(covariance=None, mean=losses.mean(0), variance=losses.var(0), num_draws=50,
+                          init_loss=losses.mean(0) - 0.1)
+    assert set(label_issue_scores(diagonal)) == {"posterior mean loss", "mean shift", "variance"}
+    no_init = LossKernel(covariance=torch.cov(losses.T), mean=losses.mean(0), variance=losses.var(0), num_draws=50)
+    assert set(label_issue_scores(no_init)) == {"posterior mean loss", "variance"}
+    assert "neighbour label agreement" in label_issue_scores(no_init, labels=[0, 1] * 4, k=3)
+    with pytest.raises(ValueError, match="needs a square kernel"):
+        label_issue_scores(diagonal, labels=[0, 1] * 4, which=["neighbour label agreement"])

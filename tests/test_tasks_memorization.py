@@ -369,3 +369,17 @@ def test_run_memorization_end_to_end_without_optional_libraries(monkeypatch, cap
     assert summary["num_flipped"] == 40 and summary["train_accuracy_on_noisy_labels"] == 1.0
     assert summary["mean_self_covariance/mislabelled"] > summary["mean_self_covariance/normal"]
     np.testing.assert_allclose(result.scores["loss-kernel variance K(x,x)"], result.kernel.variance.numpy())
+
+
+def test_sampler_kwargs_pass_non_sgld_arguments_through_instead_of_dropping_them():
+    from devinterp_losskernel.presets import SGLDSettings
+    from devinterp_losskernel.tasks._scale import sampler_kwargs
+    from devinterp_losskernel.tasks.memorization import get_config
+
+    cfg = get_config("ci")
+    labels = torch.arange(4)
+    kwargs = sampler_kwargs(cfg, seed=3, device="cpu", verbose=False, labels=labels, localization=20.0)
+    assert kwargs["device"] == "cpu" and kwargs["verbose"] is False and kwargs["labels"] is labels
+    assert kwargs["seed"] == 3 and kwargs["localization"] == 20.0
+    with pytest.raises(ValueError, match=r"no settings \['localisation'\]"):
+        SGLDSettings.from_config(cfg, localisation=20.0)

@@ -74,10 +74,14 @@ class SGLDSettings:
         """The SGLD arguments read off any config with the fields ``num_chains, num_draws,
         num_burnin_steps, lr, nbeta, localization`` (and optionally ``num_steps_bw_draws``,
         ``batch_size``, ``seed``), with ``changes`` applied; validated."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - names)
+        if unknown:  # a change that is not an SGLD setting would otherwise vanish without a word
+            raise ValueError(f"SGLDSettings has no settings {unknown}; its fields are {sorted(names)}")
         values = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
         values.setdefault("batch_size", None)
         values.update(changes)
-        return cls(**{k: v for k, v in values.items() if k in {f.name for f in fields(cls)}})
+        return cls(**values)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
 from ..presets import SGLDSettings
@@ -46,8 +46,9 @@ def sampler_kwargs(settings: Any, **changes) -> Dict[str, Any]:
     nbeta, localization`` (a :class:`SamplingScale`, the memorization tutorial's config), with
     ``changes`` applied — validated by the one SGLD record,
     :class:`~devinterp_losskernel.presets.SGLDSettings` (the seed stays the caller's)."""
-    seed_free = {k: v for k, v in changes.items() if k != "seed"}
-    sgld = SGLDSettings.from_config(settings, seed=None, **seed_free)
+    sgld_fields = {f.name for f in fields(SGLDSettings)} - {"seed"}
+    sgld = SGLDSettings.from_config(settings, seed=None, **{k: v for k, v in changes.items() if k in sgld_fields})
     kwargs = dict(sgld.sampler_kwargs(), num_steps_bw_draws=sgld.num_steps_bw_draws)
-    kwargs.update({k: v for k, v in changes.items() if k == "seed"})
+    # the seed and every other estimate_loss_kernel argument (device, labels, …) pass through as given
+    kwargs.update({k: v for k, v in changes.items() if k not in sgld_fields})
     return kwargs

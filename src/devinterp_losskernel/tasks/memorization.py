@@ -595,12 +595,8 @@ def sample_kernel_and_predictive(model: nn.Module, data: MemorizationData, cfg: 
     n = len(data.x)
     recorder = _PredictiveRecorder(model, n, data.num_classes)
     loader = DataLoader(TensorDataset(data.x, data.y_train), batch_size=cfg.sgld_batch_size, shuffle=True)
-    # sampler_kwargs keeps only the SGLD settings (and the seed); the rest goes to estimate_loss_kernel
-    sgld_fields = {"num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "lr", "nbeta",
-                   "localization", "seed"}
-    kwargs = sampler_kwargs(cfg, **{"seed": cfg.seed, **{k: v for k, v in overrides.items() if k in sgld_fields}})
-    kwargs.update(dict(device=device, verbose=verbose, labels=data.y_train))
-    kwargs.update({k: v for k, v in overrides.items() if k not in sgld_fields})
+    kwargs = sampler_kwargs(cfg, **{**dict(seed=cfg.seed, device=device, verbose=verbose, labels=data.y_train),
+                                    **overrides})
     kernel = estimate_loss_kernel(model, loader, (data.x, data.y_train, torch.arange(n)), loss_fn=recorder,
                                   **kwargs)
     counts = recorder.counts

@@ -21,6 +21,7 @@ from .analysis._validate import (
     as_two_groups,
     check_index,
     kernel_matrix,
+    num_samples_of,
 )
 from .analysis.memorization import detection_auc, roc_curve
 from .analysis.separation import PC1Separation, group_covariances
@@ -47,6 +48,131 @@ def _finish(fig: Figure, path: PathLike, dpi: int = 120) -> Figure:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=dpi, bbox_inches="tight", format="png")
     return fig
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _fenced_range(groups: Sequence[np.ndarray], whisker: float) -> Tuple[float, float]:
+    """The smallest range holding every group's values within its quartiles ± ``whisker``
+    interquartile ranges (all of a group's values when its IQR is 0)."""
+    lo, hi = np.inf, -np.inf
+    for v in groups:
+        q1, q3 = np.quantile(v, [0.25, 0.75])
+        iqr = q3 - q1
+        g_lo, g_hi = (v.min(), v.max()) if iqr == 0 else \
+            (max(v.min(), q1 - whisker * iqr), min(v.max(), q3 + whisker * iqr))
+        lo, hi = min(lo, float(g_lo)), max(hi, float(g_hi))
+    return lo, hi
+
+
+def _group_histograms(
+    ax,
+    groups: Sequence[Tuple[str, np.ndarray]],
+    *,
+    bins: int,
+    log: Optional[bool] = None,
+    colours: Sequence[Any] = _GROUP_COLOURS,
+    linestyles: Optional[Sequence[str]] = None,
+    fill: bool = True,
+    annotate_medians: Optional[bool] = None,
+    whisker: float = 3.0,
+    unit: str = "",
+    xlabel: str = "",
+) -> dict:
+    """Histograms of several groups on one axis, each visible whatever its size or outliers.
+
+    * Normalised per group: bar heights are the *fraction of that group* in each bin (so a
+      group of 5 is as tall as a group of 5,000), on equal-width bins (equal in log x when
+      ``log``), so heights of different bins compare like with like (no ``density=True``:
+      a narrow log bin's density makes one lone value the tallest bar).
+    * The x-range spans every group's values up to Tukey-style fences (quartiles ± ``whisker``
+      interquartile ranges, per group and in log x when ``log``), so a lone far outlier
+      cannot squash the rest; values beyond are counted in the end bins, and how many is
+      stated under the x-axis.
+    * Larger groups are drawn first, smaller ones on top; each group's median is a dashed
+      line (annotated with its value for ≤ 3 groups); the legend gives n and the median.
+
+    Args:
+        groups: [(name, values [m_g])]; non-finite values are left out (counted in the legend).
+        log: log-spaced bins and a log x-axis; default: when every value is > 0 and the
+            fenced range spans more than a factor 100.
+        xlabel: the x-axis label; "(log scale)" and the count of values beyond the range
+            shown are added to it.
+
+    Returns:
+        {"edges": [bins + 1], "log": bool, "clipped": int, "handles": {name: step patch}}.
+    """
+    finite = [(name, np.asarray(v, dtype=np.float64)[np.isfinite(v)], int(np.size(v)))
+              for name, v in groups]
+    present = [g for g in finite if g[1].size]
+    if not present:
+        ax.text(0.5, 0.5, "no finite values to show", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(xlabel)
+        return {"edges": None, "log": False, "clipped": 0, "handles": {}}
+    if log is None:
+        log = all(v.min() > 0 for _, v, _ in present)
+        if log:
+            log_lo, log_hi = _fenced_range([np.log10(v) for _, v, _ in present], whisker)
+            log = log_hi - log_lo > 2  # more than a factor 100
+    if log:
+        positive = [np.log10(v[v > 0]) for _, v, _ in present if np.any(v > 0)]
+        lo, hi = (10.0 ** x for x in _fenced_range(positive, whisker)) if positive else (1.0, 10.0)
+        if hi <= lo:
+            lo, hi = lo / 2, lo * 2
+    else:
+        lo, hi = _fenced_range([v for _, v, _ in present], whisker)
+        if hi <= lo:
+            spread = abs(lo) * 0.05 or 0.5
+            lo, hi = lo - spread, hi + spread
+    edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+    styles = list(linestyles) if linestyles is not None else ["-"] * len(finite)
+    if annotate_medians is None:
+        annotate_medians = len(present) <= 3
+    # draw the biggest group first so that smaller groups lie on top
+    order = sorted(range(len(finite)), key=lambda i: -finite[i][1].size)
+    clipped, handles, medians = 0, {}, []
+    for rank, i in enumerate(order):
+        name, values, total = finite[i]
+        if not values.size:
+            continue
+        colour = colours[i % len(colours)]
+        outside = (values < lo) | (values > hi)
+        clipped += int(outside.sum())
+        shown = np.clip(values, lo, hi)
+        weights = np.full(values.size, 1.0 / values.size)
+        median = float(np.median(values))
+        dropped = total - values.size
+        label = f"{name} (n={total}{unit}, median {_format_value(median)}" + \
+            (f", {dropped} non-finite left out)" if dropped else ")")
+        z = 2 + rank
+        if fill:
+            ax.hist(shown, bins=edges, weights=weights, histtype="stepfilled", alpha=0.3,
+                    color=colour, zorder=z)
+        _, _, patches = ax.hist(shown, bins=edges, weights=weights, histtype="step",
+                                linewidth=1.5, linestyle=styles[i % len(styles)], color=colour,
+                                zorder=z + 0.5, label=label)
+        handles[name] = patches[0]
+        ax.axvline(median, color=colour, linestyle="--", linewidth=1.0, zorder=z + 0.6)
+        medians.append((rank, median, colour))
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the median labels
+    if annotate_medians:
+        scale = np.log10 if log else (lambda x: x)
+        for rank, median, colour in medians:
+            right = (scale(median) - scale(lo)) / (scale(hi) - scale(lo)) > 0.7  # keep inside
+            ax.annotate(f"median {_format_value(median)}", xy=(median, 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(-3 if right else 3, -10 - 11 * rank),
+                        textcoords="offset points", fontsize=7, color=colour,
+                        ha="right" if right else "left")
+    label = xlabel + (" (log scale)" if log and "log" not in xlabel else "")
+    if clipped:
+        label += f"\n{clipped} value{'s' if clipped > 1 else ''} beyond the range shown, counted in the end bins"
+    ax.set_xlabel(label)
+    return {"edges": edges, "log": bool(log), "clipped": clipped, "handles": handles}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +217,12 @@ def plot_correlation_matrix(
     fig.colorbar(image, ax=ax, label="R(x, x')" if use == "correlation" else "K(x, x')")
     if label_arr is not None:
         _mark_label_blocks(ax, label_arr[order], max_group_ticks)
-    ax.set_title(title or f"Loss kernel {use} ({len(order)} samples)")
+    else:
+        ax.set_xlabel("sample (in the given order)")
+    draws = f", N = {kernel.num_draws} draws" if isinstance(kernel, LossKernel) else ""
+    shown_of = f"{len(order)} samples" if len(order) == n else f"{len(order)} of {n} samples"
+    symbol = "R" if use == "correlation" else "K"
+    ax.set_title(title or f"Loss kernel {use} {symbol}(x, x') ({shown_of}{draws})", fontsize=10)
     return _finish(fig, path)
 
 
@@ -103,7 +234,9 @@ def _mark_label_blocks(ax, ordered_labels: np.ndarray, max_ticks: int) -> None:
     if len(starts) > max_ticks:
         ax.set_xticks([])
         ax.set_yticks([])
+        ax.set_xlabel(f"samples sorted by label ({len(starts)} label blocks, too many to name)")
         return
+    ax.set_xlabel("samples, by label")
     for boundary in change:
         ax.axhline(boundary - 0.5, color="k", linewidth=0.6)
         ax.axvline(boundary - 0.5, color="k", linewidth=0.6)
@@ -124,46 +257,47 @@ def plot_covariance_histograms(
 ) -> Figure:
     """Histograms of |K(x, x')| on a log axis for each group pair (paper, Fig. 3D).
 
-    One step histogram per pair (within A, within B, …, each cross pair), as the fraction
-    of the pair's values in each log-spaced bin; the legend gives the share of positive
-    values. Exact zeros cannot be shown on a log axis and are left out (counted in the legend).
+    One step histogram per pair (within A, within B, …, each cross pair; within: solid,
+    cross: dashed), as the fraction of that pair's values in each log-spaced bin, so a
+    small pair is as visible as a large one. The x-range covers each pair's central 99.5 %
+    (values beyond are counted in the end bins and the count is stated); medians are dashed
+    lines; the legend gives, per pair, the share of positive values, n (number of pairs
+    x ≠ x') and the median of |K|. Exact zeros cannot be shown on a log axis and are left
+    out (counted in the legend).
 
     Args:
         kernel: a square :class:`LossKernel` or matrix [n, n].
         groups: [n] group labels (e.g. task).
-        use: ``"covariance"`` (default) or ``"correlation"``.
+        use: ``"covariance"`` (K̂, default) or ``"correlation"`` (R̂).
     """
     result = group_covariances(kernel, groups, use=use)
-    magnitudes = {pair: np.abs(v) for pair, v in result.values.items()}
-    positive = np.concatenate([m[m > 0] for m in magnitudes.values()])
+    n = num_samples_of(kernel)
+    symbol = "K" if use == "covariance" else "R"
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
-    if positive.size == 0:
-        ax.text(0.5, 0.5, "no non-zero off-diagonal values", ha="center", transform=ax.transAxes)
-        return _finish(fig, path)
-    lo, hi = positive.min(), positive.max()
-    edges = np.geomspace(lo, hi * (1 + 1e-9) if hi > lo else lo * 10, bins + 1)
-    for i, (pair, values) in enumerate(result.values.items()):
-        mags = magnitudes[pair]
+    series, styles = [], []
+    for pair, values in result.values.items():
+        mags = np.abs(values)
         nonzero = mags > 0
-        if not nonzero.any():
-            continue
         kind = "within" if pair[0] == pair[1] else "cross"
         name = f"{pair[0]}" if kind == "within" else f"{pair[0]} vs {pair[1]}"
-        share = float((values > 0).mean())
         zeros = int((~nonzero).sum())
-        label = f"{name} ({kind}, {share:.0%} > 0" + (f", {zeros} zeros)" if zeros else ")")
-        # fractions per (geometric) bin, not densities: on a log axis a density would shrink
-        # the wide bins on the right and hide the heavy tail
-        ax.hist(mags[nonzero], bins=edges, weights=np.full(int(nonzero.sum()), 1.0 / mags.size),
-                histtype="step", linewidth=1.4,
-                linestyle="-" if kind == "within" else "--",
-                color=_GROUP_COLOURS[i % len(_GROUP_COLOURS)], label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"|{'K' if use == 'covariance' else 'R'}(x, x')|")
-    ax.set_ylabel("fraction of pairs")
-    ax.legend(fontsize=8)
-    ax.set_title(title or f"Off-diagonal {use} by group pair")
+        share = float((values > 0).mean()) if values.size else float("nan")
+        series.append((f"{name}, {kind}, {share:.0%} > 0" + (f", {zeros} zeros left out" if zeros else ""),
+                       mags[nonzero]))
+        styles.append("-" if kind == "within" else "--")
+    if not any(v.size for _, v in series):
+        ax.text(0.5, 0.5, "no non-zero off-diagonal values", ha="center", transform=ax.transAxes)
+        ax.set_xlabel(f"|{symbol}(x, x')|, x ≠ x'")
+    else:
+        _group_histograms(ax, series, bins=bins, log=True, linestyles=styles, fill=False,
+                          annotate_medians=False, unit=" pairs",
+                          xlabel=f"|{symbol}(x, x')|, x ≠ x'")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  title="group pair (dashed vertical: median)", title_fontsize=7)
+    ax.set_ylabel("fraction of the pair's values per bin")
+    ax.set_title(title or f"Off-diagonal |{symbol}| by group pair (n = {n} samples, "
+                          f"{len(np.unique(as_labels(groups, n, 'groups')))} groups)", fontsize=10)
     return _finish(fig, path)
 
 
@@ -210,45 +344,47 @@ def plot_memorization(
     positive_label: str = "mislabelled",
     negative_label: str = "normal",
     bins: int = 40,
+    score_name: str = "K(x, x)",
     title: Optional[str] = None,
     path: PathLike = None,
 ) -> Figure:
     """ROC curve and score histograms for a memorization detector (paper, Fig. 7).
 
+    Left: the ROC curve of ``scores`` for finding the positives, with its AUC. Right: one
+    histogram per group, each normalised to its own size (fraction of the group per bin),
+    on bins spanning each group's central 99.5 % (log-spaced when the scores are positive
+    and span > 100×); outliers are counted in the end bins (and the count stated), the
+    smaller group is drawn on top, each group's median is marked and written, and the
+    legend gives n and the median per group. So both groups stay visible whatever their
+    sizes and a lone extreme score.
+
     Args:
-        scores: [n] e.g. :func:`~devinterp_losskernel.analysis.memorization_scores`.
+        scores: [n] e.g. :func:`~devinterp_losskernel.analysis.memorization_scores`
+            (K̂(x, x)).
         is_positive: bool [n], True for the samples to detect (e.g. mislabelled).
+        positive_label, negative_label: the groups' names in the legend.
+        score_name: what ``scores`` are, for the axis label (default ``"K(x, x)"``).
     """
     fpr, tpr, _ = roc_curve(scores, is_positive)
     auc = detection_auc(scores, is_positive)
     s = as_array(scores, "scores").astype(np.float64)
     mask = as_array(is_positive, "is_positive").astype(bool)
-    finite = np.isfinite(s)
     fig = Figure(figsize=(10, 4.0))
     roc_ax, hist_ax = fig.subplots(1, 2)
     roc_ax.plot(fpr, tpr, color="tab:red", label=f"AUC = {auc:.3f}")
-    roc_ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=0.8)
-    roc_ax.set_xlabel("false positive rate")
-    roc_ax.set_ylabel("true positive rate")
+    roc_ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=0.8, label="chance")
+    roc_ax.set_xlabel(f"false positive rate ({negative_label} flagged)")
+    roc_ax.set_ylabel(f"true positive rate ({positive_label} found)")
     roc_ax.set_aspect("equal")
     roc_ax.legend(loc="lower right")
-    roc_ax.set_title("ROC")
-    shown = s[finite]
-    log = shown.size > 0 and shown.min() > 0 and shown.max() / shown.min() > 100
-    edges = np.geomspace(shown.min(), shown.max(), bins + 1) if log else \
-        np.histogram_bin_edges(shown, bins=bins)
-    for label, select, colour in ((negative_label, ~mask, "tab:blue"), (positive_label, mask, "tab:red")):
-        values = s[select & finite]
-        if values.size:
-            hist_ax.hist(values, bins=edges, density=True, alpha=0.55, color=colour,
-                         label=f"{label} (n={int(select.sum())})")
-    if log:
-        hist_ax.set_xscale("log")
-    hist_ax.set_xlabel("score (K(x, x))")
-    hist_ax.set_ylabel("density")
-    hist_ax.legend()
-    hist_ax.set_title("Scores")
-    fig.suptitle(title or "Memorization detection")
+    roc_ax.set_title(f"ROC of {score_name}", fontsize=10)
+    _group_histograms(hist_ax, [(negative_label, s[~mask]), (positive_label, s[mask])],
+                     bins=bins, colours=("tab:blue", "tab:red"), xlabel=f"score {score_name}")
+    hist_ax.set_ylabel("fraction of the group per bin")
+    hist_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    hist_ax.set_title(f"{score_name} by group", fontsize=10)
+    fig.suptitle(title or f"Memorization detection by {score_name}: {int(mask.sum())} {positive_label} "
+                          f"among n = {mask.size}")
     return _finish(fig, path)
 
 
@@ -262,6 +398,9 @@ def plot_pc1_separation(
 ) -> Figure:
     """Histogram of the first-principal-component projection by group (paper, Fig. 3B).
 
+    Each group's histogram is normalised to its size (fraction of the group per bin), the
+    smaller group on top, medians marked; the legend gives n per group.
+
     Args:
         result: from :func:`~devinterp_losskernel.analysis.pc1_separation`.
         groups: [n] the two-valued labels the result was computed with; default: the
@@ -273,15 +412,14 @@ def plot_pc1_separation(
     mask, names = (result.mask, result.groups) if groups is None else as_two_groups(groups, n)
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
-    edges = np.histogram_bin_edges(result.projection, bins=bins)
-    for name, select, colour in ((names[0], ~mask, "tab:blue"), (names[1], mask, "tab:orange")):
-        ax.hist(result.projection[select], bins=edges, alpha=0.6, color=colour,
-                label=f"{name} (n={int(select.sum())})")
-    ax.set_xlabel(f"projection on PC1 of {result.use} rows "
-                  f"({result.explained_variance_ratio:.1%} of variance)")
-    ax.set_ylabel("samples")
-    ax.legend()
-    ax.set_title(title or f"PC1 separation, ROC-AUC = {result.auc:.3f}")
+    _group_histograms(ax, [(str(names[0]), result.projection[~mask]), (str(names[1]), result.projection[mask])],
+                      bins=bins, log=False, colours=("tab:blue", "tab:orange"),
+                      xlabel=f"projection on PC1 of the {result.use} rows "
+                             f"({result.explained_variance_ratio:.1%} of variance)")
+    ax.set_ylabel("fraction of the group per bin")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    ax.set_title(title or f"PC1 separation of {names[0]} / {names[1]} (n = {n}), ROC-AUC = {result.auc:.3f}",
+                 fontsize=10)
     return _finish(fig, path)
 
 
@@ -329,6 +467,7 @@ def plot_top_k_grid(
             :func:`~devinterp_losskernel.analysis.top_correlated`.
         values: optional [q, k] kernel values shown above each neighbour (e.g. R).
         labels: optional [n] labels shown under each image.
+        title: the figure's title; a line under it says how to read the grid.
     """
     pictures = _as_display_images(images)
     n = pictures.shape[0]
@@ -366,8 +505,10 @@ def plot_top_k_grid(
             ax.set_title(heading, fontsize=7, pad=2)
             if label_arr is not None:
                 ax.set_xlabel(str(label_arr[index]), fontsize=6, labelpad=1)
-    if title:
-        fig.suptitle(title)
+    explain = (f"each row: a query (red frame), then its {k} neighbours"
+               + ("; above each: its kernel value" if values is not None else "")
+               + ("; below: label" if label_arr is not None else ""))
+    fig.suptitle(f"{title}\n{explain}" if title else explain, fontsize=10 if title else 9)
     return _finish(fig, path)
 
 
@@ -425,11 +566,33 @@ def _scatter(ax, coords: np.ndarray, colours, legend, point_size: float) -> None
                linewidths=0, alpha=0.85)
     for name, colour in legend:
         ax.scatter([], [], s=20, color=colour, label=name)
-    if legend:
-        ax.legend(fontsize=6, markerscale=1.0, loc="best", frameon=False)
+    if legend:  # beside the map, not over its points
+        ax.legend(fontsize=7, markerscale=1.0, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False, title="colour", title_fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect("equal", adjustable="datalim")
+
+
+def _embedding_description(embedding: Any, n: int) -> str:
+    """What an embedding shows, in one line: the Embedding's own ``description`` ("UMAP of
+    1 − R, same-label edges removed (10 labels; k=15, n=2000)"), or, for bare coordinates,
+    that their making is not recorded."""
+    description = getattr(embedding, "description", None)
+    if isinstance(description, str):
+        return description
+    excluded = getattr(embedding, "excluded_same_label", None)
+    if excluded is not None:
+        return f"d = 1 − R, {'same-label edges removed' if excluded else 'all kNN edges kept'} (n={n})"
+    return f"2-D coordinates of n={n} samples (how they were computed is not recorded)"
+
+
+def _colouring(labels: Any, hierarchy: Any, legend: list) -> str:
+    if labels is None:
+        return "uncoloured"
+    if hierarchy is not None:
+        return "coloured by position in the hierarchy (similar hues: nearby categories)"
+    return "coloured by label" + ("" if legend else " (too many labels for a legend)")
 
 
 def plot_embedding(
@@ -444,23 +607,29 @@ def plot_embedding(
 ) -> Figure:
     """Scatter of a 2-D embedding of the kernel (paper, Fig. 1A / Fig. 8).
 
+    The figure says what was embedded: under the title, the embedding's description, e.g.
+    "UMAP of 1 − R, same-label edges removed (10 labels; k=15, n=2000)" — with same-label
+    edges removed (``umap_embedding``'s default) a label never forms its own cluster, so
+    colouring by that label shows mixed blobs by design.
+
     Args:
         embedding: an :class:`~devinterp_losskernel.analysis.embedding.Embedding` (from
             ``umap_embedding``) or coordinates [n, 2].
-        labels: [n] labels; colour by label (a legend for ≤ 20 labels), or, with
-            ``hierarchy``, by the label's position in the hierarchy's leaf order (similar
-            hues for nearby categories, the paper's colouring).
+        labels: [n] labels used only for colour (a legend beside the map for ≤ 20 labels),
+            or, with ``hierarchy``, colour by the label's position in the hierarchy's leaf
+            order (similar hues for nearby categories, the paper's colouring).
         hierarchy: a :class:`~devinterp_losskernel.hierarchy.Hierarchy`.
         cmap: colormap for hierarchy positions / many labels (cyclic, default ``"hsv"``).
+        title: the figure's title (the description line stays under it).
     """
     coords = _embedding_coords(embedding)
-    colours, legend = _point_colours(coords.shape[0], labels, hierarchy, cmap)
+    n = coords.shape[0]
+    colours, legend = _point_colours(n, labels, hierarchy, cmap)
     fig = Figure(figsize=(6.0, 6.0))
     ax = fig.add_subplot()
     _scatter(ax, coords, colours, legend, point_size)
-    excluded = getattr(embedding, "excluded_same_label", None)
-    note = "" if excluded is None else (" (same-label edges removed)" if excluded else "")
-    ax.set_title(title or f"UMAP of d = 1 − R{note}")
+    ax.set_title(_embedding_description(embedding, n), fontsize=9, color="0.2")
+    fig.suptitle(title or f"Loss-kernel map, {_colouring(labels, hierarchy, legend)}", fontsize=11)
     return _finish(fig, path)
 
 
@@ -473,10 +642,14 @@ def plot_aligned_embeddings(
     cmap: str = "hsv",
     point_size: float = 4.0,
     columns: int = 3,
+    title: Optional[str] = None,
     path: PathLike = None,
 ) -> Figure:
     """One panel per checkpoint of aligned UMAPs (paper, Fig. 8), coloured as
-    :func:`plot_embedding`; ``titles`` e.g. the training steps."""
+    :func:`plot_embedding`; ``titles`` e.g. the training steps (one per panel). The figure's
+    title says what was embedded (e.g. "AlignedUMAP of 1 − R, same-label edges removed
+    (10 labels; k=15, n=2000)", from the first Embedding) and how points are coloured; the
+    colour legend stands beside the first row."""
     if isinstance(embeddings, np.ndarray) or not isinstance(embeddings, Sequence) or not embeddings:
         raise ValueError("embeddings must be a non-empty list of Embeddings or [n, 2] arrays")
     coords = [_embedding_coords(e, f"embeddings[{i}]") for i, e in enumerate(embeddings)]
@@ -484,17 +657,27 @@ def plot_aligned_embeddings(
         raise ValueError(f"embeddings must all have the same n, got {[c.shape[0] for c in coords]}")
     if titles is not None and len(titles) != len(coords):
         raise ValueError(f"titles must have one entry per embedding ({len(coords)}), got {len(titles)}")
-    colours, legend = _point_colours(coords[0].shape[0], labels, hierarchy, cmap)
+    n = coords[0].shape[0]
+    colours, legend = _point_colours(n, labels, hierarchy, cmap)
     columns = max(1, min(int(columns), len(coords)))
     rows = -(-len(coords) // columns)
-    fig = Figure(figsize=(3.6 * columns, 3.6 * rows))
+    fig = Figure(figsize=(3.6 * columns, 3.6 * rows + 0.5), layout="constrained")
     axes = np.asarray(fig.subplots(rows, columns, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         if i >= len(coords):
             ax.set_axis_off()
             continue
-        _scatter(ax, coords[i], colours, legend if i == 0 else [], point_size)
+        _scatter(ax, coords[i], colours, [], point_size)
         ax.set_title(str(titles[i]) if titles is not None else f"checkpoint {i}", fontsize=9)
+    if legend:
+        for name, colour in legend:
+            axes[columns - 1].scatter([], [], s=20, color=colour, label=name)
+        axes[columns - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                                 title="colour", title_fontsize=7)
+    descriptions = list(dict.fromkeys(_embedding_description(e, n) for e in embeddings))
+    what = descriptions[0] if len(descriptions) == 1 else "; ".join(descriptions)
+    fig.suptitle(f"{title}\n{what}" if title else f"{what}\n{_colouring(labels, hierarchy, legend)}",
+                 fontsize=10)
     return _finish(fig, path)
 
 
@@ -544,19 +727,25 @@ def plot_hierarchy_sorted_matrix(
     fig.colorbar(image, ax=left, label="R(x, x')" if use == "correlation" else "K(x, x')", shrink=0.8)
     left.set_title(f"loss kernel {use}, sorted by hierarchy")
     tree = right.imshow(distance, cmap="viridis_r", interpolation="nearest")
-    fig.colorbar(tree, ax=right, label="tree distance (edges)", shrink=0.8)
+    bar = fig.colorbar(tree, ax=right, label="tree distance (edges)", shrink=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    bar.locator = MaxNLocator(integer=True)  # distances are whole numbers of edges
+    bar.update_ticks()
     right.set_title("hierarchy distance between labels")
     strip = hierarchy.position_colors(label_arr[order])[None, :, :]
+    shown_of = f"{len(order)} samples" if len(order) == n else f"{len(order)} of {n} samples (evenly spaced)"
     for ax in (left, right):
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(f"{len(order)} samples in hierarchy order")
+        ax.set_xlabel(f"{shown_of} in hierarchy leaf order\n(colour strip: position in the hierarchy)",
+                      fontsize=9)
     for ax in (left, right):  # a colour strip of hierarchy positions along the top
         inset = ax.inset_axes([0.0, 1.01, 1.0, 0.03])
         inset.imshow(strip, aspect="auto", interpolation="nearest")
         inset.set_axis_off()
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or f"Loss kernel {'R' if use == 'correlation' else 'K'}(x, x') beside the tree "
+                          f"distance of the labels ({len(np.unique(label_arr))} labels)")
     return _finish(fig, path)
 
 
@@ -593,12 +782,19 @@ def plot_lift_curves(
         label = f"d = {d}" + ("" if counts is None else f" ({int(counts[d])})")
         ax.plot(row.index.astype(float), row.values, marker="o", markersize=3,
                 color=colour(i / max(1, len(depths) - 1)), label=label)
+    from matplotlib.ticker import MaxNLocator
+
     ax.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
+    ax.annotate("chance (lift 1)", xy=(1.0, 1.0), xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                textcoords="offset points", ha="right", va="bottom", fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are whole numbers of edges
     ax.set_xlabel("depth d′ of the shared ancestor (edges from the root)")
-    ax.set_ylabel("lift")
+    ax.set_ylabel("lift = hit rate / base rate")
     k = lift.attrs.get("k")
-    ax.set_title(title or ("Taxonomic lift" + (f", top-{k} neighbours" if k else "")))
-    ax.legend(fontsize=7, ncol=2, title="query depth (queries)", title_fontsize=7, frameon=False)
+    total = "" if counts is None else f", {int(np.sum(counts))} queries"
+    ax.set_title(title or ("Taxonomic lift of the" + (f" top-{k}" if k else "") +
+                           f" other-label neighbours{total}"), fontsize=10)
+    ax.legend(fontsize=7, ncol=2, title="query depth d (queries)", title_fontsize=7, frameon=False)
     return _finish(fig, path)
 
 
@@ -640,9 +836,22 @@ def plot_attribute_transition(
     for b in range(g):
         ax.bar(positions, values[:, b], bottom=bottom, color=palette[b], edgecolor="white", linewidth=0.3)
         bottom += values[:, b]
-    ax.bar(positions, np.zeros(g), tick_label=[str(v) for v in transition.index])
+    per_group = getattr(result, "per_group", None)
+    queries = None if per_group is None or "num_queries" not in per_group else per_group["num_queries"]
+    ticks = [str(v) if queries is None or v not in queries.index else f"{v}\n(n={int(queries[v])})"
+             for v in transition.index]
+    ax.set_xticks(positions, ticks, fontsize=7 if g > 8 else 8, rotation=90 if g > 12 else 0)
+    ax.set_xlim(-0.6, g - 0.4)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("query group")
-    ax.set_ylabel("fraction of neighbours in each group")
-    ax.set_title(title or f"Neighbour groups (lift {result.mean_lift:.2f}, k = {result.k})")
+    from matplotlib.patches import Patch
+
+    if g <= 30:  # which colour is which neighbour group
+        ax.legend(handles=[Patch(color=palette[b], label=str(v)) for b, v in enumerate(transition.columns)],
+                  fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  title="neighbour group", title_fontsize=7)
+    ax.set_xlabel("query group (queries)")
+    ax.set_ylabel("fraction of the top-k neighbours in each group")
+    same = "other-label neighbours" if getattr(result, "excluded_same_label", False) else "neighbours"
+    ax.set_title(title or f"Groups of the top-{result.k} {same} (mean lift {result.mean_lift:.2f})",
+                 fontsize=10)
     return _finish(fig, path)

@@ -68,8 +68,18 @@ class Embedding:
         knn_distances: [n, n_neighbors] float32 distances 1 − R of those neighbours.
         graph: UMAP's symmetrised fuzzy neighbour graph (scipy sparse [n, n]); its edges are
             a subset of the kNN edges in either direction.
-        excluded_same_label: whether same-label edges were removed (paper, Appendix B).
-        params: the UMAP hyperparameters used.
+        excluded_same_label: whether same-label edges were removed from the kNN graph
+            (the paper's deconfounding, Appendix B). When True, samples of one label are
+            never each other's neighbours, so a label is *not* a cluster of the map.
+        params: the UMAP hyperparameters used (``n_neighbors`` = k, counting the point).
+        metric: the distance embedded, ``"1 − R"`` (d(x, x') = 1 − R̂(x, x')).
+        method: ``"UMAP"`` or ``"AlignedUMAP"`` (one checkpoint of an aligned series).
+        num_labels: number of distinct labels whose same-label edges were removed (None
+            when no edges were removed).
+
+    ``description`` says all of this in one line, e.g. "UMAP of 1 − R, same-label edges
+    removed (10 labels; k=15, n=2000)"; :func:`~devinterp_losskernel.plotting.plot_embedding`
+    puts it on the figure.
     """
 
     embedding: np.ndarray
@@ -78,6 +88,34 @@ class Embedding:
     graph: Any
     excluded_same_label: bool
     params: dict = field(default_factory=dict)
+    metric: str = "1 − R"
+    method: str = "UMAP"
+    num_labels: Optional[int] = None
+
+    @property
+    def num_samples(self) -> int:
+        """n, the embedded samples."""
+        return int(self.embedding.shape[0])
+
+    @property
+    def n_neighbors(self) -> int:
+        """k, UMAP's n_neighbors (the point itself and its k − 1 nearest neighbours)."""
+        return int(self.params.get("n_neighbors", self.knn_indices.shape[1]))
+
+    @property
+    def edges(self) -> str:
+        """``"same-label edges removed"`` or ``"all kNN edges kept"``."""
+        return "same-label edges removed" if self.excluded_same_label else "all kNN edges kept"
+
+    @property
+    def description(self) -> str:
+        """One line for a figure: method, metric, edge rule, k and n."""
+        labels = f"{self.num_labels} labels; " if self.excluded_same_label and self.num_labels else ""
+        return (f"{self.method} of {self.metric}, {self.edges} "
+                f"({labels}k={self.n_neighbors}, n={self.num_samples})")
+
+    def __repr__(self) -> str:
+        return f"Embedding({self.description}, coordinates {list(self.embedding.shape)})"
 
 
 @contextlib.contextmanager
@@ -142,6 +180,10 @@ def _labels_for(kernel: Any, labels: Any, n: int, exclude: bool) -> Optional[np.
     return kernel_labels(kernel, labels, n)
 
 
+def _num_labels(label_arr: Optional[np.ndarray]) -> Optional[int]:
+    return None if label_arr is None else int(np.unique(label_arr).size)
+
+
 def _available(label_arr: Optional[np.ndarray], n: int) -> int:
     """Candidates per query: n − 1, or n − (largest label count) without same-label ones."""
     if label_arr is None:
@@ -203,19 +245,32 @@ def umap_embedding(
 ) -> Embedding:
     """UMAP of the loss kernel on d = 1 − R̂ with same-label kNN edges removed (Fig. 1A).
 
+    **By default same-label edges are removed** (the paper's deconfounding, Appendix B):
+    every sample's neighbours are its k − 1 most correlated samples *with a different
+    label*, so samples of one label are never linked and a label does **not** form its own
+    cluster; the map shows which *other-label* samples the kernel relates (e.g. ten digit
+    classes can merge into a few blobs of similar classes). ``labels`` here decide the
+    graph, not the colours: to see whether labels cluster, pass
+    ``exclude_same_label_edges=False`` (and colour with ``plot_embedding(emb, labels)``).
+    The returned :class:`Embedding` records the choice (``excluded_same_label``,
+    ``description``), and ``plot_embedding`` writes it on the figure.
+
     Args:
         kernel: a square LossKernel or matrix [n, n] (a matrix is taken as K̂ and normalised
             to R̂).
-        labels: [n] labels; default ``kernel.labels``. Required when
-            ``exclude_same_label_edges``.
-        exclude_same_label_edges: delete same-label edges from the kNN graph (Appendix B).
+        labels: [n] labels y; default ``kernel.labels``. Required when
+            ``exclude_same_label_edges``; unused otherwise.
+        exclude_same_label_edges: delete same-label edges from the kNN graph (Appendix B;
+            default True, as in the paper). False: a plain kNN graph on 1 − R̂.
         n_components, n_neighbors, min_dist, n_epochs: UMAP's hyperparameters
             (n_neighbors counts the point itself).
         random_state: seed for a reproducible layout (umap-learn then runs single-threaded).
         umap_kwargs: further ``umap.UMAP`` arguments (not metric / precomputed_knn).
 
     Returns:
-        :class:`Embedding` (coordinates, the kNN graph handed to UMAP, UMAP's fuzzy graph).
+        :class:`Embedding`: coordinates [n, n_components], the kNN graph handed to UMAP
+        ([n, k] indices and distances), UMAP's fuzzy graph, and what was embedded (metric
+        1 − R, same-label edges removed or not, k, n).
     """
     distance = _distance(kernel, "kernel")
     n = distance.shape[0]
@@ -234,7 +289,8 @@ def umap_embedding(
         coords = reducer.fit_transform(distance)
     return Embedding(embedding=np.asarray(coords, dtype=np.float32), knn_indices=indices,
                      knn_distances=distances, graph=reducer.graph_.tocsr(),
-                     excluded_same_label=bool(exclude_same_label_edges), params=params)
+                     excluded_same_label=bool(exclude_same_label_edges), params=params,
+                     method="UMAP", num_labels=_num_labels(use_labels))
 
 
 def _graph_encoding_matrix(distance: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -267,12 +323,14 @@ def aligned_umap_embeddings(
 
     The same probe samples, in the same order, in every kernel; umap-learn's ``AlignedUMAP``
     with the identity relation between consecutive checkpoints and the same hyperparameters
-    throughout, each on d = 1 − R̂ with same-label edges removed (see the module docstring
-    for how our graphs reach AlignedUMAP).
+    throughout, each on d = 1 − R̂ with same-label edges removed by default (see
+    :func:`umap_embedding` for what that does to the map, and the module docstring for how
+    our graphs reach AlignedUMAP).
 
     Args:
         kernels: ≥ 2 square LossKernels or matrices, each [n, n], in training order.
         labels: [n] labels shared by all checkpoints; default the first kernel's labels.
+        exclude_same_label_edges: delete same-label kNN edges (default True, Appendix B).
         alignment_regularisation, alignment_window_size: AlignedUMAP's alignment settings.
         Others: as :func:`umap_embedding`.
 
@@ -314,6 +372,7 @@ def aligned_umap_embeddings(
     return [
         Embedding(embedding=np.asarray(coords, dtype=np.float32), knn_indices=indices,
                   knn_distances=distances, graph=mapper.graph_.tocsr(),
-                  excluded_same_label=bool(exclude_same_label_edges), params=dict(params))
+                  excluded_same_label=bool(exclude_same_label_edges), params=dict(params),
+                  method="AlignedUMAP", num_labels=_num_labels(use_labels))
         for coords, mapper, (indices, distances) in zip(aligned.embeddings_, aligned.mappers_, graphs)
     ]

@@ -167,3 +167,15 @@ def test_umap_keeps_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_embedding_records_and_plots_state_the_edge_rule(kernel, fitted):
+    from devinterp_losskernel import plotting
+
+    assert fitted.description == f"UMAP of 1 − R, same-label edges removed (6 labels; k={N_NEIGHBORS}, n=48)"
+    fig = plotting.plot_embedding(fitted, kernel.labels.numpy(), title="my title")
+    assert "same-label edges removed" in fig.axes[0].get_title() and fig._suptitle.get_text() == "my title"
+    assert len(fig.axes[0].get_legend().get_texts()) == 6
+    kept = Embedding(fitted.embedding, fitted.knn_indices, fitted.knn_distances, fitted.graph, False, fitted.params)
+    assert "all kNN edges kept" in plotting.plot_embedding(kept).axes[0].get_title()
+    assert "not recorded" in plotting.plot_embedding(fitted.embedding).axes[0].get_title()

@@ -120,3 +120,29 @@ def test_top_k_grid_bad_inputs(kernel):
         plotting.plot_top_k_grid(images, [0], [[1, 40]])
     with pytest.raises(ValueError, match="values must have the shape of neighbour_indices"):
         plotting.plot_top_k_grid(images, [0], [[1, 2]], values=[[0.5]])
+
+
+def test_memorization_histogram_keeps_both_groups_visible():
+    """One clean sample at 1e-6 must not hide the relabelled group (it did with density=True
+    on log bins); each group's tallest bar is a visible share of the y-axis, inside the x-range."""
+    rng = np.random.default_rng(0)
+    clean = rng.lognormal(np.log(0.12), 0.4, 900)
+    clean[0] = 1e-6
+    bad = rng.lognormal(np.log(1.04), 0.5, 100)
+    scores = np.r_[clean, bad]
+    is_pos = np.r_[np.zeros(900, bool), np.ones(100, bool)]
+    fig = plotting.plot_memorization(scores, is_pos, positive_label="relabelled", negative_label="clean")
+    ax = fig.axes[1]
+    top = ax.get_ylim()[1]
+    lo, hi = ax.get_xlim()
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("clean (n=900") for t in texts) and any(t.startswith("relabelled (n=100") for t in texts)
+    steps = [p for p in ax.patches if str(p.get_label()).startswith(("clean", "relabelled"))]
+    assert len(steps) == 2
+    for patch in steps:
+        if True:
+            xy = patch.get_xy()
+            assert xy[:, 1].max() > 0.2 * top, patch.get_label()
+            assert xy[xy[:, 1] > 0, 0].max() > lo and xy[xy[:, 1] > 0, 0].min() < hi
+    assert "beyond the range shown" in ax.get_xlabel()
+    assert "100 relabelled among n = 1000" in fig._suptitle.get_text()

@@ -146,3 +146,22 @@ def test_memorization_histogram_keeps_both_groups_visible():
             assert xy[xy[:, 1] > 0, 0].max() > lo and xy[xy[:, 1] > 0, 0].min() < hi
     assert "beyond the range shown" in ax.get_xlabel()
     assert "100 relabelled among n = 1000" in fig._suptitle.get_text()
+
+
+def test_figures_say_on_their_face_what_they_show(kernel):
+    """Titles and legends carry n, the groups and the counts that the figure is about."""
+    fig = plotting.plot_covariance_histograms(kernel, kernel.labels)
+    ax = fig.axes[0]
+    assert "n = 40 samples, 2 groups" in ax.get_title()
+    legend = [t.get_text() for t in (ax.get_legend() or fig.legends[0]).get_texts()]
+    # 20·20 cross pairs, C(20, 2) = 190 within pairs per group: the counts are the figure's own
+    assert sorted(t.split(",")[0] for t in legend) == ["0", "0 vs 1", "1"]
+    assert any("n=400 pairs" in t for t in legend) and sum("n=190 pairs" in t for t in legend) == 2
+    fig = plotting.plot_pc1_separation(pc1_separation(kernel, kernel.labels), kernel.labels)
+    ax = fig.axes[0]
+    auc = pc1_separation(kernel, kernel.labels).auc
+    assert "n = 40" in ax.get_title() and f"{auc:.3f}" in ax.get_title()
+    assert sorted(t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()) == ["0", "1"]
+    assert "% of variance" in ax.get_xlabel()
+    title = plotting.plot_correlation_matrix(kernel).axes[0].get_title()
+    assert "40 samples" in title and f"N = {kernel.num_draws} draws" in title

@@ -2422,6 +2422,28 @@ def results_section(outcomes: List[Outcome], counts: dict, seconds: float) -> st
     return "\n".join(lines) + "\n"
 
 
+# ============================================================================================
+# the edges catalogue (issue 18): one file a area, each with register(harness) adding its cases
+# ============================================================================================
+EDGE_MODULES = ("edges_explore", "edges_files", "edges_analysis", "edges_host")
+
+
+def _register_edges() -> None:
+    import importlib
+
+    harness = sys.modules[__name__]
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    for name in EDGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.register(harness)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--append", action="store_true", help="append a section to benchmarks/RESULTS.md")
@@ -2430,6 +2452,7 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     args = parser.parse_args(argv)
+    _register_edges()
 
     if args.list:
         for i, c in enumerate(CASES):

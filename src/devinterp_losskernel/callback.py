@@ -44,6 +44,7 @@ from torch import nn
 
 from .accumulator import KernelAccumulator, validate_rows
 from .kernel import LossKernel, as_labels
+from .rng import leaves_rng_untouched
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
 from .progress import progress_bar
 from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, default_loss_kind, evaluate_probe_losses
@@ -147,6 +148,7 @@ class LossKernelCallback:
     restore everything the callback holds (checked against its arguments).
     """
 
+    @leaves_rng_untouched
     def __init__(
         self,
         probe,
@@ -243,6 +245,7 @@ class LossKernelCallback:
         return mask
 
     # -- devinterp entry points -------------------------------------------------------------
+    @leaves_rng_untouched
     def __call__(self, *, model: nn.Module, chain: int = 0, draw: Optional[int] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None,
                  ref_model: Optional[nn.Module] = None, loader=None, num_draws: Optional[int] = None,
@@ -411,6 +414,7 @@ class LossKernelCallback:
             if self._aborted(other) is None:
                 self.end_chain(other)
 
+    @leaves_rng_untouched
     def finalize(self, *args, **kwargs) -> None:
         """Fold in held-back and buffered draws (devinterp 1.x calls this once after all
         chains); a chain with fewer than ``num_draws`` draws is recorded as failed. Draws that
@@ -427,6 +431,7 @@ class LossKernelCallback:
             self._pbar.close()
             self._pbar = None
 
+    @leaves_rng_untouched
     def get_results(self) -> Dict[str, Any]:
         """devinterp 1.x dialect: numpy arrays and numbers under ``loss_kernel/``. If the kernel
         cannot be computed, ``loss_kernel/error`` says why (and a warning repeats it), so that
@@ -562,6 +567,7 @@ class LossKernelCallback:
         return indices
 
     # -- the work ---------------------------------------------------------------------------
+    @leaves_rng_untouched
     def probe_losses(self, model: nn.Module) -> torch.Tensor:
         """ℓ(x_i; w) for the model's current weights w, [n]."""
         return evaluate_probe_losses(
@@ -591,6 +597,7 @@ class LossKernelCallback:
             "divergence": asdict(self.divergence),
         }
 
+    @leaves_rng_untouched
     def allocate(self, model: nn.Module, sampler: Optional[Dict[str, Any]] = None) -> KernelAccumulator:
         """Create the accumulator for this probe on the model's device (or ``device``), with
         its identity (n, rows, dtype, probe fingerprint, SGLD settings).
@@ -612,6 +619,7 @@ class LossKernelCallback:
             self._pbar = progress_bar(self.total_draws, "loss kernel draws")  # quiet in a log file
         return run.accumulator
 
+    @leaves_rng_untouched
     def set_reference(self, reference_model: nn.Module) -> torch.Tensor:
         """Record the probe losses at w* (``init_loss``) from the model at w*."""
         losses = self.probe_losses(reference_model)

@@ -32,6 +32,7 @@ from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .presets import SGLDSettings
 from .progress import devinterp_bars
+from .rng import leaves_rng_untouched
 from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
 from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 
@@ -64,6 +65,7 @@ def _check_device(device) -> torch.device:
     return device
 
 
+@leaves_rng_untouched
 def estimate_loss_kernel(
     model: nn.Module,
     loader: DataLoader,

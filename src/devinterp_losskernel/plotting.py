@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-from .analysis._validate import (
+from .validation import (
     as_array,
     as_labels,
     as_two_groups,

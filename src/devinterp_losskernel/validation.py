@@ -1,4 +1,4 @@
-"""Input validation shared by the analysis functions.
+"""Input validation: the one boundary where public entries check what they are given.
 
 Every analysis takes numpy or torch input (or a :class:`~devinterp_losskernel.LossKernel`)
 and works on numpy float64. These helpers convert, check, and raise ``ValueError`` with a
@@ -15,7 +15,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 import torch
 
-from ..kernel import LossKernel, correlation_from_covariance
+from .kernel import LossKernel, correlation_from_covariance
 
 __all__ = [
     "KERNEL_USES",

@@ -5,7 +5,7 @@ One module per question: :mod:`.fluctuation` (singular fluctuation, probe LLC),
 samples), :mod:`.separation` (task separation), :mod:`.cka` (kernel alignment),
 :mod:`.lift` (taxonomic and attribute lift against a :class:`~..hierarchy.Hierarchy`),
 :mod:`.embedding` (UMAP of d = 1 − R̂ on a kNN graph without same-label edges).
-Shared input checks live in :mod:`._validate`.
+Shared input checks live in :mod:`devinterp_losskernel.validation`.
 """
 
 from .cka import cka, cka_convergence, compare_kernels

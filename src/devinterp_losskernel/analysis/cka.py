@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..kernel import LossKernel
-from ._validate import kernel_matrix
+from ..validation import kernel_matrix
 
 __all__ = ["cka", "cka_convergence", "compare_kernels"]
 

@@ -40,7 +40,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..kernel import LossKernel
-from ._validate import as_labels, kernel_labels, kernel_matrix, num_samples_of
+from ..validation import as_labels, kernel_labels, kernel_matrix, num_samples_of
 from .neighbours import top_correlated
 
 __all__ = ["Embedding", "aligned_umap_embeddings", "kernel_knn_graph", "umap_embedding"]

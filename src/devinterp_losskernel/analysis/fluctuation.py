@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..kernel import LossKernel
-from ._validate import as_mask, as_vector, check_kernel, kernel_variance
+from ..validation import as_mask, as_vector, check_kernel, kernel_variance
 
 __all__ = ["SingularFluctuation", "probe_llc", "singular_fluctuation"]
 

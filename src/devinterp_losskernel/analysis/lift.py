@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..hierarchy import Hierarchy
-from ._validate import as_array, as_labels, kernel_labels, num_samples_of
+from ..validation import as_array, as_labels, kernel_labels, num_samples_of
 from .neighbours import top_correlated
 
 __all__ = [
@@ -166,7 +166,7 @@ def correlation_by_tree_distance(kernel: Any, labels: Any, hierarchy: Hierarchy,
         DataFrame indexed by ``tree_distance`` with columns ``mean``, ``std`` and
         ``num_pairs`` (unordered pairs i < j).
     """
-    from ._validate import kernel_matrix
+    from ..validation import kernel_matrix
 
     hierarchy = _check_hierarchy(hierarchy)
     matrix = kernel_matrix(kernel, use)

@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple, Union
 import numpy as np
 
 from ..kernel import LossKernel
-from ._validate import as_array, as_labels, as_mask, as_vector, kernel_labels, kernel_variance, py_scalar
+from ..validation import as_array, as_labels, as_mask, as_vector, kernel_labels, kernel_variance, py_scalar
 
 __all__ = ["LABEL_ISSUE_SCORES", "PREDICTIVE_LABEL_ISSUE_SCORES", "detection_auc", "label_issue_scores",
            "mean_self_covariance", "memorization_scores", "posterior_predictive_scores", "roc_curve"]

@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._validate import check_index, check_k, kernel_labels, kernel_matrix
+from ..validation import check_index, check_k, kernel_labels, kernel_matrix
 
 __all__ = ["top_correlated"]
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import pandas as pd
 
-from ._validate import as_labels, as_two_groups, kernel_matrix, py_scalar
+from ..validation import as_labels, as_two_groups, kernel_matrix, py_scalar
 from .memorization import detection_auc
 
 __all__ = ["GroupCovariances", "PC1Separation", "group_covariances", "pc1_separation"]

@@ -373,7 +373,7 @@ def group_neighbour_lift(kernel: Any, groups: Any, labels: Any, k: int = 10):
 def mean_correlation_by_branch(kernel: Any, groups: Any, labels: Any) -> Dict[str, float]:
     """Mean R̂ over different-label pairs in the same branch, and across branches
     (``"within"``, ``"across"``, ``"within_minus_across"``)."""
-    from ..analysis._validate import kernel_matrix
+    from ..validation import kernel_matrix
 
     R = kernel_matrix(kernel, "correlation")
     groups, labels = np.asarray(groups), np.asarray(labels)

@@ -72,9 +72,33 @@ class ToyModel(nn.Module):
         return F.relu(x @ self.W.T @ self.W + self.b)
 
 
-def _normal_crossing():
-    from devinterp.test_utils import Polynomial
+try:  # devinterp 1.3 ships its example models; devinterp 2 does not: the same definitions
+    from devinterp.test_utils import Polynomial, ReducedRankRegressor
+except ImportError:
+    class Polynomial(nn.Module):
+        """devinterp 1.3's ``test_utils.Polynomial``: x ↦ x · Π_i w_i^{p_i} (the normal crossing)."""
 
+        def __init__(self, powers=(1, 1)):
+            super().__init__()
+            self.powers = torch.tensor(powers)
+            self.weights = nn.Parameter(torch.zeros_like(self.powers, dtype=torch.float32))
+
+        def forward(self, x):
+            return x * torch.prod(self.weights ** self.powers)
+
+    class ReducedRankRegressor(nn.Module):
+        """devinterp 1.3's ``test_utils.ReducedRankRegressor``: two bias-free linear maps."""
+
+        def __init__(self, m, h, n):
+            super().__init__()
+            self.fc1 = nn.Linear(m, h, bias=False)
+            self.fc2 = nn.Linear(h, n, bias=False)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x))
+
+
+def _normal_crossing():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(200, generator=gen)
     y = x * 0.0 + 0.1 * torch.randn(200, generator=gen)
@@ -85,8 +109,6 @@ def _normal_crossing():
 
 
 def _reduced_rank():
-    from devinterp.test_utils import ReducedRankRegressor
-
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(120, 4, generator=gen)
     y = x @ torch.randn(4, 3, generator=gen) + 0.1 * torch.randn(120, 3, generator=gen)
@@ -171,7 +193,8 @@ def test_devinterp1_llc_is_bit_identical_with_and_without_the_callback(name):
 # devinterp 2.0: sample_single_chain(callbacks=[...])
 # --------------------------------------------------------------------------------------------
 def _dv2_run(name, with_callback):
-    from devinterp.slt.sampling import sample_single_chain
+    from devinterp.optim import SGMCMC
+    from devinterp.slt.sampler import sample_single_chain
 
     model, (x, y), kind = PROBLEMS[name]()
     mean_loss, per_sample = _losses(kind)
@@ -181,7 +204,7 @@ def _dv2_run(name, with_callback):
         callback = LossKernelCallback((x[:40], y[:40]), _probe_loss_fn(per_sample), batch_size=16)
 
     def evaluate(model, batch):
-        return per_sample(model(batch["input_ids"]), batch["labels"])
+        return per_sample(model(batch["input_ids"]), batch["labels"]), {}
 
     traces = []
 
@@ -191,9 +214,10 @@ def _dv2_run(name, with_callback):
     torch.manual_seed(123)
     for chain in range(2):
         sample_single_chain(
-            model, dataset, evaluate=evaluate, sampling_method="sgld", lr=1e-3, n_beta=10.0,
-            localization=100.0, num_draws=10, num_burnin_steps=3, num_steps_bw_draws=2, batch_size=16,
-            chain=chain, seed=chain, device="cpu",
+            model, dataset, evaluate, param_masks={name: None for name, _ in model.named_parameters()},
+            sampling_method=SGMCMC.sgld, sampling_method_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0),
+            num_draws=10, num_burnin_steps=3, num_steps_bw_draws=2, batch_size=16,
+            chain=chain, seed=chain, dataloader_seed=chain + 100, device="cpu",
             callbacks=[recorder] + ([callback] if callback is not None else []))
     if callback is not None:
         callback.finalize()

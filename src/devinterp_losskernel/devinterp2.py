@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .callback import LossKernelCallback
+from .float32_mean import StreamingFloat32Mean
 from .progress import devinterp_bars
 
 __all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset"]
@@ -281,10 +282,13 @@ def llc(
 
     num_steps = calculate_num_steps(num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws,
                                     num_burnin_steps=num_burnin_steps)
-    step_sums = np.zeros((num_chains, num_steps), dtype=np.float64)
-    step_counts = np.zeros((num_chains, num_steps), dtype=np.int64)
     step_means = np.full((num_chains, num_steps), np.nan, dtype=np.float32)  # devinterp's loss_trace
     micro: Dict[Tuple[int, int], list] = {}
+    # devinterp's llc_scalar is the float32 mean of its whole sampling_loss_micro store
+    # [chain, step, grad_accum·B, T] (NaN where a failed chain wrote nothing): the same bits, streamed
+    row_size = gradient_accumulation_steps * batch_size * context_length
+    micro_mean = StreamingFloat32Mean(num_chains * num_steps * row_size)
+    next_row = [0]  # the next (chain, step) position in the store's order, as chain · num_steps + step
 
     def on_micro(loss, input_ids, chain, step, micro_step):
         # devinterp writes the micro-batches of a step as one float32 row [grad_accum·B, T]
@@ -292,9 +296,10 @@ def llc(
         if micro_step == gradient_accumulation_steps - 1:
             row = torch.cat(micro.pop((chain, step))).numpy()
             step_means[chain, step] = np.nanmean(row)
-            finite = np.isfinite(row)
-            step_sums[chain, step] = float(row[finite].astype(np.float64).sum())
-            step_counts[chain, step] = int(finite.sum())
+            position = chain * num_steps + step
+            micro_mean.add_missing((position - next_row[0]) * row_size)  # steps a failed chain never wrote
+            micro_mean.add(row)
+            next_row[0] = position + 1
 
     dataloader_seed = init_seed if config.match_sampling_input_ids_across_chains else None
     with devinterp_bars():  # devinterp's own per-chain bars, one line a minute when written to a log
@@ -317,8 +322,8 @@ def llc(
     loss_trace = xr.DataArray(step_means, dims=("chain", "step"),
                               coords={"chain": np.arange(num_chains), "step": np.arange(num_steps)})
     llc_per_chain = n_beta * (loss_trace.mean(dim="step") - init_loss_mean)
-    total = step_counts.sum()
-    llc_scalar = n_beta * (float(step_sums.sum() / total) - init_loss_mean) if total else float("nan")
+    micro_mean.add_missing(micro_mean.total - micro_mean.fed)
+    llc_scalar = n_beta * (micro_mean.mean() - init_loss_mean)
     kernel.metadata.update({"llc/mean": float(llc_per_chain.mean()), "llc/std": float(llc_per_chain.std()),
                             "llc/per_chain": [float(v) for v in llc_per_chain.values],
                             "llc/init_loss": init_loss_mean, "observable": name,

@@ -293,3 +293,18 @@ def test_estimate_loss_kernel_llc_equals_devinterps_own_chains_without_the_callb
                init_loss=init_loss, sampling_method=SGLD)
         expected = 10.0 * (float(llc.losses.double().mean()) - init_loss)
         assert kernel.metadata["llc/per_chain"][chain] == expected
+
+
+def test_probe_passes_leave_the_generators_whatever_the_probe_is():
+    from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
+
+    model, (x, y), _ = _classifier()
+    probes = [(x, y), DataLoader(TensorDataset(x, y), batch_size=10), TensorDataset(x, y), x]
+    for probe in probes:
+        torch.manual_seed(5), np.random.seed(5), random.seed(5)
+        before = _global_states()
+        probe_set = ProbeSet(probe, batch_size=9)
+        probe_set.fingerprint(), probe_set.check_stable()
+        if not isinstance(probe, torch.Tensor):
+            evaluate_probe_losses(model, probe_set)
+        assert _same_states(before, _global_states()), type(probe).__name__

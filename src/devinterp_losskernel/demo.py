@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .tasks._metrics import accuracy
+from .rng import leaves_rng_untouched
 from .tasks.memorization import relabel
 
 
@@ -76,6 +77,7 @@ def digits_with_flipped_labels(cfg: DemoConfig):
             torch.tensor(flipped))
 
 
+@leaves_rng_untouched  # seeds torch for a reproducible init, then puts the caller's state back
 def train_memorizing_mlp(x, y, cfg: DemoConfig) -> nn.Module:
     torch.manual_seed(cfg.seed)
     model = nn.Sequential(nn.Linear(x.shape[1], cfg.hidden), nn.ReLU(),
@@ -88,6 +90,7 @@ def train_memorizing_mlp(x, y, cfg: DemoConfig) -> nn.Module:
     return model
 
 
+@leaves_rng_untouched
 def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] = None,
              verbose: bool = True) -> dict:
     """Train, sample, and write kernel.pt, summary.json, correlation.png and explorer.html

@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import (DataLoader, Dataset, RandomSampler, SubsetRandomSampler, TensorDataset,
                               WeightedRandomSampler)
 
+from .rng import leaves_rng_untouched
+
 __all__ = [
     "LossFn",
     "ProbeSet",
@@ -320,7 +322,7 @@ class ProbeSet:
                 isinstance(t, (torch.Tensor, np.ndarray)) for t in probe)):
             probe = as_tensors(probe)
         if isinstance(probe, torch.Tensor):
-            return DataLoader(TensorDataset(probe), batch_size=batch_size, shuffle=False,
+            return DataLoader(TensorDataset(probe), batch_size=batch_size, shuffle=False, generator=_own_generator(),
                               collate_fn=lambda rows: torch.stack([r[0] for r in rows]))
         if isinstance(probe, Mapping):
             return _DictBatches(probe, batch_size)
@@ -329,14 +331,15 @@ class ProbeSet:
             if len(set(lengths)) > 1:
                 raise ValueError(f"probe's tensors must share their first dimension (one row per sample), "
                                  f"got lengths {lengths}")
-            return DataLoader(TensorDataset(*probe), batch_size=batch_size, shuffle=False)
+            return DataLoader(TensorDataset(*probe), batch_size=batch_size, shuffle=False, generator=_own_generator())
         if isinstance(probe, Dataset) or hasattr(probe, "__getitem__") and hasattr(probe, "__len__"):
-            return DataLoader(probe, batch_size=batch_size, shuffle=False)
+            return DataLoader(probe, batch_size=batch_size, shuffle=False, generator=_own_generator())
         raise TypeError(
             "probe must be a DataLoader, Dataset, tensor, tuple of tensors or dict of tensors, "
             f"got {type(probe).__name__}"
         )
 
+    @leaves_rng_untouched
     def fingerprint(self) -> Tuple[int, str]:
         """(n, fingerprint) of one pass over the probe, without a model: a SHA-256 of each
         batch's structure (keys, per-sample shapes, dtypes) and of every sample's sum and sum
@@ -347,6 +350,7 @@ class ProbeSet:
             raise ValueError("probe is empty: it yielded no samples")
         return n, digest
 
+    @leaves_rng_untouched
     def check_stable(self) -> Tuple[int, str]:
         """Pass over the probe twice and refuse one that yields its samples in another order
         (or other samples) the second time; returns ``(n, fingerprint)``. Cached."""
@@ -395,6 +399,12 @@ class ProbeSet:
                     "order between epochs, a random transform?). Pass a DataLoader with a fixed order")
         if keep:
             self._cache, self._cache_device = fresh, (device, dtype)
+
+
+def _own_generator() -> torch.Generator:
+    """Our loaders' generator: iterating a DataLoader draws a base seed from its generator (the
+    global one when it has none), which would shift the host's SGLD noise."""
+    return torch.Generator().manual_seed(0)
 
 
 _RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
@@ -484,6 +494,7 @@ class _DictBatches:
             yield {k: v[start : start + self.batch_size] for k, v in self.data.items()}
 
 
+@leaves_rng_untouched
 def evaluate_probe_losses(
     model: nn.Module,
     probe: Union[ProbeSet, Any],

@@ -44,6 +44,37 @@ def test_kernel_equals_recomputed_from_traces():
     assert k.init_loss is not None and k.init_loss.shape == (40,)
 
 
+@pytest.mark.parametrize("mode", ["full", "diagonal"])
+def test_every_per_sample_output_permutes_with_the_probe(mode):
+    """The same draws on a permuted probe: K, R, mean, variance, ℓ(x; w*), labels and ids are
+    the permuted ones (no result depends on where a sample sits in the probe)."""
+    torch.manual_seed(0)
+    model = MLP()
+    x, y = classification_data(30)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(1))
+    ids = [f"s{i}" for i in range(30)]
+    kernels = []
+    for order in (torch.arange(30), perm):
+        cb = LossKernelCallback((x[order], y[order]), batch_size=7, block_size=5, mode=mode, reference_model=model,
+                                labels=y[order], sample_ids=[ids[i] for i in order])
+        for chain, draw, m in perturbed_draws(model, 2, 9):
+            cb(model=m, chain=chain, draw=draw)
+        kernels.append(cb.kernel)
+    base, permuted = kernels
+    # float32 forwards of a sample in another batch may round differently (1 ulp): float32 tolerances
+    for field in ("mean", "init_loss"):
+        np.testing.assert_allclose(getattr(permuted, field).numpy(), getattr(base, field).numpy()[perm], rtol=1e-6,
+                                   err_msg=field)
+    np.testing.assert_allclose(permuted.variance.numpy(), base.variance.numpy()[perm], rtol=1e-4, atol=1e-9)
+    assert torch.equal(permuted.labels, base.labels[perm])
+    assert list(permuted.sample_ids) == [ids[i] for i in perm]
+    if mode == "full":
+        for field in ("covariance", "correlation"):
+            expected = getattr(base, field).numpy()[np.ix_(perm, perm)]
+            np.testing.assert_allclose(getattr(permuted, field).numpy(), expected, rtol=1e-4,
+                                       atol=1e-6 * np.abs(expected).max())
+
+
 def test_results_dict_keys():
     model = MLP()
     cb = LossKernelCallback(classification_data(10))

@@ -363,3 +363,27 @@ def test_llc_twin_equals_devinterp_with_num_steps_bw_draws_3(tmp_path):
     scale = float(np.abs(bif).max())
     assert scale > 0 and ours.draws_per_chain.values.tolist() == [5, 5]
     np.testing.assert_allclose(ours.covariance.values, bif, rtol=0, atol=1e-5 * scale)  # the same draws
+
+
+def test_llc_twin_keeps_devinterps_llc_when_no_kernel_can_be_made():
+    """Every chain diverges (lr=100): the kernel has no draws, but devinterp's LLC of the run is
+    returned (bit for bit), with the reason, not lost to an error after sampling."""
+    import warnings
+
+    from devinterp.slt.llc import llc as devinterp_llc
+
+    from devinterp_losskernel import llc
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 13, (40, 9))
+    model, dataset = TinyLM(), LMDataset(ids)
+    args = dict(lr=100.0, n_beta=20.0, num_chains=2, num_draws=5, batch_size=8, num_init_loss_batches=2,
+                device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = devinterp_llc(model, dataset, {"probe": LMDataset(ids[:24])}, **args)
+    with pytest.warns(RuntimeWarning, match="no loss kernel for this run"):
+        ours, kernel = llc(model, dataset, {"probe": LMDataset(ids[:24])}, return_kernel=True, **args)
+    assert kernel is None and "diverged" in ours.attrs["loss_kernel_error"]
+    for name in ("llc_mean", "llc_per_chain", "llc_scalar", "loss_trace", "init_loss"):
+        np.testing.assert_array_equal(np.asarray(ours[name].values), np.asarray(theirs[name].values), err_msg=name)

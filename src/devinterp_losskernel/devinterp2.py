@@ -28,6 +28,7 @@ observable passes consume random numbers, so its chains, and its LLC, differ fro
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple, Union
@@ -314,8 +315,15 @@ def llc(
                 init_noise=init_noise, shuffle=config.shuffle, epoch_mode=config.epoch_mode,
             )
     callback.finalize()
-    kernel = callback.kernel
-    kernel.metadata.update(callback.slt_summary(kernel))
+    try:
+        kernel = callback.kernel
+    except ValueError as error:  # no kernel from these draws (every chain diverged): the LLC is not lost
+        kernel, kernel_error = None, str(error)
+        warnings.warn(f"devinterp_losskernel.llc: no loss kernel for this run, devinterp's LLC is returned "
+                      f"alone (attrs['loss_kernel_error']): {kernel_error}", RuntimeWarning, stacklevel=2)
+    else:
+        kernel_error = None
+        kernel.metadata.update(callback.slt_summary(kernel))
 
     # devinterp's compute_llc, on the same float32 numbers
     init_loss_mean = float(init_loss.mean())
@@ -324,11 +332,17 @@ def llc(
     llc_per_chain = n_beta * (loss_trace.mean(dim="step") - init_loss_mean)
     micro_mean.add_missing(micro_mean.total - micro_mean.fed)
     llc_scalar = n_beta * (micro_mean.mean() - init_loss_mean)
+    if kernel is None:
+        ds = xr.Dataset({"llc_mean": llc_per_chain.mean(), "llc_std": llc_per_chain.std(),
+                         "llc_per_chain": llc_per_chain, "llc_scalar": llc_scalar, "loss_trace": loss_trace,
+                         "init_loss": init_loss_mean})
+        ds.attrs.update({"observable": name, "n_beta": float(n_beta), "loss_kernel_error": kernel_error,
+                         "diverged_chains": [int(c) for c in callback.diverged_chains]})
+        return (ds, None) if return_kernel else ds
     kernel.metadata.update({"llc/mean": float(llc_per_chain.mean()), "llc/std": float(llc_per_chain.std()),
                             "llc/per_chain": [float(v) for v in llc_per_chain.values],
                             "llc/init_loss": init_loss_mean, "observable": name,
                             "sampler_config": config.model_dump()})
-
     k = kernel.cpu()
     per_sample = k.to_xarray()  # the kernel's own dialect: per-sample variables on dim "sample"
     per_sample = per_sample.drop_vars([v for v in ("draws_per_chain", "chain") if v in per_sample.variables])

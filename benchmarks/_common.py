@@ -25,9 +25,11 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 REPO = HERE.parent
 
-# Let the scripts import the package from the source tree even when it is not installed.
-if str(REPO / "src") not in sys.path:
-    sys.path.insert(0, str(REPO / "src"))
+# Let the scripts import the package (and the tutorials' pipelines, examples/losskernel_examples)
+# from the source tree even when they are not installed.
+for _path in (REPO / "src", REPO / "examples"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 # -- the machine --------------------------------------------------------------------------

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from devinterp_losskernel import LossKernelCallback, estimate_kernel_memory
+from devinterp_losskernel import LossKernelCallback, SLTSummary, estimate_kernel_memory
 from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
-from devinterp_losskernel.tasks.fashion_mnist import load_fashion_mnist
+from losskernel_examples.fashion_mnist import load_fashion_mnist
 
 
 def evaluate(model, batch):
@@ -103,7 +103,7 @@ def main(argv=None):
     _, t_fwd, m_fwd = run([ForwardOnly((x, y), args.probe_batch_size)])
     rows.append(["forward only", n, draws, f"{t_fwd:.1f}", f"{1e3 * (t_fwd - t_llc) / draws:.0f}", mib(m_fwd), ""])
     cb = LossKernelCallback((x, y), mode="diagonal", batch_size=args.probe_batch_size)
-    results, t_diag, m_diag = run([cb])
+    results, t_diag, m_diag = run([cb, SLTSummary(cb)])
     state = sum(t.numel() * t.element_size()
                 for t in (cb.accumulator._moments.shift, cb.accumulator._moments.mean, cb.accumulator._moments.m2_diag))
     rows.append(["diagonal kernel", n, draws, f"{t_diag:.1f}", f"{1e3 * (t_diag - t_llc) / draws:.0f}", mib(m_diag),

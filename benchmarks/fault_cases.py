@@ -62,7 +62,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, 
 
 import devinterp_losskernel.distributed as dist_api  # noqa: E402
 import devinterp_losskernel.provenance as provenance  # noqa: E402
-from devinterp_losskernel import (KernelAccumulator, LossKernel, LossKernelCallback, SGLDSettings,  # noqa: E402
+from devinterp_losskernel import (KernelAccumulator, LossKernel, LossKernelCallback, SGLDSettings, SLTSummary,  # noqa: E402
                                   classification_loss, estimate_loss_kernel, preset)
 from devinterp_losskernel.estimate import CHECKPOINT_NAME, chain_seeds  # noqa: E402
 
@@ -687,7 +687,7 @@ def _(ctx):
 def _(ctx):
     model, loader, x, y = problem()
     cb, witness = LossKernelCallback((x, y)), Witness(x, y)
-    results = elc(model, loader, [cb, witness])
+    results = elc(model, loader, [cb, SLTSummary(cb), witness])
     missing = [k for k in ("probe_llc", "singular_fluctuation", "init_loss") if f"loss_kernel/{k}" not in results]
     if missing or "llc/mean" not in results:
         return wrong(f"missing keys {missing}")

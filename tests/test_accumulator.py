@@ -412,3 +412,13 @@ def test_clones_of_an_empty_template_merge_and_grad_losses_are_detached():
     assert not acc.compute().covariance.requires_grad
     with pytest.raises(ValueError, match="at least one sample index"):
         KernelAccumulator(4, rows=[])
+
+
+def test_a_state_of_a_newer_format_is_refused_naming_the_upgrade():
+    acc = KernelAccumulator(3)
+    acc.update(torch.rand(3, dtype=torch.float64))
+    acc.update(torch.rand(3, dtype=torch.float64))
+    state = acc.state_dict()
+    state["format_version"] = 99
+    with pytest.raises(ValueError, match="format version 99.*Upgrade"):
+        KernelAccumulator(3).load_state_dict(state)

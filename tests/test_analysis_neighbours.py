@@ -1,5 +1,7 @@
 """top_correlated against brute-force argsort, ties, label exclusion, bad inputs."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -68,21 +70,42 @@ def test_covariance_ranking_and_plain_matrices():
     assert not (idx == np.arange(40)[:, None]).any()
 
 
-def test_ties_go_to_the_smaller_index():
+def test_ties_go_to_the_smaller_index_and_are_reported():
     R = np.eye(6)
     R[0, 1:] = R[1:, 0] = [0.5, 0.9, 0.5, 0.5, 0.9]
-    idx, vals = top_correlated(R, 0, k=3)
+    with pytest.warns(neighbours.TiedNeighboursWarning, match=r"1 of 1 queries \(e.g. \[0\]\).*probe order"):
+        idx, vals = top_correlated(R, 0, k=3)
     np.testing.assert_array_equal(idx, [2, 5, 1])
     np.testing.assert_array_equal(vals, [0.9, 0.9, 0.5])
-    idx, _ = top_correlated(R, 0, k=4, lowest=True)
+    with pytest.warns(neighbours.TiedNeighboursWarning):
+        idx, _ = top_correlated(R, 0, k=4, lowest=True)
     np.testing.assert_array_equal(idx, [1, 3, 4, 2])
     # all rows, a tie straddling the k-th place, against the stable brute force
     rng = np.random.default_rng(1)
     A = np.round(rng.uniform(-1, 1, (30, 30)), 1)
     M = (A + A.T) / 2
     for lowest in (False, True):
-        np.testing.assert_array_equal(top_correlated(M, k=5, lowest=lowest, use="covariance")[0],
-                                      brute_force(M, 5, lowest)[0])
+        with pytest.warns(neighbours.TiedNeighboursWarning):
+            got = top_correlated(M, k=5, lowest=lowest, use="covariance")[0]
+        np.testing.assert_array_equal(got, brute_force(M, 5, lowest)[0])
+
+
+def test_ties_inside_the_list_are_not_reported():
+    """Ties that do not reach beyond the k listed decide nothing: no warning."""
+    R = np.eye(5)
+    R[0, 1:] = R[1:, 0] = [0.9, 0.9, 0.1, 0.2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        idx, _ = top_correlated(R, 0, k=2)
+    np.testing.assert_array_equal(idx, [1, 2])
+
+
+def test_zero_variance_queries_are_named_in_the_warning():
+    kernel = random_kernel(n=12)
+    cov = kernel.covariance.numpy().copy()
+    cov[4, :] = cov[:, 4] = 0.0  # sample 4's loss never moved: R = 0 with every sample
+    with pytest.warns(neighbours.TiedNeighboursWarning, match=r"zero variance \(e.g. sample \[4\]\)"):
+        top_correlated(cov, k=3)
 
 
 def test_exclude_same_label(monkeypatch):
@@ -111,7 +134,7 @@ def test_bad_inputs_name_the_argument():
         top_correlated(kernel, k=2.0)
     with pytest.raises(ValueError, match="index must be in \\[0, n=10\\)"):
         top_correlated(kernel, 10)
-    with pytest.raises(ValueError, match="labels must have length n=10"):
+    with pytest.raises(ValueError, match="labels must have one entry per probe sample: length 10, got 9"):
         top_correlated(kernel, labels=np.zeros(9), exclude_same_label=True)
     with pytest.raises(ValueError, match="labels must be given"):
         top_correlated(kernel, exclude_same_label=True)

@@ -112,9 +112,9 @@ def test_bad_inputs_name_the_argument():
     kernel, task = two_task_kernel(n=20, draws=10)
     with pytest.raises(ValueError, match="groups must have exactly two distinct values"):
         pc1_separation(kernel, np.arange(20) % 3)
-    with pytest.raises(ValueError, match="groups must have length n=20"):
+    with pytest.raises(ValueError, match="groups must have one entry per probe sample: length 20"):
         pc1_separation(kernel, task[:-1])
-    with pytest.raises(ValueError, match="groups must have length n=20"):
+    with pytest.raises(ValueError, match="groups must have one entry per probe sample: length 20"):
         group_covariances(kernel, task[:5])
     with pytest.raises(ValueError, match="use must be one of"):
         pc1_separation(kernel, task, use="cov")

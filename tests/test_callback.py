@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from devinterp_losskernel import LossKernelCallback
+from devinterp_losskernel import LossKernelCallback, SLTSummary
+from devinterp_losskernel.summary import snapshot_convergence
 
 from _models import MLP, ProbeRecorder, classification_data
 
@@ -283,14 +284,14 @@ def test_snapshots_equal_covariance_of_trace_prefixes():
     for t, block in cb.snapshots:
         expected = np.cov(traces[:t][:, idx], rowvar=False)
         np.testing.assert_allclose(block.numpy(), expected, rtol=1e-10, atol=1e-14)
-    curve = cb.cka_convergence()
+    curve = snapshot_convergence(cb)
     assert [t for t, _ in curve] == [6, 12, 18]
     from devinterp_losskernel import cka
     full = np.cov(traces[:, idx], rowvar=False)
     for (t, value), (_, block) in zip(curve, cb.snapshots):
         assert value == pytest.approx(cka(block.numpy(), full), rel=1e-12)
     assert 0 < curve[0][1] < 1
-    assert cb.get_results()["loss_kernel/cka_convergence"] == curve
+    assert SLTSummary(cb).get_results()["loss_kernel/cka_convergence"] == curve
     # the same seed picks the same subset; explicit counts work too
     cb2 = LossKernelCallback(probe, snapshot_every=[3, 20], snapshot_rows=12, snapshot_seed=3)
     for chain, draw, m in perturbed_draws(model, 2, 10):
@@ -298,7 +299,7 @@ def test_snapshots_equal_covariance_of_trace_prefixes():
     cb2.finalize()
     assert torch.equal(cb2.snapshot_indices, cb.snapshot_indices)
     assert [t for t, _ in cb2.snapshots] == [3, 20]
-    assert cb2.cka_convergence()[-1][1] == pytest.approx(1.0, abs=1e-12)
+    assert snapshot_convergence(cb2)[-1][1] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_snapshots_in_rectangular_mode_come_from_rows():
@@ -335,7 +336,7 @@ def test_cka_convergence_without_snapshots_is_explained():
     for chain, draw, m in perturbed_draws(MLP(), 1, 3):
         cb(model=m, chain=chain, draw=draw)
     with pytest.raises(ValueError, match="snapshot_every"):
-        cb.cka_convergence()
+        snapshot_convergence(cb)
 
 
 # -- nothing silently wrong: runs never mix, bad input fails before sampling -----------------
@@ -386,7 +387,7 @@ def test_other_signs_of_a_new_run(change):
     with pytest.warns(RuntimeWarning, match="a new run started"):
         cb(model=model, chain=1, draw=0, **kwargs)  # a new chain number: only the sign tells
     # the fresh kernel holds only the new run's draw (still held back by the divergence window)
-    assert cb.accumulator.count == 0 and cb.draws_per_chain == {} and sum(map(len, cb._run.held.values())) == 1
+    assert cb.accumulator.count == 0 and cb.draws_per_chain == {} and sum(map(len, cb.chains.held.values())) == 1
 
 
 def test_registered_twice_is_refused_at_the_first_draw():

@@ -9,7 +9,7 @@ import torch
 from conftest import devinterp_major
 from devinterp_losskernel import LossKernel
 from devinterp_losskernel.cli import main
-from devinterp_losskernel.demo import DemoConfig, digits_with_flipped_labels
+from devinterp_losskernel.demo import DemoConfig, accuracy, digits_with_flipped_labels, flip_labels
 
 
 def test_digits_relabel_exactly_the_fraction_to_another_class():
@@ -21,6 +21,24 @@ def test_digits_relabel_exactly_the_fraction_to_another_class():
     assert abs(float(x.mean())) < 0.2 and abs(float(x.std()) - 1.0) < 0.2
     again = digits_with_flipped_labels(cfg)
     assert all(torch.equal(a, b) for a, b in zip((x, y_true, y_train, flipped), again))
+
+
+def test_flip_labels_draws_as_the_memorization_tutorial_does():
+    """demo.py keeps its own copy of the tutorial's relabel (the library imports no tutorial
+    code): pinned to losskernel_examples.memorization.relabel's draws at this seed."""
+    noisy, flipped = flip_labels(np.arange(12) % 4, 0.25, num_classes=4, seed=3)
+    assert noisy.dtype == np.int64 and noisy.tolist() == [3, 1, 1, 3, 0, 1, 2, 3, 2, 1, 2, 3]
+    assert np.flatnonzero(flipped).tolist() == [0, 2, 8]
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
+        flip_labels(np.arange(4), 1.5, num_classes=4, seed=0)
+
+
+def test_accuracy_counts_top1_hits():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+    assert accuracy(model, x, torch.tensor([0, 1, 1])) == 2 / 3
 
 
 @pytest.fixture(scope="module")

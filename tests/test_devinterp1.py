@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import require_devinterp
-from devinterp_losskernel import LossKernelCallback, estimate_loss_kernel
+from devinterp_losskernel import LossKernelCallback, SLTSummary, estimate_loss_kernel
 
 from _models import MLP, ProbeRecorder, classification_data, loader_for
 
@@ -38,7 +38,7 @@ def test_estimate_learning_coeff_with_summary():
     model, loader, probe = setup()
     cb, witness = LossKernelCallback(probe, block_size=8), ProbeRecorder(probe)
     results = estimate_learning_coeff_with_summary(
-        model, loader, callbacks=[cb, witness], evaluate=evaluate, optimizer_kwargs=dict(SGLD),
+        model, loader, callbacks=[cb, SLTSummary(cb), witness], evaluate=evaluate, optimizer_kwargs=dict(SGLD),
         num_chains=2, num_draws=12, num_burnin_steps=3, seed=1, verbose=False,
     )
     assert "llc/mean" in results

@@ -13,6 +13,7 @@ from devinterp_losskernel import estimate_loss_kernel, preset
 from devinterp_losskernel.estimate import CHECKPOINT_NAME
 
 from _models import DIVERGE, MLP, classification_data, diverging_evaluate, loader_for
+from torch.utils.data import DataLoader, TensorDataset
 import _resume_run
 
 HERE = Path(__file__).parent
@@ -234,3 +235,26 @@ def test_a_checkpoint_from_before_the_draw_schedule_was_recorded_is_refused(tmp_
     save_verified(saved, path)
     with pytest.raises(IdentityMismatchError, match=r"draw_schedule: checkpoint = None"):
         _small_run(tmp_path, num_steps_bw_draws=3)
+
+
+def test_the_sgld_settings_come_as_one_record_or_by_name_not_both():
+    from devinterp_losskernel import SGLDSettings, preset
+
+    model = MLP()
+    x, y = classification_data(32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    record = SGLDSettings(None, 2, 3, 1, 1e-3, 10.0, 100.0, seed=0)
+    kernel = estimate_loss_kernel(model, loader, (x[:10], y[:10]), record, verbose=False)
+    by_name = estimate_loss_kernel(model, loader, (x[:10], y[:10]), num_chains=2, num_draws=3, num_burnin_steps=1,
+                                   lr=1e-3, nbeta=10.0, localization=100.0, seed=0, verbose=False)
+    assert torch.equal(kernel.covariance, by_name.covariance)
+    assert kernel.metadata["sgld"]["batch_size"] == 8  # the loader's m, recorded
+    with pytest.raises(TypeError, match="either as sgld=SGLDSettings"):
+        estimate_loss_kernel(model, loader, x[:10], record, lr=1e-3)
+    with pytest.raises(TypeError, match=r"needs the SGLD settings \['localization'\]"):
+        estimate_loss_kernel(model, loader, x[:10], num_chains=2, num_draws=3, num_burnin_steps=1, lr=1e-3, nbeta=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['nbta'\\]"):
+        estimate_loss_kernel(model, loader, x[:10], num_chains=2, num_draws=3, num_burnin_steps=1, lr=1e-3,
+                             nbta=1.0, localization=1.0)
+    with pytest.raises(ValueError, match="localization must be set"):
+        estimate_loss_kernel(model, loader, x[:10], preset("inception_gamma_sweep"))

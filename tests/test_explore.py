@@ -149,6 +149,7 @@ def test_points_colours_and_thumbnails(page, kernel, coords, images):
 def test_texts_pairs_and_a_plain_matrix(tmp_path):
     kernel = synthetic_kernel(n=40, seed=3)
     pairs = [(a, b) for a, b in zip(range(40), range(40, 80))]
+    (tmp_path / "sub").mkdir()
     path = explore(kernel.covariance.numpy(), embedding=np.zeros((40, 2)) + np.arange(40)[:, None],
                    texts=pairs, k=50, path=tmp_path / "sub" / "m.html", lowest=False)
     data = read_explorer(path)
@@ -464,3 +465,363 @@ def test_demo_writes_an_explorer(tmp_path):
     np.testing.assert_array_equal(data["neighbours"]["most"][0], top_correlated(kernel, None, 15)[0])
     assert [c["title"] for c in data["colourings"]][-2:] == ["memorization score K(x,x)", "label flipped"]
     assert data["points"]["thumb"][0].startswith("data:image/png;base64,")
+
+
+# --------------------------------------------------------------------------------------------
+# careless input and faults (issue 18): each class is refused at the entry, with a message
+# that names the argument, before the neighbour lists and the UMAP are computed
+# --------------------------------------------------------------------------------------------
+
+HOSTILE = '<!--<script>x</script><b id="lk-injected">&amp;</b>\u2028\u2029"\''
+
+
+def small_page(tmp_path, name="p.html", n=40, **kwargs):
+    kernel = kwargs.pop("kernel", None)
+    kernel = synthetic_kernel(n=n, seed=7) if kernel is None else kernel
+    kwargs.setdefault("embedding", np.random.default_rng(0).normal(size=(n, 2)))
+    kwargs.setdefault("k", 3)
+    return explore(kernel, path=tmp_path / name, **kwargs)
+
+
+def hostile_tree():
+    parents = {HOSTILE + "animal": "entity", "dog": HOSTILE + "animal", "cat": HOSTILE + "animal",
+               "vehicle": "entity", "car": "vehicle", "bus": "vehicle"}
+    return Hierarchy.from_parents(parents, classes=CLASSES)
+
+
+def hostile_page(tmp_path, name="hostile.html"):
+    n = 40
+    return small_page(tmp_path, name, n=n, title=HOSTILE, hierarchy=hostile_tree(),
+                      label_names=[HOSTILE + "dog", "cat", "car", "bus"],
+                      texts=[HOSTILE + str(i) for i in range(n)],
+                      scores={HOSTILE + "score": np.arange(n) % 3})
+
+
+def test_script_json_escapes_what_could_end_a_script():
+    from devinterp_losskernel.explore import script_json
+
+    value = {"s": "</script><!--<script>&amp;\u2028\u2029é", "n": [1, 2.5, None]}
+    text = script_json(value)
+    assert not set("<>&\u2028\u2029") & set(text) and text.isascii()
+    assert "\\u003c!--\\u003cscript\\u003e" in text
+    assert json.loads(text) == value
+    with pytest.raises(ValueError):  # JSON.parse would refuse NaN: never write it
+        script_json({"x": float("nan")})
+
+
+def test_hostile_strings_reach_the_page_as_data(tmp_path):
+    page = hostile_page(tmp_path)
+    text = Path(page).read_text(encoding="utf-8")
+    assert "<!--<script>" not in text and "\u2028" not in text and 'id="lk-injected"' not in text
+    data = read_explorer(page)
+    assert data["title"] == HOSTILE and data["points"]["label_name"][0] == HOSTILE + "dog"
+    assert data["points"]["text"][5] == HOSTILE + "5" and HOSTILE + "score" in data["scores"]
+    assert data["points"]["path"][0] == f"entity › {HOSTILE}animal › dog"
+    assert HOSTILE + "animal" in data["search_terms"]
+    # outside Bokeh's bundle, exactly our three <script> elements: our data, Bokeh's document, our JS
+    ours = text.replace(_bokeh_bundle(), "")
+    assert len(re.findall(r"<script\b", ours, re.I)) == 3 and len(re.findall(r"</script", ours, re.I)) == 3
+
+
+@pytest.mark.parametrize("labels, label_names, match", [
+    (np.where(np.arange(N) % 5 == 0, -1, np.arange(N) % 2), ["cat", "dog"], r"labels hold \[-1\]"),
+    (np.arange(N) % 3, ["cat", "dog"], r"labels hold \[2\].*label_names"),
+    (np.arange(N) % 3, {0: "cat", 1: "dog"}, r"labels hold \[2\].*label_names"),
+    (np.arange(N) % 2, "cd", "label_names must be a list"),
+    (np.arange(N) % 2, {"cat", "dog"}, "label_names must be a list"),
+])
+def test_label_names_only_for_the_labels_they_name(tmp_path, labels, label_names, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        small_page(tmp_path, n=N, labels=labels, label_names=label_names)
+
+
+def test_label_names_and_hierarchy_need_labels(tmp_path):
+    plain = synthetic_kernel(n=30, seed=1).covariance.numpy()
+    with pytest.raises(ValueError, match="label_names was given but there are no labels"):
+        small_page(tmp_path, n=30, kernel=plain, label_names=["a", "b"])
+    with pytest.raises(ValueError, match="hierarchy was given but there are no labels"):
+        small_page(tmp_path, n=30, kernel=plain, hierarchy=tiny_hierarchy())
+    three = Hierarchy.from_parents({"a": "r", "b": "r", "c": "r"}, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"hierarchy has no node for 1 label\(s\): \[3\]"):
+        small_page(tmp_path, hierarchy=three)
+    data = read_explorer(small_page(tmp_path, label_names={0: "zero", 1: "one", 2: "two", 3: "three"}))
+    assert data["points"]["label_name"][:5] == ["zero", "one", "two", "three", "zero"]
+
+
+def _lists(kernel, k=3):
+    return top_correlated(kernel, None, k)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda i, v: ((i.__setitem__((0, 0), -1), i)[1], v), r"in \[0, 40\).*got -1 at position \(0, 0\)"),
+    (lambda i, v: ((i.__setitem__((3, 2), 40), i)[1], v), r"in \[0, 40\).*got 40 at position \(3, 2\)"),
+    (lambda i, v: (i.astype(np.float64), v), "integer dtype"),
+    (lambda i, v: (i, v * 5), r"R must be correlations in \[-1, 1\]"),
+    (lambda i, v: (i, np.full_like(v, np.nan)), "R must be finite"),
+    (lambda i, v: ((i.__setitem__((6, 0), 6), i)[1], v), "sample 6 as its own neighbour"),
+    (lambda i, v: (i[:, :2], v), r"two \[n, k\] arrays"),
+])
+def test_neighbour_indices_are_checked_before_packing(tmp_path, change, match):
+    kernel = synthetic_kernel(n=40, seed=7)
+    idx, val = _lists(kernel)
+    with pytest.raises(ValueError, match=match):
+        small_page(tmp_path, kernel=kernel, neighbours={"most": change(idx.copy(), val.copy())})
+
+
+def test_given_neighbour_lists_must_keep_their_promises(tmp_path):
+    kernel = synthetic_kernel(n=40, seed=7)
+    lists = _lists(kernel)
+    with pytest.raises(ValueError, match="must hold different-label neighbours only"):
+        small_page(tmp_path, kernel=kernel, neighbours={"most": lists, "most_other": lists})
+    with pytest.raises(ValueError, match="must include 'most'"):
+        small_page(tmp_path, kernel=kernel, neighbours={"least": lists})
+    with pytest.raises(TypeError, match=r"neighbours\['most'\] must be a pair"):
+        small_page(tmp_path, kernel=kernel, neighbours={"most": lists[0]})
+    other = top_correlated(kernel, None, 3, exclude_same_label=True)
+    data = read_explorer(small_page(tmp_path, kernel=kernel, neighbours={"most": lists, "most_other": other}))
+    np.testing.assert_array_equal(data["neighbours"]["most_other"][0], other[0])
+
+
+def _thumb(uri):
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
+
+
+def test_image_layout_is_stated_when_the_shape_leaves_it_open(tmp_path):
+    red = np.zeros((40, 3, 4, 4), dtype=np.uint8)
+    red[:, 0] = 255
+    for shape in [(40, 3, 4, 4), (40, 4, 4, 3), (40, 1, 8, 3)]:
+        with pytest.raises(ValueError, match="ambiguous.*'NCHW'.*'NHWC'"):
+            small_page(tmp_path, images=np.zeros(shape, dtype=np.uint8))
+    page = small_page(tmp_path, images=red, image_layout="NCHW", thumbnail_size=4, thumbnail_format="png")
+    thumb = _thumb(read_explorer(page)["points"]["thumb"][0])
+    assert thumb.shape == (4, 4, 3) and np.all(thumb == [255, 0, 0])  # 4×4 red, not 3×4 RGBA
+    page = small_page(tmp_path, images=red, image_layout="NHWC", thumbnail_size=4, thumbnail_format="png")
+    assert _thumb(read_explorer(page)["points"]["thumb"][0]).shape == (3, 4, 4)  # 3 rows × 4 columns, RGBA
+    with pytest.raises(ValueError, match="image_layout must be"):
+        small_page(tmp_path, images=red, image_layout="CHW")
+    with pytest.raises(ValueError, match="image_layout='NCHW' was given without images"):
+        small_page(tmp_path, image_layout="NCHW")
+
+
+def test_non_finite_pixels_are_refused(tmp_path):
+    images = np.random.default_rng(0).random((40, 8, 8))
+    images[7, 1, 2] = np.inf
+    with pytest.raises(ValueError, match="images must have finite pixels, got NaN/Inf in image 7"):
+        small_page(tmp_path, images=images)
+    images[7, 1, 2] = np.nan
+    with pytest.raises(ValueError, match="finite pixels"):
+        small_page(tmp_path, images=torch.tensor(images))
+
+
+def test_as_images_one_layout_rule():
+    from devinterp_losskernel.validation import as_images
+
+    assert as_images(np.zeros((2, 3, 16, 16)), 2).shape == (2, 16, 16, 3)
+    assert as_images(np.zeros((2, 16, 16, 4)), 2).shape == (2, 16, 16, 4)
+    assert as_images(np.zeros((2, 16, 16)), 2).shape == (2, 16, 16, 1)
+    assert as_images(torch.zeros(2, 1, 8, 8, dtype=torch.bfloat16), 2).dtype == np.float32
+    assert as_images(np.zeros((2, 3, 4, 4)), 2, layout="NCHW").shape == (2, 4, 4, 3)
+    with pytest.raises(ValueError, match=r"pixels of shape \(2, 3, 4, 4\) is ambiguous"):
+        as_images(np.zeros((2, 3, 4, 4)), 2, "pixels")
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        as_images(np.zeros((2, 16, 16, 16)), 2)
+    with pytest.raises(ValueError, match=r"one image per probe sample \(n=3\)"):
+        as_images(np.zeros((2, 16, 16)), 3)
+    with pytest.raises(ValueError, match="must hold numbers"):
+        as_images(np.full((2, 4, 4), "a"), 2)
+    with pytest.raises(TypeError, match="load the file first"):
+        as_images("images.npy", 2)
+
+
+def test_as_index_array_dtype_sign_and_range():
+    from devinterp_losskernel.validation import as_index_array
+
+    np.testing.assert_array_equal(as_index_array(torch.tensor([[0, 4], [2, 1]]), 5, "idx"), [[0, 4], [2, 1]])
+    assert as_index_array([], 5, "idx").dtype == np.int64
+    for values, match in [([0, -1], r"idx must hold sample indices in \[0, 5\).*got -1 at position 1"),
+                          ([5], "got 5 at position 0"), (np.array([1.0]), "integer dtype"),
+                          (np.array([True]), "integer dtype"), (np.uint16([65535]), "got 65535")]:
+        with pytest.raises(ValueError, match=match):
+            as_index_array(values, 5, "idx")
+
+
+def test_one_label_names_the_labels(tmp_path):
+    base = synthetic_kernel(n=40, seed=7)
+    one = LossKernel(covariance=base.covariance, mean=base.mean, variance=base.variance, num_draws=300,
+                     labels=torch.zeros(40, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels: all 40 samples have the same label") as error:
+        small_page(tmp_path, kernel=one, embedding=None)
+    assert "n_neighbors" not in str(error.value)
+    with pytest.warns(UserWarning, match="every sample has the same label"):
+        page = small_page(tmp_path, kernel=one)
+    data = read_explorer(page)
+    assert set(data["neighbours"]) == {"most", "least"}
+    assert set(data["unavailable"]) == {"most_other", "least_other"}
+
+
+def test_few_different_label_candidates_shrink_umaps_neighbourhood(tmp_path):
+    base = synthetic_kernel(n=40, seed=7)
+    mostly_one = LossKernel(covariance=base.covariance, mean=base.mean, variance=base.variance, num_draws=300,
+                            labels=torch.tensor([0] * 35 + [1] * 5))
+    page = small_page(tmp_path, kernel=mostly_one, embedding=None)  # 5 candidates: n_neighbors 6, not 15
+    assert read_explorer(page)["points"]["x"].shape == (40,)
+
+
+def test_checks_come_before_the_expensive_work(tmp_path, monkeypatch):
+    import devinterp_losskernel.analysis.embedding as embedding
+    import devinterp_losskernel.analysis.neighbours as neighbours
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("the expensive work ran before the arguments were checked")
+
+    monkeypatch.setattr(embedding, "umap_embedding", expensive)
+    monkeypatch.setattr(neighbours, "top_correlated", expensive)
+    kernel = synthetic_kernel(n=40, seed=7)
+    bad = [dict(label_names=["a"]), dict(scores={"s": ["x"] * 40}), dict(color_by="nope"),
+           dict(texts="one string"), dict(images=np.zeros((40, 3, 4, 4))), dict(thumbnail_format="gif"),
+           dict(hierarchy=Hierarchy.from_parents({"a": "r"}, classes=["a"])), dict(random_state=-1),
+           dict(title=3), dict(path=tmp_path / "missing" / "k.html")]
+    for kwargs in bad:
+        with pytest.raises((ValueError, TypeError)):
+            explore(kernel, **{"path": tmp_path / "k.html", **kwargs})
+
+
+def test_kernel_and_scores_arguments_are_named(tmp_path):
+    kernel = synthetic_kernel(n=40, seed=7)
+    kernel.save(tmp_path / "kernel.pt")
+    with pytest.raises(TypeError, match=r"got the path .*LossKernel.load\(path\)"):
+        explore(str(tmp_path / "kernel.pt"), path=tmp_path / "k.html")
+    with pytest.raises(ValueError, match=r"unknown \['varience'\]"):
+        explore({"varience": kernel.variance}, path=tmp_path / "k.html")
+    with pytest.raises(ValueError, match="needs neighbours="):
+        explore({"variance": kernel.variance}, path=tmp_path / "k.html")
+    with pytest.raises(TypeError, match="scores must be a dict"):
+        small_page(tmp_path, scores=[1, 2])
+    with pytest.raises(ValueError, match=r"scores\['s'\] must hold numbers"):
+        small_page(tmp_path, scores={"s": ["x"] * 40})
+    with pytest.raises(ValueError, match="scores has two entries named '1'"):
+        small_page(tmp_path, scores={1: np.zeros(40), "1": np.ones(40)})
+    with pytest.raises(TypeError, match="texts must be one string .* per probe sample"):
+        small_page(tmp_path, texts="abc")
+    with pytest.raises(ValueError, match="embedding must be finite"):
+        small_page(tmp_path, embedding=np.full((40, 2), np.nan))
+    with pytest.warns(UserWarning, match="embedding has 3 columns"):
+        small_page(tmp_path, embedding=np.zeros((40, 3)))
+
+
+def test_missing_score_values_are_warned_and_counted(tmp_path):
+    score = np.arange(40, dtype=float)
+    score[[3, 9]] = np.nan
+    flag = (np.arange(40) % 2).astype(float)
+    flag[5] = np.inf
+    with pytest.warns(UserWarning) as record:
+        page = small_page(tmp_path, scores={"s": score, "flag": flag})
+    said = [str(w.message) for w in record]
+    assert any("scores['s']: 2 of 40 values are NaN/Inf" in m for m in said)
+    assert any("scores['flag']: 1 of 40 values are NaN/Inf" in m for m in said)
+    legends = {c["title"]: c["legend"] for c in read_explorer(page)["colourings"]}
+    assert legends["s"]["missing"] == 2
+    assert legends["flag"]["items"][-1] == ["no value (NaN/Inf): 1", "#bbbbbb"]
+
+
+# -- the output file -------------------------------------------------------------------------
+
+def test_output_path_refusals(tmp_path):
+    kernel = synthetic_kernel(n=40, seed=7)
+    kernel.save(tmp_path / "kernel.pt")
+    before = (tmp_path / "kernel.pt").read_bytes()
+    with pytest.raises(ValueError, match="exists and is not an HTML page"):
+        small_page(tmp_path, "kernel.pt")
+    assert (tmp_path / "kernel.pt").read_bytes() == before
+    (tmp_path / "folder.html").mkdir()
+    with pytest.raises(ValueError, match="must be a file path.*existing folder"):
+        small_page(tmp_path, "folder.html")
+    with pytest.raises(ValueError, match="must be inside an existing folder.*does not exist"):
+        small_page(tmp_path, "missing/k.html")
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(ValueError, match="is a regular file"):
+        small_page(tmp_path, "kernel.pt/k.html")
+    with pytest.raises(TypeError, match="path must be a path"):
+        explore(kernel, embedding=np.zeros((40, 2)), path=42)
+    first = small_page(tmp_path, "k.html", title="first")
+    second = small_page(tmp_path, "k.html", title="second")  # an explorer page may be replaced
+    assert first == second and read_explorer(second)["title"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.html", "k.html", "kernel.pt"]
+
+
+def test_a_failed_write_keeps_the_old_page_and_no_temp_file(tmp_path, monkeypatch):
+    page = small_page(tmp_path, "k.html", title="old")
+    before = Path(page).read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        small_page(tmp_path, "k.html", title="new")
+    assert Path(page).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["k.html"]
+
+
+def test_random_state_none_uses_no_global_rng(tmp_path):
+    import subprocess
+    import sys
+
+    code = f"""
+import random, numpy as np, torch, warnings
+warnings.simplefilter("ignore")
+from devinterp_losskernel.explore import explore, read_explorer
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_explore import synthetic_kernel
+kernel = synthetic_kernel(n=30, seed=1)
+states = lambda: (np.random.get_state()[1].tolist(), random.getstate(), torch.get_rng_state().tolist())
+before = states()
+page = explore(kernel, k=3, path={str(tmp_path / "r.html")!r}, random_state=None)
+assert states() == before, "a global RNG was drawn from"
+assert isinstance(read_explorer(page)["random_state"], int)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# -- the browser: hostile strings are text, and the page still starts ------------------------
+
+def test_in_chromium_hostile_strings_show_as_text(browser, tmp_path):
+    page = hostile_page(tmp_path)
+    open_page(browser, page)  # the page starts (a '<!--<script>' in the data used to stop it)
+    assert browser.execute_script("return document.getElementById('lk-title').textContent") == HOSTILE
+    assert browser.execute_script("return LK.data.title") == HOSTILE
+    assert browser.execute_script("return document.title").startswith('<!--<script>x</script><b id="lk-injected">')
+    legend = browser.execute_script("return document.getElementById('lk-legend').textContent")
+    assert HOSTILE + "dog" in legend
+    x, y = browser.execute_script("return LK.screenPoint(4)")
+    mouse(browser, "move", x, y)
+    tips = wait_for(browser, DEEP_QUERY, ".lk-tip")
+    assert tips, "no tooltip"
+    tip_text = browser.execute_script("return arguments[0].textContent", tips[0])
+    assert HOSTILE + "dog" in tip_text and HOSTILE + "4" in tip_text and HOSTILE + "animal" in tip_text
+    mouse(browser, "click", x, y)
+    assert wait_for(browser, "return LK.selected === 4")
+    selected = browser.execute_script("return document.getElementById('lk-selected').textContent")
+    assert HOSTILE + "dog" in selected and HOSTILE + "animal" in selected
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "lk-color")).select_by_value("score0")
+    assert browser.execute_script("return LK.colour") == "score0"
+    options = browser.execute_script("return [...document.querySelectorAll('#lk-color option')].map(o => o.textContent)")
+    assert HOSTILE + "score" in options
+    assert browser.execute_script("return LK.search(arguments[0]).length", HOSTILE + "animal") == 20
+    assert not browser.execute_script(DEEP_QUERY, "#lk-injected"), "a user string became markup"
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+    # one label: no different-label lists, so the checkbox is off (no silent fallback)
+    base = synthetic_kernel(n=40, seed=7)
+    one = LossKernel(covariance=base.covariance, mean=base.mean, variance=base.variance, num_draws=300,
+                     labels=torch.zeros(40, dtype=torch.long))
+    with pytest.warns(UserWarning):
+        page = small_page(tmp_path, "one.html", kernel=one)
+    open_page(browser, page)
+    assert browser.execute_script("return document.getElementById('lk-hide-same').disabled")

@@ -56,7 +56,7 @@ def test_correlation_matrix(kernel, tmp_path):
     np.testing.assert_allclose(fig.axes[0].images[0].get_array(), kernel.covariance.numpy()[np.ix_([3, 1, 2], [3, 1, 2])])
     with pytest.raises(ValueError, match="order must be in \\[0, n=40\\)"):
         plotting.plot_correlation_matrix(kernel, order=[0, 40])
-    with pytest.raises(ValueError, match="labels must have length n=40"):
+    with pytest.raises(ValueError, match="labels must have one entry per probe sample: length 40"):
         plotting.plot_correlation_matrix(kernel, labels=[0, 1])
 
 
@@ -112,8 +112,16 @@ def test_top_k_grid(kernel, tmp_path, shape):
 
 def test_top_k_grid_bad_inputs(kernel):
     images = np.zeros((40, 8, 8))
-    with pytest.raises(ValueError, match="images must be"):
+    with pytest.raises(ValueError, match="images must have 1, 3 or 4 channels"):
         plotting.plot_top_k_grid(np.zeros((40, 5, 8, 8)), [0], [[1, 2]])
+    # the explorer's image rule: an ambiguous layout is refused unless stated, NaN pixels refused
+    with pytest.raises(ValueError, match="ambiguous"):
+        plotting.plot_top_k_grid(np.zeros((40, 3, 8, 3)), [0], [[1, 2]])
+    plotting.plot_top_k_grid(np.zeros((40, 3, 8, 3)), [0], [[1, 2]], image_layout="NHWC")
+    nan_pixel = np.zeros((40, 8, 8))
+    nan_pixel[2, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="images must have finite pixels, got NaN/Inf in image 2"):
+        plotting.plot_top_k_grid(nan_pixel, [0], [[1, 2]])
     with pytest.raises(ValueError, match="neighbour_indices must be an int array \\[q=2, k\\]"):
         plotting.plot_top_k_grid(images, [0, 1], [[1, 2]])
     with pytest.raises(ValueError, match="neighbour_indices must be in \\[0, n=40\\)"):

@@ -188,3 +188,10 @@ def test_a_loss_fn_with_defaults_or_varargs_is_accepted():
     check_loss_fn(lambda model, batch, scale=1.0: None)
     check_loss_fn(lambda *args: None)
     check_loss_fn(lambda m, b: None)
+
+
+def test_a_list_of_batches_is_refused_as_a_probe_but_a_list_of_samples_is_not():
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    with pytest.raises(ValueError, match="list of batches"):
+        ProbeSet([(x[:10], y[:10]), (x[10:], y[10:])])
+    assert ProbeSet([(x[i], y[i]) for i in range(20)], batch_size=7).fingerprint()[0] == 20

@@ -86,3 +86,96 @@ def test_truncated_or_foreign_files_are_refused(tmp_path, rng):
                tmp_path / "forged.pt")
     with pytest.raises(FileIntegrityError, match="no checksum"):
         LossKernel.load(tmp_path / "forged.pt")
+
+
+# -- output paths and atomic writes (validation.py's PATHS section) --------------------------------
+def test_check_output_path_refuses_inputs_wrong_kinds_and_bad_parents(tmp_path):
+    import os
+
+    from devinterp_losskernel.validation import check_output_path
+
+    data = tmp_path / "data.pt"
+    data.write_bytes(b"input")
+    os.symlink(data, tmp_path / "link.pt")
+    for same in (data, str(tmp_path / "." / "data.pt"), tmp_path / "link.pt"):
+        with pytest.raises(ValueError, match=r"out must not be one of the inputs .*which is the input"):
+            check_output_path(same, "out", inputs=[None, data])
+    with pytest.raises(ValueError, match=r"out must be a file path, got .*, which is an existing folder"):
+        check_output_path(tmp_path, "out")
+    with pytest.raises(ValueError, match=r"out must be a folder path, got .*data\.pt', which is an existing file"):
+        check_output_path(data, "out", expect="folder")
+    with pytest.raises(ValueError, match=r"out must be inside a folder, got .*data\.pt/x/k\.pt', but .*data\.pt' "
+                                         r"is a regular file"):
+        check_output_path(data / "x" / "k.pt", "out", make_parents=True)
+    with pytest.raises(ValueError, match=r"out must be inside an existing folder, .*missing' does not exist"):
+        check_output_path(tmp_path / "missing" / "k.pt", "out")
+    with pytest.raises(ValueError, match=r"out must be a file name ending in \.html"):
+        check_output_path(tmp_path / "k.htm", "out", suffix=".html")
+    with pytest.raises(TypeError, match=r"out must be a path \(str or os.PathLike\) to a file, got int"):
+        check_output_path(3, "out")
+    with pytest.raises(ValueError, match="expect must be one of"):
+        check_output_path(tmp_path / "k.pt", "out", expect="dir")
+    assert check_output_path(tmp_path / "a" / "b" / "k.pt", "out", inputs=[data], make_parents=True).parent.is_dir()
+    assert data.read_bytes() == b"input"
+
+
+def test_atomic_write_replaces_whole_files_and_cleans_up_on_failure(tmp_path):
+    from devinterp_losskernel.validation import atomic_write
+
+    target = tmp_path / "out.txt"
+    with atomic_write(target, "w") as handle:
+        handle.write("first")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as handle:
+            handle.write("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    with atomic_write(tmp_path / "x.npy", mode=None) as tmp:  # writers that take a path: the suffix is kept
+        assert tmp.suffix == ".npy" and tmp.parent == tmp_path
+        np.save(tmp, np.arange(3))
+    assert np.load(tmp_path / "x.npy").tolist() == [0, 1, 2]
+    for content in ("a", "b"):  # a folder replaces a folder, whole
+        with atomic_write(tmp_path / "store", folder=True) as folder:
+            (folder / content).write_text(content)
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "store", folder=True) as folder:
+            (folder / "c").write_text("c")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "store", "x.npy"]
+
+
+def test_check_selection_counts_each_index_once():
+    from devinterp_losskernel.validation import check_selection
+
+    assert check_selection([2, 0], 3, "chains") == [2, 0]
+    assert check_selection(np.array([1]), 3, "chains") == [1] == check_selection(torch.tensor([1]), 3, "chains")
+    assert check_selection(slice(1, None), 3, "draws", allow_slice=True) == [1, 2]
+    for bad, error in (([0, 0], ValueError), ([3], ValueError), ([-1], ValueError), ([1.0], TypeError),
+                       ([True], TypeError), ("01", TypeError), (2, TypeError), ([], ValueError),
+                       (slice(0, 3), TypeError), (torch.tensor([0.0]), TypeError)):
+        with pytest.raises(error, match="chains must"):
+            check_selection(bad, 3, "chains", what="chain")
+
+
+# -- checkpoints: their own format version, and a checkpoint_dir that cannot be a folder -----------
+def test_a_checkpoint_of_another_format_version_is_refused(tmp_path):
+    from devinterp_losskernel.estimate import CHECKPOINT_FORMAT, CHECKPOINT_NAME, _Checkpoint
+    from devinterp_losskernel.provenance import FormatVersionError
+
+    for version, match in ((99, r"format version 99, but this devinterp-losskernel .* reads format version 2; "
+                                r".*Upgrade"),
+                           (1, r"format version 1 .*older than this devinterp-losskernel .* reads")):
+        save_verified({"format": CHECKPOINT_FORMAT, "format_version": version, "arguments": {}}, tmp_path / CHECKPOINT_NAME)
+        with pytest.raises(FormatVersionError, match=match):
+            _Checkpoint(tmp_path, None, None, devinterp_major=2)
+
+
+def test_a_checkpoint_dir_below_a_file_is_named(tmp_path):
+    from devinterp_losskernel.estimate import _Checkpoint
+
+    (tmp_path / "file").write_text("x")
+    for directory, match in ((tmp_path / "file", r"checkpoint_dir must be a folder path, got .*which is an existing file"),
+                             (tmp_path / "file" / "sub", r"checkpoint_dir must be inside a folder, .*is a regular file")):
+        with pytest.raises(ValueError, match=match):
+            _Checkpoint(directory, None, None, devinterp_major=2)

@@ -29,6 +29,7 @@ from .analysis import (
 )
 from .accumulator import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
 from .callback import LossKernelCallback
+from .summary import SLTSummary
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
 from .provenance import FileIntegrityError, IdentityMismatchError, KernelIdentity
 from .estimate import estimate_loss_kernel
@@ -90,6 +91,7 @@ __all__ = [
     "KernelMemoryError",
     "LossKernel",
     "LossKernelCallback",
+    "SLTSummary",
     "PAPER_PRESETS",
     "ProbeSet",
     "SGLDSettings",

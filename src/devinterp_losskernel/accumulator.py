@@ -34,7 +34,7 @@ import torch
 
 from . import distributed as _collectives
 from .kernel import LossKernel
-from .provenance import KernelIdentity, new_run_id
+from .provenance import KernelIdentity, check_format_version, new_run_id
 
 __all__ = ["KernelAccumulator", "KernelMemoryError", "Moments", "estimate_kernel_memory",
            "merge_moments", "validate_rows"]
@@ -157,7 +157,7 @@ def validate_rows(rows, num_samples: int) -> torch.Tensor:
             f"rows must be indices in [0, {num_samples}), got values in "
             f"[{int(rows.min())}, {int(rows.max())}]"
         )
-    return rows
+    return rows  # repeated rows are allowed: each is the same query row again, no draw counts twice
 
 
 def _available_bytes(device: torch.device) -> Optional[int]:
@@ -584,6 +584,7 @@ class KernelAccumulator:
         that differs with both values. The run id and sources are taken from ``state``."""
         if not isinstance(state, dict) or "m2" not in state or "count" not in state:
             raise ValueError("state must be a dict from KernelAccumulator.state_dict()")
+        check_format_version(state, "the accumulator state", kind="KernelAccumulator state", current=STATE_VERSION)
         if "identity" in state:
             saved = KernelIdentity.from_dict(state["identity"])
         else:  # a version-1 state: no identity or shift was kept

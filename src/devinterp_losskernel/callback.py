@@ -33,22 +33,24 @@ wasted, or a warning and a record in the kernel):
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .accumulator import KernelAccumulator, validate_rows
+from .chains import ChainGuard, ChainRecord
 from .kernel import LossKernel, as_labels
-from .rng import leaves_rng_untouched
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
-from .progress import progress_bar
 from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, default_loss_kind, evaluate_probe_losses
+from .progress import progress_bar
 from .provenance import argument_differences, checksum, devinterp_version, mismatch_error
+from .rng import leaves_rng_untouched
+from .snapshots import Snapshots
+from .state import DeclaredState, state
 
 __all__ = ["DivergenceGuard", "KernelStorage", "LossKernelCallback", "ProbeOptions", "SnapshotSchedule",
            "devinterp_version"]
@@ -57,29 +59,21 @@ RESULT_PREFIX = "loss_kernel/"
 _HYPERPARAMETER_KEYS = ("lr", "nbeta", "localization", "noise_level", "weight_decay", "temperature")
 
 
-# -- what one run holds: reset as a whole when a new run starts --------------------------------
+# -- what one run holds besides its chains: declared once, reset as a whole ------------------
+def _save_accumulator(accumulator):
+    return None if accumulator is None else accumulator.state_dict()
+
+
 @dataclass
-class _Run:
-    accumulator: Optional[KernelAccumulator] = None
-    init_loss: Optional[torch.Tensor] = None
-    hyperparameters: Dict[str, Any] = field(default_factory=dict)
-    draws_per_chain: Dict[int, int] = field(default_factory=dict)
-    rejected_per_chain: Dict[int, int] = field(default_factory=dict)
-    diverged_chains: List[int] = field(default_factory=list)
-    chain_failures: Dict[int, str] = field(default_factory=dict)
-    held: Dict[int, List[torch.Tensor]] = field(default_factory=dict)  # chain → latest draws, not yet folded
-    delivered: Dict[int, int] = field(default_factory=dict)  # chain → draws the sampler delivered
-    last_draw: Dict[int, int] = field(default_factory=dict)  # chain → last draw index seen
-    first_mean: Dict[int, float] = field(default_factory=dict)
-    drift_warned: set = field(default_factory=set)
-    snapshots: List[Tuple[int, torch.Tensor]] = field(default_factory=list)
-    snapshot_indices: Optional[torch.Tensor] = None
-    last_call: Optional[Tuple[int, Optional[int]]] = None
-    last_model: Any = None  # weakref to the model of the last call
-    ref_model: Any = None  # weakref to devinterp's ref_model of this run
-    finalized: bool = False
-    expected_draws: Optional[int] = None
-    warned_no_draw: bool = False
+class _Run(DeclaredState):
+    accumulator: Optional[KernelAccumulator] = state(None, save=_save_accumulator, load=lambda saved: None)
+    init_loss: Optional[torch.Tensor] = state(None)  # ℓ(x; w*), [n] float64 on the CPU
+    hyperparameters: Dict[str, Any] = state(factory=dict, load=dict)  # the sampler's settings
+    last_call: Optional[Tuple[int, Optional[int]]] = state(None, saved=False)
+    last_model: Any = state(None, saved=False)  # weakref to the model of the last call
+    ref_model: Any = state(None, saved=False)  # weakref to devinterp's ref_model of this run
+    finalized: bool = state(False, saved=False)
+    warned_no_draw: bool = state(False, saved=False)
 
 
 def _prior_hyperparameters(prior) -> Dict[str, float]:
@@ -210,26 +204,28 @@ class LossKernelCallback:
         if self.storage.mode == "diagonal" and self.snapshot_schedule.every is not None:
             raise ValueError("snapshot_every needs covariances, but mode='diagonal' keeps none; "
                              "use mode='full' or mode='combined' with rows=")
-        self._run = _Run(expected_draws=num_draws)
-        self._run.snapshot_indices = self._choose_snapshot_indices()
+        self._snapshots = Snapshots(self.snapshot_schedule, n, self.rows)
+        self._start_run()
         if reference_model is not None:
             self.set_reference(reference_model)  # ℓ(x; w*) now: a bad loss_fn fails before sampling
 
-    # -- the run's state, as attributes ------------------------------------------------------
+
+    # -- the run's state ----------------------------------------------------------------------
+    def _start_run(self) -> None:
+        """A fresh run: its state, its chains, no snapshots (the snapshot samples S stay)."""
+        self._run = _Run()
+        self._guard = ChainGuard(self.divergence, fold=self._fold, reference_loss=self._mean_loss_at_w_star,
+                                 expected_draws=self.num_draws)
+        self._snapshots.reset()
+
     accumulator = property(lambda self: self._run.accumulator)
     init_loss = property(lambda self: self._run.init_loss)
     hyperparameters = property(lambda self: self._run.hyperparameters)
-    draws_per_chain = property(lambda self: self._run.draws_per_chain)
-    rejected_per_chain = property(lambda self: self._run.rejected_per_chain)
-    diverged_chains = property(lambda self: self._run.diverged_chains)
-    chain_failures = property(lambda self: self._run.chain_failures)
-    snapshots = property(lambda self: self._run.snapshots)
-    snapshot_indices = property(lambda self: self._run.snapshot_indices)
-    # the flat names of the groups' fields, for reading
-    dtype = property(lambda self: self.storage.dtype)
-    block_size = property(lambda self: self.storage.block_size)
-    divergence_tolerance = property(lambda self: self.divergence.tolerance)
-    divergence_window = property(lambda self: self.divergence.window)
+    chains = property(lambda self: self._guard.record, doc="The per-chain record (:class:`ChainRecord`).")
+    draws_per_chain = property(lambda self: self._guard.record.draws_per_chain)
+    diverged_chains = property(lambda self: self._guard.record.diverged_chains)
+    snapshots = property(lambda self: self._snapshots.taken, doc="[(draws t, K̂_t[S, S])] taken so far.")
+    snapshot_indices = property(lambda self: self._snapshots.indices, doc="S, the snapshot samples.")
 
     @staticmethod
     def _check_train_mask(mask, n: int):
@@ -267,7 +263,7 @@ class LossKernelCallback:
                     f"num_draws must match the sampler's: LossKernelCallback(num_draws={self.num_draws}), but "
                     f"the sampler takes num_draws={int(num_draws)} draws per chain (leave it out under "
                     "devinterp 1.x: the sampler passes its own)")
-            run.expected_draws = int(num_draws)
+            self._guard.record.expected_draws = int(num_draws)
         if draw is None and not run.warned_no_draw:
             run.warned_no_draw = True
             warnings.warn(
@@ -282,27 +278,12 @@ class LossKernelCallback:
             self.allocate(model)
         elif run.hyperparameters and run.accumulator.identity.sampler is None:
             run.accumulator.identity = run.accumulator.identity.with_known(sampler=run.hyperparameters)
-        self._end_other_chains(chain)
-        run.delivered[chain] = run.delivered.get(chain, 0) + 1
-        if draw is not None:
-            run.last_draw[chain] = draw
-        if chain in run.diverged_chains:
-            self._count_rejected(chain)
-            mean_loss = float("nan")
+        if self._guard.cut_off(chain):
+            losses, mean_loss = None, float("nan")
         else:
             losses = self.probe_losses(model)
-            # One host sync per draw: the float64 mean is finite iff every loss is.
-            mean_loss = float(losses.double().mean())
-            reason = self._divergence(chain, losses, mean_loss)
-            if reason is not None:
-                self._count_rejected(chain)
-                self.mark_diverged(chain, f"draw {draw} {reason}", stacklevel=4)
-            else:
-                self._check_drift(chain, mean_loss)
-                held = run.held.setdefault(chain, [])
-                held.append(losses.detach())
-                while len(held) > self.divergence.window:
-                    self._fold(chain, held.pop(0))
+            mean_loss = float(losses.double().mean())  # one host sync per draw: finite iff every loss is
+        self._guard.deliver(chain, draw, losses, mean_loss, stacklevel=4)
         if self._pbar is not None:
             self._pbar.update(1)
             self._pbar.set_postfix(chain=chain, probe_loss=f"{mean_loss:.4g}", refresh=False)
@@ -319,8 +300,8 @@ class LossKernelCallback:
 
     def _check_same_run(self, model, chain, draw, ref_model, hyperparameters) -> None:
         """Refuse a double registration; start a fresh kernel when a new run begins."""
-        run = self._run
-        if run.accumulator is None and not run.delivered:
+        run, chains = self._run, self._guard.record
+        if run.accumulator is None and not chains.delivered:
             return
         same_model = run.last_model is not None and run.last_model() is model
         if draw is not None and run.last_call == (chain, draw) and same_model:
@@ -335,11 +316,11 @@ class LossKernelCallback:
             reason = "the sampler's ref_model (w*) is another model than the previous run's"
         elif hyperparameters and run.hyperparameters and hyperparameters != run.hyperparameters:
             reason = f"the SGLD settings changed from {run.hyperparameters} to {hyperparameters}"
-        elif draw is not None and chain in run.last_draw and draw <= run.last_draw[chain]:
+        elif draw is not None and chain in chains.last_draw and draw <= chains.last_draw[chain]:
             # ambiguous: a rerun of the sampling, or several chains all numbered `chain`
             raise ValueError(
                 f"LossKernelCallback: chain {chain} started again at draw {draw} (it was at draw "
-                f"{run.last_draw[chain]}). If this is another chain of the same run, number the chains "
+                f"{chains.last_draw[chain]}). If this is another chain of the same run, number the chains "
                 "(sample_single_chain(..., chain=i)); if it is a new run, call callback.finalize() at the "
                 "end of each run (a new run then starts a fresh kernel) or callback.reset() before it.")
         if reason is None:
@@ -350,18 +331,14 @@ class LossKernelCallback:
             f"it; the previous run's kernel ({previous} draws) is replaced, not mixed in. To keep both, "
             "save callback.kernel after each run or use one callback per run.",
             RuntimeWarning, stacklevel=4)
-        self._reset()
+        self._start_run()
 
     def reset(self) -> None:
         """Forget the current run (its draws, losses at w*, settings) and start a fresh kernel."""
-        self._reset()
-
-    def _reset(self) -> None:
-        indices = self._run.snapshot_indices
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
-        self._run = _Run(expected_draws=self.num_draws, snapshot_indices=indices)
+        self._start_run()
         if self.reference_model is not None:
             self.set_reference(self.reference_model)  # w* may have changed since
 
@@ -369,61 +346,22 @@ class LossKernelCallback:
         """The chain ended without diverging: fold in its held-back draws (all chains' when
         ``chain`` is None). Called for you when another chain's draws arrive, by
         :meth:`finalize` and by reading :attr:`kernel`."""
-        for c in ([chain] if chain is not None else list(self._run.held)):
-            for losses in self._run.held.pop(c, []):
-                self._fold(c, losses)
+        self._guard.end_chain(chain)
 
     def mark_diverged(self, chain: int, reason: str = "diverged", *, stacklevel: int = 2) -> None:
-        """Leave chain ``chain`` out from here on: its held-back draws are dropped and its
-        later draws rejected (all counted in ``rejected_per_chain``); recorded in
-        ``diverged_chains`` and ``chain_failures``; warns once.
+        """Leave chain ``chain`` out from here on (see :meth:`ChainGuard.mark_diverged`).
         :func:`~devinterp_losskernel.estimate_loss_kernel` calls this when devinterp stops a
         chain on a NaN minibatch loss; in your own loop over devinterp's samplers, call it when
         you catch that error and go on with the next chain (or pass ``num_draws=`` so that a
         short chain is caught for you)."""
-        run = self._run
-        dropped = len(run.held.pop(chain, []))
-        if dropped:
-            self._count_rejected(chain, dropped)
-        if chain in run.diverged_chains:
-            return
-        run.diverged_chains.append(chain)
-        run.chain_failures[chain] = reason
-        warnings.warn(
-            f"chain {chain}: {reason}; the chain has diverged. The {dropped} draws held back "
-            f"before it (divergence_window={self.divergence.window}) and all later draws of the "
-            f"chain are left out of the kernel; its {run.draws_per_chain.get(chain, 0)} earlier "
-            "draws are kept. Lower lr or raise localization. Kept/rejected draws per chain are in "
-            "kernel.draws_per_chain / kernel.rejected_per_chain.",
-            RuntimeWarning, stacklevel=stacklevel,
-        )
-
-    def _aborted(self, chain: int) -> Optional[str]:
-        """Why ``chain`` looks aborted by the sampler (fewer draws than expected), or None."""
-        expected = self._run.expected_draws
-        delivered = self._run.delivered.get(chain, 0)
-        if expected is None or chain in self._run.diverged_chains or delivered >= expected:
-            return None
-        return f"the sampler stopped it after {delivered} of num_draws={expected} draws"
-
-    def _end_other_chains(self, chain: int) -> None:
-        """A draw of another chain ends the chains that are complete (their held draws are
-        folded). One that has not delivered its ``num_draws`` keeps its held draws: it was
-        either aborted (then :meth:`finalize` leaves them out) or runs interleaved."""
-        for other in [c for c in self._run.held if c != chain and c not in self._run.diverged_chains]:
-            if self._aborted(other) is None:
-                self.end_chain(other)
+        self._guard.mark_diverged(chain, reason, stacklevel=stacklevel + 1)
 
     @leaves_rng_untouched
     def finalize(self, *args, **kwargs) -> None:
         """Fold in held-back and buffered draws (devinterp 1.x calls this once after all
         chains); a chain with fewer than ``num_draws`` draws is recorded as failed. Draws that
         arrive after this belong to a new run."""
-        for chain in list(self._run.delivered):
-            reason = self._aborted(chain)
-            if reason is not None:
-                self.mark_diverged(chain, reason, stacklevel=3)
-        self.end_chain()
+        self._guard.finish(stacklevel=4)
         if self._run.accumulator is not None:
             self._run.accumulator.flush()
             self._run.finalized = True
@@ -433,7 +371,8 @@ class LossKernelCallback:
 
     @leaves_rng_untouched
     def get_results(self) -> Dict[str, Any]:
-        """devinterp 1.x dialect: numpy arrays and numbers under ``loss_kernel/``. If the kernel
+        """devinterp 1.x dialect: numpy arrays and numbers under ``loss_kernel/`` (the SLT numbers
+        beside them come from :class:`~devinterp_losskernel.summary.SLTSummary`). If the kernel
         cannot be computed, ``loss_kernel/error`` says why (and a warning repeats it), so that
         devinterp's own results (the LLC) in the same dict are never lost to it."""
         try:
@@ -452,9 +391,6 @@ class LossKernelCallback:
             })
             if kernel.init_loss is not None:
                 results["init_loss"] = kernel.init_loss.numpy()
-            results.update(self.slt_summary(kernel))
-            if self.snapshots:
-                results["cka_convergence"] = self.cka_convergence()
         except Exception as error:  # report beside devinterp's results instead of losing them
             message = f"{type(error).__name__}: {error}"
             warnings.warn(f"LossKernelCallback: no loss kernel for this run: {message}", RuntimeWarning,
@@ -462,109 +398,42 @@ class LossKernelCallback:
             return {RESULT_PREFIX + "error": message}
         return {RESULT_PREFIX + key: value for key, value in results.items()}
 
-    def slt_summary(self, kernel: Optional[LossKernel] = None) -> Dict[str, float]:
-        """The SLT numbers of this run that sit beside devinterp's LLC: the paired probe LLC
-        nβ(E_w[L̄_probe] − L̄_probe(w*)) and the singular fluctuation ν = βV/2, where known."""
-        from .analysis import probe_llc, singular_fluctuation
-
-        kernel = kernel if kernel is not None else self.kernel
-        nbeta = self.hyperparameters.get("nbeta")
-        summary: Dict[str, float] = {}
-        if nbeta is None:
-            return summary
-        if kernel.init_loss is not None:
-            summary["probe_llc"] = probe_llc(kernel, nbeta=nbeta)
-        mask = self.probe_train_mask
-        if self.num_train is not None and mask is not False and (mask is None or bool(torch.as_tensor(mask).any())):
-            fluctuation = singular_fluctuation(kernel, nbeta=nbeta, num_train=self.num_train, train_mask=mask)
-            summary["singular_fluctuation"] = fluctuation.nu
-            summary["empirical_variance"] = fluctuation.V
-            summary["singular_fluctuation_method"] = fluctuation.method  # "exact" or "extrapolated"
-        return summary
-
     @property
     def kernel(self) -> LossKernel:
         """The loss kernel of all draws so far (works whether or not finalize() was called).
         Held-back draws of a chain that has not yet delivered its ``num_draws`` stay held
         (out of this kernel; listed in ``metadata["incomplete_chains"]``) until it does."""
-        run = self._run
+        run, chains = self._run, self._guard.record
         if run.accumulator is None:
             raise ValueError("no draws yet: the callback has not been called by a sampler")
-        incomplete = {c: f"{run.delivered.get(c, 0)} of {run.expected_draws} draws"
-                      for c in run.held if self._aborted(c) is not None}
-        for chain in [c for c in run.held if c not in incomplete]:
-            self.end_chain(chain)
-        if run.accumulator.count < 2 and run.rejected_per_chain:
-            reasons = "; ".join(f"chain {c}: {r}" for c, r in run.chain_failures.items())
+        incomplete = self._guard.release_complete()
+        if run.accumulator.count < 2 and chains.rejected_per_chain:
+            reasons = "; ".join(f"chain {c}: {r}" for c, r in chains.chain_failures.items())
             raise ValueError(
-                f"only {run.accumulator.count} draws were kept: chains {run.diverged_chains} "
-                f"diverged (rejected draws per chain: {dict(run.rejected_per_chain)}), and a "
+                f"only {run.accumulator.count} draws were kept: chains {chains.diverged_chains} "
+                f"diverged (rejected draws per chain: {dict(chains.rejected_per_chain)}), and a "
                 f"covariance needs at least 2 ({reasons}). Lower lr or raise localization; if every "
                 "chain failed at its first draw, check the probe inputs and loss_fn for NaN/Inf."
             )
         metadata = {
             "devinterp_version": devinterp_version(),
             "sampler": dict(run.hyperparameters),
-            "num_chains": len(run.draws_per_chain),
+            "num_chains": len(chains.draws_per_chain),
             "settings": {"num_train": self.num_train},
             "arguments": self.arguments(),
-            "diverged_chains": list(run.diverged_chains),
-            "chain_failures": dict(run.chain_failures),
+            "diverged_chains": list(chains.diverged_chains),
+            "chain_failures": dict(chains.chain_failures),
             **({"incomplete_chains": incomplete} if incomplete else {}),
             **self.extra_metadata,
         }
         return run.accumulator.compute(
             init_loss=run.init_loss,
-            draws_per_chain=dict(run.draws_per_chain),
-            rejected_per_chain=dict(run.rejected_per_chain),
+            draws_per_chain=dict(chains.draws_per_chain),
+            rejected_per_chain=dict(chains.rejected_per_chain),
             sample_ids=self.sample_ids,
             labels=self.labels,
             metadata=metadata,
         )
-
-    def cka_convergence(self, use: str = "covariance") -> List[Tuple[int, float]]:
-        """[(t, CKA(K̂_t, K̂))] over the snapshots, on the snapshot samples (paper, Fig. 6A);
-        ``use="correlation"`` compares R̂ instead. Plot with
-        :func:`~devinterp_losskernel.plotting.plot_cka_convergence`."""
-        from .analysis import cka_convergence
-
-        self.end_chain()
-        if not self.snapshots:
-            raise ValueError("no snapshots: pass snapshot_every= to LossKernelCallback "
-                             "(and sample at least that many draws)")
-        final = self.accumulator.covariance_block(self.snapshot_indices).cpu()
-        return cka_convergence(self.snapshots, final, use=use)
-
-    def _maybe_snapshot(self) -> None:
-        schedule = self.snapshot_schedule.every
-        if schedule is None:
-            return
-        count = self.accumulator.count
-        every, at = schedule
-        if count >= 2 and ((every is not None and count % every == 0) or (at is not None and count in at)):
-            block = self.accumulator.covariance_block(self.snapshot_indices)
-            self._run.snapshots.append((int(count), block.to("cpu", copy=True)))
-
-    def _choose_snapshot_indices(self) -> Optional[torch.Tensor]:
-        """The fixed sample subset S the snapshots keep (sorted indices), or None."""
-        if self.snapshot_schedule.every is None:
-            return None
-        choice = self.snapshot_schedule.rows
-        pool = (torch.arange(self._num_samples) if self.rows is None else self.rows.unique())
-        if choice is None:
-            return pool
-        if isinstance(choice, int):
-            if choice >= len(pool):
-                return pool
-            generator = torch.Generator().manual_seed(int(self.snapshot_schedule.seed))
-            return pool[torch.randperm(len(pool), generator=generator)[:choice]].sort().values
-        indices = torch.as_tensor(choice, dtype=torch.long).flatten()
-        if indices.min() < 0 or indices.max() >= self._num_samples:
-            raise ValueError(f"snapshot_rows must be sample indices in [0, {self._num_samples}), got "
-                             f"values in [{int(indices.min())}, {int(indices.max())}]")
-        if self.rows is not None and not bool(torch.isin(indices, pool).all()):
-            raise ValueError("snapshot_rows must be among rows= in rectangular mode")
-        return indices
 
     # -- the work ---------------------------------------------------------------------------
     @leaves_rng_untouched
@@ -633,68 +502,20 @@ class LossKernelCallback:
         self._run.init_loss = losses.detach().to("cpu", torch.float64)
         return self._run.init_loss
 
-    def _fold(self, chain: int, losses: torch.Tensor) -> None:
-        self.accumulator.update(losses, check_finite=False)
-        self._run.draws_per_chain[chain] = self._run.draws_per_chain.get(chain, 0) + 1
-        self._maybe_snapshot()
+    def _fold(self, losses: torch.Tensor) -> None:
+        self._run.accumulator.update(losses, check_finite=False)
+        self._snapshots.maybe_take(self._run.accumulator)
 
-    def _count_rejected(self, chain: int, draws: int = 1) -> None:
-        self._run.rejected_per_chain[chain] = self._run.rejected_per_chain.get(chain, 0) + draws
-
-    def _reference(self, chain: int, current: float) -> Tuple[float, str]:
-        """The mean probe loss a chain is compared with: at w* if known, else its first draw."""
-        if self.init_loss is not None:
-            return float(self.init_loss.mean()), "the probe loss at w*"
-        return self._run.first_mean.setdefault(chain, current), "the chain's first draw"
-
-    def _divergence(self, chain: int, losses: torch.Tensor, mean_loss: float) -> Optional[str]:
-        """Why this draw shows the chain has diverged, or None."""
-        if not math.isfinite(mean_loss):
-            return f"has {int((~torch.isfinite(losses)).sum())} non-finite probe losses (NaN/Inf)"
-        tolerance = self.divergence.tolerance
-        if tolerance is None:
-            return None
-        reference, source = self._reference(chain, mean_loss)
-        if mean_loss - reference > tolerance * (1.0 + abs(reference)):
-            return (f"has mean probe loss {mean_loss:.4g}, more than divergence_tolerance="
-                    f"{tolerance:g} × (1 + |{reference:.4g}|) above {source}")
-        return None
-
-    def _check_drift(self, chain: int, current: float) -> None:
-        if chain in self._run.drift_warned:
-            return
-        reference, source = self._reference(chain, current)
-        if current - reference > self.divergence.drift_tolerance * (1.0 + abs(reference)):
-            self._run.drift_warned.add(chain)
-            warnings.warn(
-                f"chain {chain}: mean probe loss {current:.4g} has drifted far above {source} "
-                f"({reference:.4g}); the chain may have left the basin of w*. Consider a smaller "
-                "lr, larger localization or larger nbeta.",
-                RuntimeWarning, stacklevel=3,
-            )
+    def _mean_loss_at_w_star(self) -> Optional[float]:
+        return None if self._run.init_loss is None else float(self._run.init_loss.mean())
 
     # -- state, for checkpoints ---------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything the callback holds about its run, as copies: the accumulator's state,
-        the draws still held back, the losses at w*, the SGLD settings, per-chain bookkeeping,
+        """Everything the callback holds about its run, as copies — derived from the declared
+        state of the run (:class:`_Run`) and of its chains (:class:`ChainRecord`), plus the
         snapshots — and :meth:`arguments`, which :meth:`load_state_dict` checks."""
-        run = self._run
-        return {
-            "arguments": self.arguments(),
-            "accumulator": None if run.accumulator is None else run.accumulator.state_dict(),
-            "held": {int(c): torch.stack(v).cpu() for c, v in run.held.items() if v},
-            "init_loss": None if run.init_loss is None else run.init_loss.clone(),
-            "hyperparameters": dict(run.hyperparameters),
-            "draws_per_chain": dict(run.draws_per_chain),
-            "rejected_per_chain": dict(run.rejected_per_chain),
-            "diverged_chains": list(run.diverged_chains),
-            "chain_failures": dict(run.chain_failures),
-            "delivered": dict(run.delivered),
-            "last_draw": dict(run.last_draw),
-            "expected_draws": run.expected_draws,
-            "snapshots": [(int(t), b.clone()) for t, b in run.snapshots],
-            "num_train": self.num_train,
-        }
+        return {"arguments": self.arguments(), **self._run.state_dict(), **self._guard.record.state_dict(),
+                "snapshots": self._snapshots.state_dict(), "num_train": self.num_train}
 
     def load_state_dict(self, state: Dict[str, Any], model: Optional[nn.Module] = None) -> None:
         """Restore a :meth:`state_dict`. Its ``arguments`` must equal this callback's (the same
@@ -705,26 +526,23 @@ class LossKernelCallback:
         if diffs:
             raise mismatch_error("load_state_dict: the state was made with other arguments", diffs,
                                  mine="saved", theirs="now")
-        run = _Run(expected_draws=state.get("expected_draws"), snapshot_indices=self._run.snapshot_indices)
-        run.init_loss = state["init_loss"]
-        run.hyperparameters = dict(state["hyperparameters"])
-        for name in ("draws_per_chain", "rejected_per_chain", "chain_failures", "delivered", "last_draw"):
-            setattr(run, name, {int(c): v for c, v in state.get(name, {}).items()})
-        run.diverged_chains = list(state["diverged_chains"])
-        run.snapshots = [(int(t), b) for t, b in state.get("snapshots", [])]
-        self._run = run
+        self._start_run()
+        self._run = _Run.from_state_dict(state)
+        self._guard.record = ChainRecord.from_state_dict(state)
+        self._snapshots.load_state_dict(state.get("snapshots", []))
         if state["accumulator"] is not None:
             if model is None and self.storage.device is None:
                 device = state["accumulator"]["m2"].device
             else:
                 device = self.storage.device if self.storage.device is not None else _model_device(model)
-            run.accumulator = KernelAccumulator(
+            self._run.accumulator = KernelAccumulator(
                 self._num_samples, device=device, dtype=self.storage.dtype, block_size=self.storage.block_size,
                 rows=self.rows, mode=self.storage.mode, probe=self.probe_fingerprint,
-                sampler=run.hyperparameters or None)
-            run.accumulator.load_state_dict(state["accumulator"])
-            run.held = {int(c): [row.to(run.accumulator.device) for row in block]
-                        for c, block in state.get("held", {}).items()}
+                sampler=self._run.hyperparameters or None)
+            self._run.accumulator.load_state_dict(state["accumulator"])
+            held = self._guard.record.held
+            for chain in held:
+                held[chain] = [row.to(self._run.accumulator.device) for row in held[chain]]
         if self.num_train is None:
             self.num_train = state.get("num_train")
 

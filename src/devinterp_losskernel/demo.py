@@ -25,9 +25,7 @@ from .presets import SGLDSettings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .tasks._metrics import accuracy
 from .rng import leaves_rng_untouched
-from .tasks.memorization import relabel
 
 
 @dataclass
@@ -63,6 +61,28 @@ class DemoConfig:
         return SGLDSettings.from_config(self)
 
 
+def flip_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: int):
+    """Relabel ``round(fraction · n)`` samples, chosen without replacement, each to a class
+    drawn uniformly from the other ``num_classes − 1``: (noisy labels int64 [n], flipped bool [n]).
+    (The memorization tutorial's ``relabel``, same draws, kept here so the library needs no
+    tutorial code.)"""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    flipped = np.zeros(n, dtype=bool)
+    flipped[rng.choice(n, int(round(fraction * n)), replace=False)] = True
+    noisy = np.asarray(labels).astype(np.int64).copy()
+    noisy[flipped] = (noisy[flipped] + rng.integers(1, num_classes, int(flipped.sum()))) % num_classes
+    return noisy, flipped
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``x`` against integer labels ``y`` (one batch, on the CPU)."""
+    return int((model(x).argmax(-1) == y).sum()) / max(1, len(y))
+
+
 def digits_with_flipped_labels(cfg: DemoConfig):
     """Standardised digits [N, 64], true labels, training labels with ``flip_fraction`` flipped."""
     from sklearn.datasets import load_digits
@@ -72,7 +92,7 @@ def digits_with_flipped_labels(cfg: DemoConfig):
     order = rng.permutation(len(x))[: cfg.num_train]
     x = (x[order] - x.mean()) / x.std()
     y = y[order]
-    noisy, flipped = relabel(y, cfg.flip_fraction, num_classes=10, seed=cfg.seed + 1)
+    noisy, flipped = flip_labels(y, cfg.flip_fraction, num_classes=10, seed=cfg.seed + 1)
     return (torch.tensor(x, dtype=torch.float32), torch.tensor(y), torch.tensor(noisy),
             torch.tensor(flipped))
 
@@ -112,12 +132,8 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
     probe_index = torch.argsort(y_train[: cfg.num_probe], stable=True)
     probe = (x[probe_index], y_train[probe_index])
     loader = DataLoader(TensorDataset(x, y_train), batch_size=cfg.batch_size, shuffle=True)
-    kernel = estimate_loss_kernel(
-        model, loader, probe, num_chains=cfg.num_chains, num_draws=cfg.num_draws,
-        num_burnin_steps=cfg.num_burnin_steps, lr=cfg.lr, nbeta=cfg.nbeta,
-        localization=cfg.localization, seed=cfg.seed, verbose=verbose,
-        sample_ids=probe_index.tolist(), labels=probe[1],
-    )
+    kernel = estimate_loss_kernel(model, loader, probe, cfg.sgld, verbose=verbose,
+                                  sample_ids=probe_index.tolist(), labels=probe[1])
     sampled_at = time.perf_counter()
 
     is_flipped = flipped[probe_index].numpy()

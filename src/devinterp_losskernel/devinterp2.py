@@ -28,6 +28,7 @@ observable passes consume random numbers, so its chains, and its LLC, differ fro
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from pathlib import Path
 from collections.abc import Mapping
@@ -37,7 +38,9 @@ import numpy as np
 import torch
 
 from .callback import LossKernelCallback
+from .validation import check_selection
 from .float32_mean import StreamingFloat32Mean
+from .summary import slt_summary
 from .progress import devinterp_bars
 
 __all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset"]
@@ -141,6 +144,136 @@ def _per_sequence_loss(per_token):
     return loss_fn
 
 
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise (TypeError if not isinstance(value, numbers.Number) or isinstance(value, bool) else ValueError)(
+            f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_llc_arguments(model, observables, observable, param_masks, callback_kwargs, device, batch_size,
+                         batches_per_draw) -> None:
+    """llc()'s arguments of the wrong type or naming what is not there, refused by name before
+    any forward pass (devinterp would fail later with a bare StopIteration, KeyError or a
+    multiplication of a sequence by a float)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a language model), got {type(model).__name__}")
+    _positive_int(batch_size, "batch_size")
+    _positive_int(batches_per_draw, "batches_per_draw")
+    if not isinstance(observables, Mapping) or not observables:
+        raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
+                         f"the kernel's probe is one of them; got {type(observables).__name__}")
+    for key, spec in observables.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"observables must be keyed by names (non-empty str), got the key {key!r}")
+        if isinstance(spec, tuple):
+            if len(spec) != 2:
+                raise ValueError(f"observables[{key!r}] must be a dataset or a (dataset, batches_per_draw) pair, "
+                                 f"got a tuple of length {len(spec)}")
+            _positive_int(spec[1], f"observables[{key!r}][1] (batches_per_draw)")
+        elif isinstance(spec, Mapping):
+            raise TypeError(f"observables[{key!r}] must be a dataset of {{'input_ids': …}} items (or a "
+                            "(dataset, batches_per_draw) pair), got a mapping; for a tensor `ids` of token ids use "
+                            "[{'input_ids': row} for row in ids]")
+    if observable is not None and not isinstance(observable, str):
+        raise TypeError(f"observable must be the name (a str) of one of the observables {sorted(observables)}, "
+                        f"got {observable!r}")
+    if param_masks is not None:
+        if not isinstance(param_masks, Mapping):
+            raise TypeError(f"param_masks must be a dict {{parameter name: mask or None}}, got "
+                            f"{type(param_masks).__name__}")
+        names = {n for n, _ in model.named_parameters()}
+        unknown = sorted(set(param_masks) - names)
+        if unknown:
+            raise ValueError(f"param_masks names parameters the model does not have: {unknown[:10]}; its "
+                             f"parameters are {sorted(names)[:10]}{' …' if len(names) > 10 else ''}")
+    if callback_kwargs is not None:
+        if not isinstance(callback_kwargs, Mapping):
+            raise TypeError(f"callback_kwargs must be a dict of LossKernelCallback arguments, got "
+                            f"{type(callback_kwargs).__name__}")
+        ours = sorted({"probe", "loss_fn", "reference_model"} & set(callback_kwargs))
+        if ours:
+            raise ValueError(f"callback_kwargs must not set {ours}: llc() sets them (the probe is the observable, "
+                             "the loss devinterp's per-token loss)")
+        import inspect
+
+        from .options import _FLAT_ARGUMENTS
+
+        accepted = {p.name for p in inspect.signature(LossKernelCallback.__init__).parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} | set(_FLAT_ARGUMENTS)
+        unknown = sorted(set(callback_kwargs) - accepted)
+        if unknown:
+            raise TypeError(f"callback_kwargs has arguments LossKernelCallback does not take: {unknown}; it takes "
+                            f"{sorted(accepted - {'self', 'probe', 'loss_fn', 'reference_model'})}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
+def _item_length(dataset, index: int, name: str) -> int:
+    ids = dataset[index]["input_ids"] if isinstance(dataset[index], Mapping) else None
+    if ids is None:
+        raise TypeError(f"{name}[{index}] is not a mapping with 'input_ids'")
+    return len(ids)
+
+
+def _check_llc_sizes(dataset, obs_dataset, name: str, batch_size: int, per_draw: int, callback_kwargs) -> None:
+    """The sizes devinterp would trip over: a training batch larger than the dataset (its
+    drop_last loader yields nothing: a bare StopIteration), an observable smaller than the
+    batch_size × batches_per_draw sequences devinterp's Observable takes (an AssertionError),
+    sequences of another length than the training data's (a shape error mid-run), and
+    ``callback_kwargs['rows']`` outside the probe or repeated."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than dataset ({len(dataset)} items): devinterp's loader "
+                         "drops the last incomplete batch, so not one batch would be drawn; pass batch_size ≤ "
+                         f"{len(dataset)}")
+    wanted = batch_size * per_draw
+    if len(obs_dataset) < wanted:
+        raise ValueError(f"observables[{name!r}] has {len(obs_dataset)} sequences, but devinterp's Observable takes "
+                         f"batch_size × batches_per_draw = {batch_size} × {per_draw} = {wanted} of them; pass "
+                         f"(dataset, batches_per_draw) with batches_per_draw ≤ {len(obs_dataset) // batch_size}, a "
+                         "smaller batch_size, or a larger observable")
+    length = _item_length(dataset, 0, "dataset")
+    for label, data in (("dataset", dataset), (f"observables[{name!r}]", obs_dataset)):
+        for i in range(min(len(data), 256)):  # the first items: cheap, and where a mixed dataset shows
+            if _item_length(data, i, label) != length:
+                raise ValueError(f"{label}[{i}]['input_ids'] has length {_item_length(data, i, label)}, but "
+                                 f"dataset[0]'s has {length}: devinterp batches sequences of one length (the "
+                                 "training data's context length + 1)")
+    rows = (callback_kwargs or {}).get("rows")
+    if rows is not None:
+        check_selection(rows, wanted, "callback_kwargs['rows']", what="probe sequence")
+
+
+def _probe_use(observables, name: str, given: int, used: int, batch_size: int, per_draw: int, obs_seed: int):
+    """What of the asked-for observables the kernel leaves out, said in a warning and returned
+    as (kernel metadata, dataset attributes): devinterp's Observable keeps batch_size ×
+    batches_per_draw sequences of the probe (a fixed random subset, seeded by obs_seed), and
+    llc() evaluates the probe observable only."""
+    dropped, lines = {}, []
+    if used < given:
+        why = (f"devinterp's Observable evaluates batch_size × batches_per_draw = {batch_size} × {per_draw} = {used} "
+               f"of the {given} sequences of observables[{name!r}] (a fixed random subset, obs_seed={obs_seed}); "
+               f"pass observables={{{name!r}: (dataset, {max(1, given // batch_size)})}} to use "
+               f"{batch_size * max(1, given // batch_size)}")
+        dropped["probe_samples"] = {"count": given - used, "why": why}
+        lines.append(f"the kernel is {used} × {used}, over {used} of the {given} probe sequences: {why}")
+    others = [key for key in observables if key != name]
+    if others:
+        why = f"llc() evaluates only the probe observable {name!r} (the others do not enter the LLC)"
+        dropped["observables"] = {"names": others, "why": why}
+        lines.append(f"observables {others} are not evaluated: {why}")
+    if lines:
+        warnings.warn("devinterp_losskernel.llc: " + "; ".join(lines) + " (recorded in metadata['dropped'] and "
+                      "the dataset's attrs)", UserWarning, stacklevel=3)
+    metadata = {"probe_samples_used": used, "probe_samples_given": given, "dropped": dropped}
+    attrs = {"probe_samples_used": used, "probe_samples_given": given,
+             "dropped": "; ".join(lines) if lines else "nothing"}
+    return metadata, attrs
+
+
 def llc(
     model: torch.nn.Module,
     dataset,
@@ -216,6 +349,8 @@ def llc(
     if save_metrics:
         raise ValueError("save_metrics=True is not supported by devinterp_losskernel.llc; use "
                          "devinterp.slt.sampling.sample(..., save_metrics=True)")
+    _check_llc_arguments(model, observables, observable, param_masks, callback_kwargs, device, batch_size,
+                         batches_per_draw)
     if not isinstance(observables, dict) or not observables:
         raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
                          "the kernel's probe is one of them")
@@ -233,6 +368,8 @@ def llc(
     context_length = len(dataset[0]["input_ids"]) - 1
     if context_length < 1:
         raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
+    _check_llc_sizes(dataset, probe_spec[0] if isinstance(probe_spec, tuple) else probe_spec, name, batch_size,
+                     probe_spec[1] if isinstance(probe_spec, tuple) else batches_per_draw, callback_kwargs)
 
     sampling_method_kwargs = dict(sampling_method_kwargs or {})
     for key, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
@@ -267,6 +404,8 @@ def llc(
     obs = Observable(dataset=obs_dataset, task_name=name, batches_per_draw=per_draw, batch_size=batch_size,
                      context_length=context_length, device=torch.device(device), seed=obs_seed, loss_fn=loss_fn)
     per_token = loss_fn if loss_fn is not None else compute_per_token_loss
+    used_metadata, used_attrs = _probe_use(observables, name, len(obs_dataset), obs.n_samples, batch_size, per_draw,
+                                           obs_seed)
 
     init_loss = _init_loss(config, model, dataset, device, per_token)  # [chain, token_pos] float32
 
@@ -323,7 +462,7 @@ def llc(
                       f"alone (attrs['loss_kernel_error']): {kernel_error}", RuntimeWarning, stacklevel=2)
     else:
         kernel_error = None
-        kernel.metadata.update(callback.slt_summary(kernel))
+        kernel.metadata.update(slt_summary(callback, kernel))
 
     # devinterp's compute_llc, on the same float32 numbers
     init_loss_mean = float(init_loss.mean())
@@ -338,11 +477,13 @@ def llc(
                          "init_loss": init_loss_mean})
         ds.attrs.update({"observable": name, "n_beta": float(n_beta), "loss_kernel_error": kernel_error,
                          "diverged_chains": [int(c) for c in callback.diverged_chains]})
+        ds.attrs.update(used_attrs)
         return (ds, None) if return_kernel else ds
     kernel.metadata.update({"llc/mean": float(llc_per_chain.mean()), "llc/std": float(llc_per_chain.std()),
                             "llc/per_chain": [float(v) for v in llc_per_chain.values],
                             "llc/init_loss": init_loss_mean, "observable": name,
                             "sampler_config": config.model_dump()})
+    kernel.metadata.update(used_metadata)
     k = kernel.cpu()
     per_sample = k.to_xarray()  # the kernel's own dialect: per-sample variables on dim "sample"
     per_sample = per_sample.drop_vars([v for v in ("draws_per_chain", "chain") if v in per_sample.variables])
@@ -370,6 +511,7 @@ def llc(
         ds.singular_fluctuation.attrs["method"] = str(kernel.metadata.get("singular_fluctuation_method", ""))
     ds.attrs.update({"observable": name, "n_beta": float(n_beta),
                      "diverged_chains": [int(c) for c in kernel.metadata.get("diverged_chains", [])]})
+    ds.attrs.update(used_attrs)
     return (ds, kernel) if return_kernel else ds
 
 

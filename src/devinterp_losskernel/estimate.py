@@ -19,7 +19,7 @@ import copy
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -33,8 +33,10 @@ from .kernel import LossKernel
 from .presets import SGLDSettings
 from .progress import devinterp_bars
 from .rng import leaves_rng_untouched
+from .summary import slt_summary, snapshot_convergence
 from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
 from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
+from .validation import check_output_path
 
 __all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
 
@@ -70,18 +72,11 @@ def estimate_loss_kernel(
     model: nn.Module,
     loader: DataLoader,
     probe,
+    sgld: Optional[SGLDSettings] = None,
     *,
-    num_chains: int,
-    num_draws: int,
-    num_burnin_steps: int,
-    lr: float,
-    nbeta: float,
-    localization: float,
-    num_steps_bw_draws: int = 1,
     loss_fn: Optional[LossFn] = None,
     evaluate: Optional[Callable] = None,
     device: Union[str, torch.device, None] = None,
-    seed: Optional[int] = None,
     probe_batch_size: int = 512,
     sample_ids: Optional[Sequence] = None,
     labels: Optional[Sequence] = None,
@@ -92,6 +87,7 @@ def estimate_loss_kernel(
     callback_kwargs: Optional[Dict[str, Any]] = None,
     mode: str = "full",
     sampling_method=None,
+    **sgld_settings,
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
 
@@ -99,17 +95,19 @@ def estimate_loss_kernel(
         model: the trained network at w*. It is not modified (the run works on a copy).
         loader: training data for the SGLD gradient (its batch size is the paper's m).
         probe: the n probe samples (DataLoader without shuffling, Dataset, tensors, dict).
-        num_chains, num_draws, num_burnin_steps: C, T (per chain), b.
-        lr, nbeta, localization: ε, nβ, γ of devinterp's SGLD. See
-            :data:`~devinterp_losskernel.presets.PAPER_PRESETS` for the paper's values, e.g.
-            ``estimate_loss_kernel(m, loader, probe, **preset("inception_imagenet").sampler_kwargs())``.
+        sgld: the :class:`~devinterp_losskernel.presets.SGLDSettings` of the run — C
+            (``num_chains``), T (``num_draws`` per chain), b (``num_burnin_steps``), ε (``lr``),
+            nβ (``nbeta``), γ (``localization``), ``num_steps_bw_draws`` and ``seed`` — e.g.
+            ``preset("inception_imagenet").scaled(num_draws=100)``. Or pass those settings by
+            name instead (``num_chains=4, num_draws=200, …``): they go into the same record,
+            which validates them and is saved with the kernel.
         loss_fn: per-sample loss ``(model, batch) -> Tensor[batch_size]`` for the probe; by
             default cross-entropy / per-sequence LM loss.
         evaluate: devinterp ``evaluate(model, batch)`` for the SGLD minibatch loss; by default
             the mean of ``loss_fn`` over the batch.
         device: where to sample; default: the model's device.
-        seed: seeds the chains (chain c gets ``chain_seeds(seed, C)[c]``). Without a seed one
-            is drawn at random and recorded in ``kernel.metadata["settings"]["seed"]``.
+        The settings' ``seed`` seeds the chains (chain c gets ``chain_seeds(seed, C)[c]``);
+            without one a seed is drawn at random and recorded in ``kernel.metadata["settings"]["seed"]``.
         checkpoint_dir: if given, the accumulator and progress are saved there after every
             chain; calling again with the same arguments resumes from the last finished chain.
         probe_train_mask: bool [n], which probe samples belong to ``loader``'s training set
@@ -146,9 +144,8 @@ def estimate_loss_kernel(
     changed through ``callback_kwargs``.
     """
     # every argument is checked before anything is sampled
-    sgld = SGLDSettings(batch_size=getattr(loader, "batch_size", None), num_chains=num_chains,
-                        num_draws=num_draws, num_burnin_steps=num_burnin_steps, lr=lr, nbeta=nbeta,
-                        localization=localization, num_steps_bw_draws=num_steps_bw_draws, seed=seed)
+    sgld = _sgld_record(sgld, sgld_settings, loader)
+    num_chains, num_draws = sgld.num_chains, sgld.num_draws
     if not isinstance(loader, DataLoader):
         raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
     if not isinstance(model, nn.Module):
@@ -191,11 +188,11 @@ def estimate_loss_kernel(
                     sampling_method_callable=sampling_method)  # the callable is popped before it is reported
     init_loss = _minibatch_init_loss(model, loader, evaluate, settings, device)
     if checkpoint is not None:  # what else the run depends on: w*, loss_fn, evaluate, the data
-        checkpoint.run_identity = {
-            "w_star_weights": checksum({k: v for k, v in model.state_dict().items()})[:16],
-            "loss_fn_at_w_star": checksum(callback.init_loss)[:16],  # the probe losses at w*
-            "evaluate_at_w_star": init_loss,  # the SGLD minibatch loss at w* (evaluate and data)
-            "training_data": _data_fingerprint(loader),
+        checkpoint.run_identity = {  # keys say what differs in plain words when a resume is refused
+            "model weights at w*": checksum({k: v for k, v in model.state_dict().items()})[:16],
+            "probe losses at w* (model, probe, loss_fn)": checksum(callback.init_loss)[:16],
+            "minibatch loss at w* (model, training data, evaluate)": init_loss,
+            "training data": _data_fingerprint(loader),
         }
     callback.allocate(model)  # before any checkpoint is restored into it
     progress = checkpoint.load(model) if checkpoint else _Progress()
@@ -208,11 +205,35 @@ def estimate_loss_kernel(
                                     "diverged_chains": progress.diverged,
                                     "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
     kernel = callback.kernel
-    kernel.metadata.update(callback.slt_summary(kernel))  # probe_llc, singular_fluctuation, …
+    kernel.metadata.update(slt_summary(callback, kernel))  # probe_llc, singular_fluctuation, …
     if callback.snapshots:
-        kernel.metadata["cka_convergence"] = callback.cka_convergence()
+        kernel.metadata["cka_convergence"] = snapshot_convergence(callback)
         kernel.metadata["snapshot_indices"] = callback.snapshot_indices.tolist()
     return kernel
+
+
+def _sgld_record(sgld: Optional[SGLDSettings], by_name: Dict[str, Any], loader) -> SGLDSettings:
+    """The run's one SGLD record: ``sgld`` as given, or built from the settings passed by name."""
+    if sgld is not None and not isinstance(sgld, SGLDSettings):
+        raise TypeError(f"sgld must be an SGLDSettings (e.g. preset('inception_imagenet')), got {type(sgld).__name__}")
+    if sgld is not None and by_name:
+        raise TypeError(f"pass the SGLD settings either as sgld=SGLDSettings(...) or by name, not both "
+                        f"(got sgld= and {sorted(by_name)})")
+    batch_size = getattr(loader, "batch_size", None)
+    if sgld is not None:
+        if sgld.localization is None:
+            raise ValueError(f"sgld.localization must be set: this preset varies it ({sgld.source}); "
+                             "use sgld.scaled(localization=...)")
+        return sgld.scaled(batch_size=batch_size)
+    names = {f.name for f in fields(SGLDSettings)} - {"batch_size", "source"}
+    unknown = sorted(set(by_name) - names)
+    if unknown:
+        raise TypeError(f"estimate_loss_kernel got unexpected keyword arguments {unknown}; the SGLD settings "
+                        f"it takes by name are {sorted(names)}")
+    missing = sorted({"num_chains", "num_draws", "num_burnin_steps", "lr", "nbeta", "localization"} - set(by_name))
+    if missing:
+        raise TypeError(f"estimate_loss_kernel needs the SGLD settings {missing} (by name, or as sgld=SGLDSettings(...))")
+    return SGLDSettings(batch_size=batch_size, **by_name)
 
 
 @contextlib.contextmanager
@@ -277,6 +298,8 @@ class _Progress:
 
 
 CHECKPOINT_FORMAT = "devinterp_losskernel.Checkpoint"
+# 2: arguments, the callback state and progress, with a checksum. Format 1 (before 0.1.0) cannot be resumed.
+CHECKPOINT_FORMAT_VERSION = 2
 # Which SGLD steps are draws, per devinterp major (b burn-in steps, k = num_steps_bw_draws, steps
 # counted from 1). A checkpoint records it: one written when 2.x runs drew on 1.x's schedule (before
 # they went through devinterp 2's own loop) has none and is refused instead of mixing the schedules.
@@ -296,11 +319,12 @@ class _Checkpoint:
         self.callback = callback
         self.sgld = sgld
         self.devinterp_major = devinterp_major
-        if Path(directory).exists() and not Path(directory).is_dir():
-            raise ValueError(f"checkpoint_dir must be a folder, but {str(directory)!r} is a file")
-        Path(directory).mkdir(parents=True, exist_ok=True)  # a folder we cannot make fails now, not after a chain
+        # a folder we cannot make (a file there, or a file where a parent folder should be) fails now,
+        # naming checkpoint_dir, not after a chain
+        check_output_path(directory, "checkpoint_dir", expect="folder", make_parents=True).mkdir(exist_ok=True)
         self.run_identity: Dict[str, Any] = {}
-        self._saved = load_verified(self.path, kind=CHECKPOINT_FORMAT) if self.path.exists() else None
+        self._saved = load_verified(self.path, kind=CHECKPOINT_FORMAT, versions=(CHECKPOINT_FORMAT_VERSION,
+                                    CHECKPOINT_FORMAT_VERSION)) if self.path.exists() else None
 
     def arguments(self) -> Dict[str, Any]:
         return {"sgld": {k: v for k, v in self.sgld.to_dict().items() if k != "source"},
@@ -332,7 +356,7 @@ class _Checkpoint:
     def save(self, progress: _Progress) -> None:
         save_verified({
             "format": CHECKPOINT_FORMAT,
-            "format_version": 2,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
             "arguments": self.arguments(),
             "callback": self.callback.state_dict(),
             "progress": {"llc_per_chain": dict(progress.llc_per_chain), "diverged": list(progress.diverged)},

@@ -20,6 +20,12 @@ variants most/least × all/different-label), never the n × n kernel. R is store
 (R · 32767, rounded; error ≤ 1.6e-5), indices as uint16 when n ≤ 65,536 else int32.
 :func:`read_explorer` reads a page's data back (the tests use it).
 
+Everything the page embeds as data — our JSON and Bokeh's document — goes through one
+encoder, :func:`script_json`, which escapes ``<``, ``>``, ``&``, U+2028 and U+2029, so no
+user string (a label name, a title, a text…) can end a ``<script>`` element or open a
+comment in it. Every argument is checked before the expensive work (neighbour lists, UMAP);
+the page is written atomically (a temp file in the same folder, then ``os.replace``).
+
 Bokeh is imported only here, so ``import devinterp_losskernel`` does not load it.
 """
 
@@ -30,16 +36,27 @@ import html
 import io
 import json
 import numbers
+import random
 import re
+import sys
+import warnings
+from collections.abc import Mapping as MappingABC
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["ExplorerPage", "explore", "read_explorer"]
+__all__ = ["ExplorerPage", "explore", "read_explorer", "script_json"]
 
 _R_SCALE = 32767.0
 _DATA_ID = "lk-data"
+_BOKEH_ID = "lk-bokeh"
+_PLOT_DIV = "lk-plot"
+_VARIANTS = ("most", "least", "most_other", "least_other")
+_THUMBNAIL_FORMATS = ("auto", "png", "webp", "jpeg")
+_MISSING_COLOUR = "#bbbbbb"
 _CATEGORY10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -73,8 +90,49 @@ class ExplorerPage(str):
 
 
 # --------------------------------------------------------------------------------------------
-# inputs
+# embedding values in the page
 # --------------------------------------------------------------------------------------------
+
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                   0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def script_json(value: Any) -> str:
+    """The one encoder for data embedded in the page's ``<script>`` elements.
+
+    JSON (ASCII only; NaN / ±Inf refused, as ``JSON.parse`` would refuse them) in which
+    ``<``, ``>``, ``&``, U+2028 and U+2029 are written as ``\\u003c``-style escapes: no string
+    can then close the script (``</script>``), open a comment (``<!--``) or a tag, and the text
+    is also a valid JavaScript literal. ``JSON.parse`` / ``json.loads`` read the strings back
+    unchanged.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return text.translate(_SCRIPT_ESCAPES)
+
+
+def _html_text(text: str) -> str:
+    """A string as HTML element text (the page's <title> and heading): escaped, ASCII only."""
+    return html.escape(text, quote=True).encode("ascii", "xmlcharrefreplace").decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------
+# inputs: each checked before any expensive work
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _KernelNumbers:
+    """What the page needs from ``kernel``: n and the per-sample numbers."""
+
+    n: int
+    variance: np.ndarray
+    mean: Optional[np.ndarray]
+    init_loss: Optional[np.ndarray]
+    labels: Any
+    matrix: Any  # a LossKernel or a float64 [n, n] matrix; None for a dict of per-sample arrays
+
+
+_KERNEL_DICT_KEYS = ("variance", "mean", "init_loss", "labels")
+
 
 def _numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):
@@ -82,12 +140,293 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _per_sample(value: Any, n: int, name: str, dtype=np.float64) -> np.ndarray:
-    arr = _numpy(value)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} must have one value per probe sample, shape ({n},), got {arr.shape}")
-    return arr.astype(dtype)
+def _kernel_numbers(kernel: Any, needs_matrix: bool) -> _KernelNumbers:
+    """Read and check ``kernel``: a LossKernel, a square matrix (K̂), or a dict of per-sample
+    arrays (only with ``neighbours=`` and ``embedding=``: ``needs_matrix`` False)."""
+    from .kernel import LossKernel
+    from .validation import as_matrix, as_vector, checked_kernel
 
+    if isinstance(kernel, (str, bytes, Path)) or hasattr(kernel, "__fspath__"):
+        raise TypeError(f"kernel must be a LossKernel, an [n, n] matrix or a dict of per-sample arrays, "
+                        f"got the path {str(kernel)!r}; read a saved kernel with LossKernel.load(path)")
+    if isinstance(kernel, LossKernel):
+        if kernel.is_rectangular:
+            raise ValueError("kernel must be square for explore (all n × n correlations), got a rectangular "
+                             f"{tuple(kernel.covariance.shape)} kernel")
+        n = kernel.num_samples
+        # checked once here; the neighbour lists and the map read its cached R (no second conversion)
+        matrix = checked_kernel(kernel, "kernel") if needs_matrix else kernel
+        return _KernelNumbers(
+            n, as_vector(kernel.variance, "kernel.variance", n),
+            None if kernel.mean is None else as_vector(kernel.mean, "kernel.mean", n),
+            None if kernel.init_loss is None else as_vector(kernel.init_loss, "kernel.init_loss", n),
+            kernel.labels, matrix)
+    if isinstance(kernel, MappingABC):
+        return _kernel_dict_numbers(kernel, needs_matrix)
+    if not (isinstance(kernel, np.ndarray) or hasattr(kernel, "detach") or isinstance(kernel, (list, tuple))):
+        raise TypeError(f"kernel must be a LossKernel, an [n, n] matrix or a dict of per-sample arrays, "
+                        f"got {type(kernel).__name__}")
+    matrix = as_matrix(kernel, "kernel")
+    return _KernelNumbers(matrix.shape[0], np.diag(matrix).copy(), None, None, None, checked_kernel(matrix, "kernel"))
+
+
+def _kernel_dict_numbers(kernel: Mapping, needs_matrix: bool) -> _KernelNumbers:
+    from .validation import as_vector
+
+    unknown = sorted(str(key) for key in kernel if key not in _KERNEL_DICT_KEYS)
+    if unknown:
+        raise ValueError(f"kernel as a dict takes the keys {list(_KERNEL_DICT_KEYS)}, got unknown {unknown}")
+    if kernel.get("variance") is None:
+        raise ValueError("kernel as a dict must have 'variance' (K(x, x), one per sample)")
+    if needs_matrix:
+        raise ValueError("a kernel given as a dict of per-sample arrays needs neighbours= (the top-k lists) "
+                         "and embedding= (the map): there is no n × n matrix to compute them from")
+    variance = as_vector(kernel["variance"], "kernel['variance']")
+    n = variance.shape[0]
+    optional = {key: None if kernel.get(key) is None else as_vector(kernel[key], f"kernel[{key!r}]", n)
+                for key in ("mean", "init_loss")}
+    return _KernelNumbers(n, variance, optional["mean"], optional["init_loss"], kernel.get("labels"), None)
+
+
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside this module (the user's line)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _check_int(value: Any, name: str, low: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def _check_options(*, k, title, color_by, lowest, thumbnail_size, thumbnail_format, random_state,
+                   image_layout, images) -> None:
+    """The scalar arguments: types and values."""
+    from .validation import IMAGE_LAYOUTS
+
+    _check_int(k, "k")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None, got {type(title).__name__}")
+    if color_by is not None and not isinstance(color_by, str):
+        raise TypeError(f"color_by must be a colouring's key or title (a str) or None, got {type(color_by).__name__}")
+    if not isinstance(lowest, (bool, np.bool_)):
+        raise TypeError(f"lowest must be True or False, got {lowest!r}")
+    _check_int(thumbnail_size, "thumbnail_size")
+    if thumbnail_format not in _THUMBNAIL_FORMATS:
+        raise ValueError(f"thumbnail_format must be one of {_THUMBNAIL_FORMATS}, got {thumbnail_format!r}")
+    if random_state is not None:
+        _check_int(random_state, "random_state", low=0)
+    if image_layout is not None and image_layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"image_layout must be None (read from the shape), 'NHWC' ([n, H, W, C]) or 'NCHW' "
+                         f"([n, C, H, W]), got {image_layout!r}")
+    if image_layout is not None and images is None:
+        raise ValueError(f"image_layout={image_layout!r} was given without images=")
+
+
+def _output_path(path: Any) -> Path:
+    """Where the page goes: a file path in an existing folder, not a file that is not a page."""
+    from .validation import check_output_path
+
+    out = check_output_path(path, "path", expect="file")
+    if out.is_file() and out.stat().st_size and not _looks_like_html(out):
+        raise ValueError(f"path {str(path)!r} exists and is not an HTML page; explore would overwrite it "
+                         "with one. Give a new .html path, or remove the file first")
+    return out
+
+
+def _looks_like_html(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html"))
+
+
+def _label_array(labels: Any, n: int) -> Optional[np.ndarray]:
+    if labels is None:
+        return None
+    from .kernel import as_labels
+
+    return as_labels(labels, n).numpy()
+
+
+def _label_names_of(label_names: Any, uniques: List[int]) -> Dict[int, str]:
+    """{label: name} from a list (label i → label_names[i], 0 ≤ i < len) or a mapping."""
+    if isinstance(label_names, (str, bytes)):
+        raise TypeError(f"label_names must be a list (label i → label_names[i]) or a mapping {{label: name}}, "
+                        f"got the single string {label_names!r}")
+    if isinstance(label_names, MappingABC):
+        missing = [u for u in uniques if u not in label_names]
+        if missing:
+            raise ValueError(f"labels hold {missing[:10]}, which label_names does not name (a mapping with "
+                             f"keys {sorted(label_names, key=str)[:10]}); give a name for every label")
+        return {u: str(label_names[u]) for u in uniques}
+    if not isinstance(label_names, (SequenceABC, np.ndarray)) and not hasattr(label_names, "tolist"):
+        raise TypeError(f"label_names must be a list (label i → label_names[i]) or a mapping {{label: name}}, "
+                        f"got {type(label_names).__name__}")
+    names = label_names.tolist() if hasattr(label_names, "tolist") else list(label_names)
+    outside = [u for u in uniques if not 0 <= u < len(names)]
+    if outside:
+        raise ValueError(f"labels hold {outside[:10]}, which label_names does not name: its {len(names)} names "
+                         f"are for labels 0 … {len(names) - 1} (label i → label_names[i]; negative labels are "
+                         "never looked up)")
+    return {u: str(names[u]) for u in uniques}
+
+
+def _label_texts(label_arr: Optional[np.ndarray], label_names: Any, hierarchy: Any,
+                 n: int) -> Tuple[Dict[int, str], List[str], List[str]]:
+    """({label: name}, the name of each sample's label [n], each sample's WordNet path [n])."""
+    if label_arr is None:
+        for given, what in ((label_names, "label_names"), (hierarchy, "hierarchy")):
+            if given is not None:
+                raise ValueError(f"{what} was given but there are no labels: pass labels= (or a kernel that "
+                                 "carries labels)")
+        return {}, [""] * n, [""] * n
+    uniques = np.unique(label_arr).tolist()
+    if hierarchy is not None:
+        _check_hierarchy(hierarchy, uniques)
+    if label_names is not None:
+        names_of = _label_names_of(label_names, uniques)
+    elif hierarchy is not None:
+        names_of = {u: hierarchy.name(hierarchy.node_of(u)) for u in uniques}
+    else:
+        names_of = {u: str(u) for u in uniques}
+    paths = [""] * n
+    if hierarchy is not None:
+        path_of = {u: " › ".join(hierarchy.name(node) for node in hierarchy.path(hierarchy.node_of(u)))
+                   for u in uniques}
+        paths = [path_of[u] for u in label_arr.tolist()]
+    return names_of, [names_of[u] for u in label_arr.tolist()], paths
+
+
+def _check_hierarchy(hierarchy: Any, uniques: List[int]) -> None:
+    from .hierarchy import Hierarchy
+
+    if not isinstance(hierarchy, Hierarchy):
+        raise TypeError(f"hierarchy must be a devinterp_losskernel.Hierarchy, got {type(hierarchy).__name__}")
+    hierarchy.nodes_of(np.asarray(uniques))  # ValueError naming the labels it has no node for
+
+
+def _coordinates(embedding: Any, n: int) -> np.ndarray:
+    """[n, 2] finite map coordinates from an array or an Embedding (extra columns: a warning)."""
+    from .validation import as_matrix
+
+    coords = as_matrix(getattr(embedding, "embedding", embedding), "embedding", square=False)
+    if coords.shape[0] != n or coords.shape[1] < 2:
+        raise ValueError(f"embedding must be [n, 2] with n={n} (one point per probe sample), got shape {coords.shape}")
+    if coords.shape[1] > 2:
+        _warn(f"embedding has {coords.shape[1]} columns; the map shows the first two")
+    return coords[:, :2]
+
+
+def _default_map_neighbours(label_arr: Optional[np.ndarray], n: int) -> int:
+    """UMAP's n_neighbors for the default map (same-label edges removed); ValueError naming the
+    labels when no sample has a different-label neighbour."""
+    if label_arr is None:
+        if n < 3:
+            raise ValueError(f"the default map (a UMAP of 1 − R) needs at least 3 samples, got n={n}; "
+                             "pass embedding=")
+        return min(15, n - 1)
+    values, counts = np.unique(label_arr, return_counts=True)
+    available = n - int(counts.max())
+    if available < 1:
+        raise ValueError(
+            f"labels: all {n} samples have the same label ({values[0]}), so the default map — a UMAP of "
+            "1 − R with same-label edges removed — has no edges. Pass labels with at least two distinct "
+            "values, or embedding= (e.g. umap_embedding(kernel, exclude_same_label_edges=False).embedding)")
+    return min(15, available + 1)
+
+
+def _given_neighbours(neighbours: Any, n: int, label_arr: Optional[np.ndarray]) -> Dict[str, tuple]:
+    """Check precomputed lists {variant: (indices [n, k], R [n, k])} before they are packed."""
+    if not isinstance(neighbours, MappingABC):
+        raise TypeError(f"neighbours must be a dict {{variant: (indices [n, k], R [n, k])}}, "
+                        f"got {type(neighbours).__name__}")
+    unknown = [name for name in neighbours if name not in _VARIANTS]
+    if unknown:
+        raise ValueError(f"neighbours: unknown variant(s) {unknown}; the variants are {list(_VARIANTS)}")
+    if "most" not in neighbours:
+        raise ValueError(f"neighbours must include 'most' (the most correlated lists), got {list(neighbours)}")
+    return {name: _given_list(name, pair, n, label_arr) for name, pair in neighbours.items()}
+
+
+def _given_list(name: str, pair: Any, n: int, label_arr: Optional[np.ndarray]) -> tuple:
+    from .validation import as_index_array, as_matrix
+
+    where = f"neighbours[{name!r}]"
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{where} must be a pair (indices [n, k], R [n, k]), got {type(pair).__name__}")
+    idx = as_index_array(pair[0], n, f"{where} indices")
+    values = as_matrix(pair[1], f"{where} R", square=False)
+    if idx.ndim != 2 or idx.shape[0] != n or idx.shape != values.shape:
+        raise ValueError(f"{where} must be two [n, k] arrays with n={n}, got shapes {idx.shape}, {values.shape}")
+    if np.abs(values).max() > 1 + 1e-6:
+        raise ValueError(f"{where} R must be correlations in [-1, 1], got values up to {np.abs(values).max():.4g}")
+    own = np.nonzero(idx == np.arange(n)[:, None])
+    if own[0].size:
+        raise ValueError(f"{where} indices list sample {own[0][0]} as its own neighbour")
+    if name.endswith("_other"):
+        _check_other_label(where, idx, label_arr)
+    return idx, values
+
+
+def _check_other_label(where: str, idx: np.ndarray, label_arr: Optional[np.ndarray]) -> None:
+    if label_arr is None:
+        raise ValueError(f"{where} lists different-label neighbours, but there are no labels: pass labels=")
+    same = np.nonzero(label_arr[idx] == label_arr[:, None])
+    if same[0].size:
+        i, j = int(same[0][0]), int(idx[same[0][0], same[1][0]])
+        raise ValueError(f"{where} must hold different-label neighbours only, got sample {j} for sample {i} "
+                         f"(same label {label_arr[i]}) and {same[0].size - 1} more")
+
+
+def _texts(texts: Any, n: int) -> list:
+    """One display string per sample: strings as they are, tuples / token arrays as "(a, b, …)"."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be one string (or tuple / token sequence) per probe sample, "
+                        "got a single string")
+    try:
+        texts = texts.tolist() if hasattr(texts, "tolist") else list(texts)
+    except TypeError:
+        raise TypeError(f"texts must be a sequence with one entry per probe sample, got {type(texts).__name__}") from None
+    if len(texts) != n:
+        raise ValueError(f"texts must have one entry per probe sample ({n}), got {len(texts)}")
+    out = []
+    for t in texts:
+        if isinstance(t, str):
+            out.append(t)
+        elif hasattr(t, "tolist") or isinstance(t, (tuple, list)):
+            values = t.tolist() if hasattr(t, "tolist") else list(t)
+            out.append("(" + ", ".join(str(v) for v in np.atleast_1d(np.asarray(values, dtype=object))) + ")")
+        else:
+            out.append(str(t))
+    return out
+
+
+def _score_arrays(scores: Any, n: int) -> Dict[str, np.ndarray]:
+    """{name: float64 [n]} from {name: values}; names as str, each once; numbers only."""
+    if scores is None:
+        return {}
+    if not isinstance(scores, MappingABC):
+        raise TypeError(f"scores must be a dict {{name: [n] values}}, got {type(scores).__name__}")
+    out: Dict[str, np.ndarray] = {}
+    for name, values in scores.items():
+        key = str(name)
+        if key in out:
+            raise ValueError(f"scores has two entries named {key!r}")
+        arr = _numpy(values)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"scores[{key!r}] must hold numbers, got dtype {arr.dtype}")
+        if arr.shape != (n,):
+            raise ValueError(f"scores[{key!r}] must have one value per probe sample, shape ({n},), got {arr.shape}")
+        out[key] = arr.astype(np.float64)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# colours and thumbnails
+# --------------------------------------------------------------------------------------------
 
 def _hex(rgba: np.ndarray) -> list:
     rgb = np.clip(np.round(np.asarray(rgba)[:, :3] * 255), 0, 255).astype(int)
@@ -113,7 +452,16 @@ def _palette(m: int) -> list:
     return out
 
 
-def _continuous(values: np.ndarray, cmap: str = "viridis") -> tuple:
+def _warn_missing(values: np.ndarray, name: str) -> int:
+    """The number of NaN/±Inf values; a warning when there are any (they are drawn grey)."""
+    missing = int((~np.isfinite(values)).sum())
+    if missing:
+        _warn(f"{name}: {missing} of {len(values)} values are NaN/Inf; they are drawn grey and "
+              "counted in the legend as 'no value'")
+    return missing
+
+
+def _continuous(values: np.ndarray, name: str, cmap: str = "viridis") -> tuple:
     from matplotlib import colormaps
 
     v = np.asarray(values, dtype=np.float64)
@@ -121,35 +469,112 @@ def _continuous(values: np.ndarray, cmap: str = "viridis") -> tuple:
     lo, hi = (float(v[finite].min()), float(v[finite].max())) if finite.any() else (0.0, 1.0)
     t = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)
     colours = _hex(colormaps[cmap](np.where(finite, t, 0.0)))
-    colours = [c if f else "#bbbbbb" for c, f in zip(colours, finite)]
+    colours = [c if f else _MISSING_COLOUR for c, f in zip(colours, finite)]
     stops = _hex(colormaps[cmap](np.linspace(0, 1, 9)))
-    return colours, {"kind": "continuous", "min": lo, "max": hi, "stops": stops}
+    legend = {"kind": "continuous", "min": lo, "max": hi, "stops": stops, "missing": _warn_missing(v, name)}
+    return colours, legend
 
 
-def _thumbnail_uris(images: Any, n: int, size: int, fmt: str) -> list:
+def _categorical_score(name: str, arr: np.ndarray, distinct: np.ndarray) -> tuple:
+    pal = _palette(len(distinct)) if len(distinct) > 2 else ["#c8c8c8", "#d62728"][: len(distinct)]
+    cmap = {float(v): pal[j] for j, v in enumerate(distinct)}
+    items = [[f"{name} = {v:g}", cmap[float(v)]] for v in distinct]
+    missing = _warn_missing(arr, f"scores[{name!r}]")
+    if missing:
+        items.append([f"no value (NaN/Inf): {missing}", _MISSING_COLOUR])
+    return name, [cmap.get(float(v), _MISSING_COLOUR) for v in arr], {"kind": "categorical", "items": items}
+
+
+def _score_colouring(name: str, arr: np.ndarray) -> tuple:
+    """At most 12 distinct whole numbers: categories; anything else: a continuous colouring."""
+    distinct = np.unique(arr[np.isfinite(arr)])
+    if len(distinct) <= 12 and np.all(distinct == np.round(distinct)):
+        return _categorical_score(name, arr, distinct)
+    return (name, *_continuous(arr, f"scores[{name!r}]", "plasma"))
+
+
+def _label_colourings(label_arr: np.ndarray, names_of: Dict[int, str], hierarchy: Any) -> Dict[str, tuple]:
+    colourings: Dict[str, tuple] = {}
+    uniques = np.unique(label_arr)
+    if hierarchy is not None:  # categories in the tree's order, so the legend follows it
+        uniques = uniques[np.argsort(hierarchy.positions(uniques), kind="stable")]
+    pal = _palette(len(uniques))
+    colour_of = {u: pal[i] for i, u in enumerate(uniques.tolist())}
+    colourings["label"] = ("label", [colour_of[u] for u in label_arr.tolist()],
+                           {"kind": "categorical", "items": [[names_of[u], colour_of[u]] for u in uniques.tolist()]})
+    if hierarchy is not None:
+        rgba = hierarchy.position_colors(label_arr, cmap="hsv")
+        ordered = uniques.tolist()  # already in the tree's order
+        item_colours = _hex(hierarchy.position_colors(np.asarray(ordered), cmap="hsv"))
+        colourings["hierarchy"] = ("hierarchy position", _hex(rgba),
+                                   {"kind": "categorical", "continuous_hint": True,
+                                    "items": [[names_of[u], c] for u, c in zip(ordered, item_colours)]})
+    return colourings
+
+
+def _colourings(numbers_: _KernelNumbers, label_arr, names_of, hierarchy, scores: Dict[str, np.ndarray]) -> Dict[str, tuple]:
+    """{key: (title, colours [n], legend)} in the order the menu lists them."""
+    colourings = {} if label_arr is None else _label_colourings(label_arr, names_of, hierarchy)
+    numeric = [("variance", "K(x,x)", numbers_.variance), ("mean_loss", "mean loss over draws", numbers_.mean),
+               ("init_loss", "loss at w*", numbers_.init_loss)]
+    for key, title, values in numeric:
+        if values is not None:
+            colourings[key] = (title, *_continuous(values, title))
+    for i, (name, arr) in enumerate(scores.items()):
+        colourings[f"score{i}"] = _score_colouring(name, arr)
+    return colourings
+
+
+def _initial_colouring(colourings: Dict[str, tuple], color_by: Optional[str]) -> str:
+    if color_by is None:
+        return next(iter(colourings))
+    by_title = {t: key for key, (t, _, _) in colourings.items()}
+    if color_by in colourings:
+        return color_by
+    if color_by in by_title:
+        return by_title[color_by]
+    raise ValueError(f"color_by must be one of {list(colourings)} or {list(by_title)}, got {color_by!r}")
+
+
+def _pil_images(images: Any, n: int, layout: Optional[str]) -> list:
+    """PIL images, one per sample, from a list of PIL images or an array (see as_images)."""
+    from PIL import Image
+
+    from .validation import as_images
+
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        if layout is not None:
+            raise ValueError("image_layout applies to image arrays, not to a list of PIL images")
+        if len(images) != n:
+            raise ValueError(f"images must have one image per probe sample ({n}), got {len(images)}")
+        bad = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
+        if bad:
+            raise TypeError(f"images: entry {bad[0]} is a {type(images[bad[0]]).__name__}, not a PIL image")
+        return list(images)
+    arr = _to_uint8(as_images(images, n, "images", layout=layout))
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """uint8 as it is; bool ×255; integers within 0…255 as they are; anything else (floats in
+    [0, 1] as 0…255, else min–max over all images) scaled to 0…255."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    lo, hi = float(arr.min()), float(arr.max())
+    if arr.dtype.kind in "iu" and lo >= 0 and hi <= 255:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    scaled = (arr.astype(np.float64) - lo) / max(hi - lo, 1e-12) * 255
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _thumbnail_uris(pil: list, size: int, fmt: str) -> list:
     """One ``data:image/…;base64`` URI per image, the longer side scaled to ``size`` px."""
     from PIL import Image
 
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
-        pil = list(images)
-        if len(pil) != n:
-            raise ValueError(f"images must have one image per probe sample ({n}), got {len(pil)}")
-    else:
-        arr = _numpy(images)
-        if arr.shape[0] != n or arr.ndim not in (3, 4):
-            raise ValueError(f"images must be [n, H, W], [n, H, W, C] or [n, C, H, W] with n={n}, "
-                             f"got shape {arr.shape}")
-        if arr.ndim == 4 and arr.shape[1] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-            arr = np.moveaxis(arr, 1, -1)  # channels first → last
-        if arr.ndim == 4 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.dtype != np.uint8:
-            a = arr.astype(np.float64)
-            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-            if lo >= 0.0 and hi <= 1.0:
-                lo, hi = 0.0, 1.0
-            arr = np.clip(np.round((a - lo) / max(hi - lo, 1e-12) * 255), 0, 255).astype(np.uint8)
-        pil = [Image.fromarray(a) for a in arr]
     uris = []
     for im in pil:
         if im.mode not in ("L", "RGB", "RGBA"):
@@ -164,29 +589,15 @@ def _thumbnail_uris(images: Any, n: int, size: int, fmt: str) -> list:
             im.save(buf, format="WEBP", quality=80, method=4)
         elif kind == "jpeg":
             im.convert("RGB").save(buf, format="JPEG", quality=85)
-        elif kind == "png":
-            im.save(buf, format="PNG", optimize=True)
         else:
-            raise ValueError(f"thumbnail_format must be 'auto', 'png', 'webp' or 'jpeg', got {fmt!r}")
+            im.save(buf, format="PNG", optimize=True)
         uris.append(f"data:image/{kind};base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
     return uris
 
 
-def _texts(texts: Any, n: int) -> list:
-    texts = list(texts)
-    if len(texts) != n:
-        raise ValueError(f"texts must have one entry per probe sample ({n}), got {len(texts)}")
-    out = []
-    for t in texts:
-        if isinstance(t, str):
-            out.append(t)
-        elif hasattr(t, "tolist") or isinstance(t, (tuple, list)):
-            values = t.tolist() if hasattr(t, "tolist") else list(t)
-            out.append("(" + ", ".join(str(v) for v in np.atleast_1d(values)) + ")")
-        else:
-            out.append(str(t))
-    return out
-
+# --------------------------------------------------------------------------------------------
+# neighbour lists and the map (the expensive part)
+# --------------------------------------------------------------------------------------------
 
 def _encode(arr: np.ndarray) -> dict:
     arr = np.ascontiguousarray(arr)
@@ -199,12 +610,14 @@ def _decode(blob: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(blob["b64"]), dtype=dtype).reshape(blob["shape"])
 
 
-def _neighbour_lists(kernel: Any, k: int, labels: Optional[np.ndarray], lowest: bool) -> dict:
-    """{variant: (indices [n, k_v], R [n, k_v])} from :func:`top_correlated`."""
+def _neighbour_lists(matrix: Any, k: int, labels: Optional[np.ndarray],
+                     lowest: bool) -> Tuple[dict, Dict[str, str]]:
+    """({variant: (indices [n, k_v], R [n, k_v])}, {variant: why it is missing}) from
+    :func:`top_correlated`; a warning for each different-label variant that cannot be made."""
     from .analysis.neighbours import top_correlated
 
-    n = kernel.num_samples if hasattr(kernel, "num_samples") else np.shape(kernel)[0]
-    lists = {}
+    n = matrix.num_samples if hasattr(matrix, "num_samples") else matrix.shape[0]
+    lists, unavailable = {}, {}
     variants = [("most", False, False)] + ([("least", True, False)] if lowest else [])
     if labels is not None:
         variants += [("most_other", False, True)] + ([("least_other", True, True)] if lowest else [])
@@ -212,12 +625,42 @@ def _neighbour_lists(kernel: Any, k: int, labels: Optional[np.ndarray], lowest: 
         available = n - 1
         if other:
             available = n - int(np.unique(labels, return_counts=True)[1].max())
-        kk = min(k, available)
-        if kk < 1:
+        if available < 1:
+            unavailable[name] = "every sample has the same label: no different-label neighbours"
             continue
-        idx, val = top_correlated(kernel, None, kk, labels=labels, exclude_same_label=other, lowest=low)
-        lists[name] = (idx, val)
-    return lists
+        lists[name] = top_correlated(matrix, None, min(k, available), labels=labels,
+                                     exclude_same_label=other, lowest=low)
+    if unavailable:
+        _warn(f"labels: every sample has the same label, so the page has no different-label "
+              f"neighbour lists ({', '.join(unavailable)}); 'hide same-label neighbours' is disabled")
+    return lists, unavailable
+
+
+def _import_umap() -> None:
+    """Import umap-learn leaving Python's global RNG as it was: umap imports scikit-learn,
+    which (1.9) imports rich, whose import draws from it (rich/style.py: getrandbits)."""
+    state = random.getstate()
+    try:
+        import umap  # noqa: F401
+    finally:
+        random.setstate(state)
+
+
+def _umap_map(matrix: Any, label_arr: Optional[np.ndarray], n_neighbors: int, seed: int) -> np.ndarray:
+    from .analysis.embedding import umap_embedding
+
+    _import_umap()
+
+    emb = umap_embedding(matrix, labels=label_arr, exclude_same_label_edges=label_arr is not None,
+                         random_state=seed, n_neighbors=n_neighbors)
+    return np.asarray(emb.embedding, dtype=np.float64)[:, :2]
+
+
+def _seed(random_state: Optional[int]) -> int:
+    """UMAP's seed: ``random_state``, or for None one drawn from the OS (never a global RNG)."""
+    if random_state is not None:
+        return int(random_state)
+    return int(np.random.default_rng().integers(0, 2**31 - 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,6 +672,7 @@ def explore(
     *,
     embedding: Any = None,
     images: Any = None,
+    image_layout: Optional[str] = None,
     texts: Any = None,
     labels: Any = None,
     hierarchy: Any = None,
@@ -246,220 +690,131 @@ def explore(
 ) -> ExplorerPage:
     """Write the interactive kernel explorer for ``kernel`` to ``path``; returns the path.
 
+    Every argument is checked first (ValueError / TypeError naming it), before the neighbour
+    lists and the UMAP are computed.
+
     Args:
         kernel: a square :class:`~devinterp_losskernel.LossKernel` (or an [n, n] matrix, taken
             as K̂). K(x, x), the mean loss and the loss at w* come from it when it has them.
         embedding: [n, 2] coordinates or an :class:`~devinterp_losskernel.analysis.Embedding`;
             default: :func:`umap_embedding` of the kernel (same-label edges removed when there
-            are labels), seeded with ``random_state``.
-        images: [n, H, W] / [n, H, W, C] / [n, C, H, W] arrays (uint8, or floats, scaled to
-            0…255) or a list of PIL images; embedded as ``thumbnail_size``-px thumbnails
-            (PNG for grey images, WebP for colour, or ``thumbnail_format``).
+            are labels; n_neighbors = 15, or fewer when the labels leave fewer candidates),
+            seeded with ``random_state``.
+        images: [n, H, W], [n, H, W, C] or [n, C, H, W] arrays with C ∈ {1, 3, 4} (uint8;
+            integers in 0…255; floats in [0, 1], else min–max scaled to 0…255; all finite) or a
+            list of PIL images; embedded as ``thumbnail_size``-px thumbnails (PNG for grey
+            images, WebP for colour, or ``thumbnail_format``). The layout follows
+            :func:`~devinterp_losskernel.validation.as_images`: a shape where both axis 1 and
+            the last axis could be the channels (``[n, 3, 4, 4]``) is refused unless
+            ``image_layout`` (``"NCHW"`` or ``"NHWC"``) states it.
         texts: one string per sample (an LM probe's text or tokens), or tuples such as the
             (a, b) pair of modular arithmetic; shown where there is no image.
         labels: [n] integer labels; default ``kernel.labels``. ``label_names``: a list
-            (label i → name) or mapping; with a ``hierarchy``, names default to its node names.
-        hierarchy: a :class:`~devinterp_losskernel.Hierarchy` — the WordNet path on hover,
-            the "hierarchy position" colouring (:meth:`Hierarchy.position_colors`), and search
-            by any node on the path.
-        scores: {name: [n] values} to colour by (memorization, task, loss, a 0/1 flag …):
-            at most 12 distinct integers are drawn as categories, anything else continuously.
+            (label i → ``label_names[i]``, for 0 ≤ i < len) or a mapping {label: name}; every
+            label must have a name. With a ``hierarchy``, names default to its node names.
+        hierarchy: a :class:`~devinterp_losskernel.Hierarchy` with a node for every label —
+            the WordNet path on hover, the "hierarchy position" colouring
+            (:meth:`Hierarchy.position_colors`), and search by any node on the path.
+        scores: {name: [n] numbers} to colour by (memorization, task, loss, a 0/1 flag …):
+            at most 12 distinct integers are drawn as categories, anything else continuously;
+            NaN/Inf values are drawn grey, with a warning and a count in the legend.
         k: neighbours shipped per sample and variant (most/least correlated, all or
             different-label only), capped at the candidates available.
+        path: the HTML file to write, in an existing folder; an existing file there is
+            replaced only if it is an HTML page. Written atomically.
         color_by: the colouring shown first (``"label"``, ``"hierarchy"``, a score name …).
         lowest: also ship the least correlated lists (the toggle).
+        random_state: the UMAP seed (an int ≥ 0); None: a fresh seed from the OS, recorded in
+            the page's data as ``random_state`` (no global RNG is used).
         neighbours: optional precomputed lists {variant: (indices [n, k], R [n, k])}, variants
-            ``most``, ``least``, ``most_other``, ``least_other``; then ``kernel`` may also be
-            a dict with ``variance`` / ``mean`` arrays (for kernels too large for n × n).
+            ``most`` (required), ``least``, ``most_other``, ``least_other``; indices are
+            checked (integers in [0, n), never the sample itself, different-label for the
+            ``_other`` variants) and R must be in [-1, 1]. Then ``kernel`` may also be a dict
+            with ``variance`` / ``mean`` / ``init_loss`` / ``labels`` arrays (for kernels too
+            large for n × n).
 
     Returns:
         :class:`ExplorerPage`, the path as a ``str`` that Jupyter displays inline.
     """
-    # -- the kernel's per-sample numbers
-    if isinstance(kernel, Mapping):
-        n = len(_numpy(kernel["variance"]))
-        variance = _per_sample(kernel["variance"], n, "kernel['variance']")
-        mean = None if kernel.get("mean") is None else _per_sample(kernel["mean"], n, "kernel['mean']")
-        init_loss = None if kernel.get("init_loss") is None else _per_sample(kernel["init_loss"], n, "init_loss")
-        kernel_labels = kernel.get("labels")
-        if neighbours is None:
-            raise ValueError("a kernel given as a dict of per-sample arrays needs neighbours=")
-    elif hasattr(kernel, "covariance"):
-        if getattr(kernel, "is_rectangular", False):
-            raise ValueError("explore needs a square kernel (all n × n correlations), got a rectangular one")
-        n = kernel.num_samples
-        variance = _numpy(kernel.variance).astype(np.float64)
-        mean = _numpy(kernel.mean).astype(np.float64)
-        init_loss = None if kernel.init_loss is None else _numpy(kernel.init_loss).astype(np.float64)
-        kernel_labels = kernel.labels
-    else:
-        matrix = _numpy(kernel)
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"kernel must be a LossKernel or a square matrix, got shape {matrix.shape}")
-        n = matrix.shape[0]
-        variance, mean, init_loss, kernel_labels = np.diag(matrix).astype(np.float64), None, None, None
+    out = _output_path(path)
+    _check_options(k=k, title=title, color_by=color_by, lowest=lowest, thumbnail_size=thumbnail_size,
+                   thumbnail_format=thumbnail_format, random_state=random_state, image_layout=image_layout,
+                   images=images)
+    numbers_ = _kernel_numbers(kernel, needs_matrix=neighbours is None or embedding is None)
+    n = numbers_.n
     if n < 2:
         raise ValueError(f"explore needs at least 2 samples, got {n}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    k = int(min(k, n - 1))
-
-    if labels is None and kernel_labels is not None:
-        labels = kernel_labels
-    label_arr = None
-    if labels is not None:
-        from .kernel import as_labels
-
-        label_arr = as_labels(labels, n).numpy()
-
-    # -- the map
-    if embedding is None:
-        if isinstance(kernel, Mapping):
-            raise ValueError("a kernel given as a dict of per-sample arrays needs embedding=")
-        from .analysis.embedding import umap_embedding
-
-        emb = umap_embedding(kernel, labels=label_arr, exclude_same_label_edges=label_arr is not None,
-                             random_state=random_state, n_neighbors=min(15, n - 1))
-        coords = emb.embedding
-    else:
-        coords = getattr(embedding, "embedding", embedding)
-    coords = _numpy(coords).astype(np.float64)
-    if coords.ndim != 2 or coords.shape[0] != n or coords.shape[1] < 2:
-        raise ValueError(f"embedding must be [n, 2] with n={n}, got shape {coords.shape}")
-    coords = coords[:, :2]
-
-    # -- neighbour lists (top-k only)
-    if neighbours is None:
-        lists = _neighbour_lists(kernel, k, label_arr, lowest)
-    else:
-        lists = {}
-        for name, (idx, val) in neighbours.items():
-            if name not in ("most", "least", "most_other", "least_other"):
-                raise ValueError(f"neighbours: unknown variant {name!r}")
-            idx, val = _numpy(idx), _numpy(val)
-            if idx.shape != val.shape or idx.ndim != 2 or idx.shape[0] != n:
-                raise ValueError(f"neighbours[{name!r}] must be two [n, k] arrays, got {idx.shape}, {val.shape}")
-            lists[name] = (idx, val)
-
-    # -- per-sample text: label names, hierarchy paths
-    names_of: Dict[Any, str] = {}
-    paths = [""] * n
-    if label_arr is not None:
-        uniques = np.unique(label_arr)
-        for u in uniques.tolist():
-            if label_names is not None:
-                try:
-                    names_of[u] = str(label_names[u])
-                except (KeyError, IndexError, TypeError):
-                    names_of[u] = str(u)
-            elif hierarchy is not None:
-                try:
-                    names_of[u] = hierarchy.name(hierarchy.node_of(u))
-                except ValueError:
-                    names_of[u] = str(u)
-            else:
-                names_of[u] = str(u)
-        if hierarchy is not None:
-            path_of = {}
-            for u in uniques.tolist():
-                try:
-                    path_of[u] = " › ".join(hierarchy.name(node) for node in hierarchy.path(hierarchy.node_of(u)))
-                except ValueError:
-                    path_of[u] = ""
-            paths = [path_of[u] for u in label_arr.tolist()]
-        label_text = [names_of[u] for u in label_arr.tolist()]
-    else:
-        label_text = [""] * n
-
-    # -- colourings: {key: (title, colours [n], legend)}
-    colourings: Dict[str, tuple] = {}
-    if label_arr is not None:
-        uniques = np.unique(label_arr)
-        if hierarchy is not None:  # categories in the tree's order, so the legend follows it
-            try:
-                pos = hierarchy.positions(uniques)
-                uniques = uniques[np.argsort(pos, kind="stable")]
-            except ValueError:
-                pass
-        pal = _palette(len(uniques))
-        colour_of = {u: pal[i] for i, u in enumerate(uniques.tolist())}
-        colourings["label"] = ("label", [colour_of[u] for u in label_arr.tolist()],
-                               {"kind": "categorical",
-                                "items": [[names_of[u], colour_of[u]] for u in uniques.tolist()]})
-    if hierarchy is not None and label_arr is not None:
-        rgba = hierarchy.position_colors(label_arr, cmap="hsv")
-        items = {}
-        for u in np.unique(label_arr).tolist():
-            items[u] = _hex(hierarchy.position_colors(np.array([u]), cmap="hsv"))[0]
-        order = sorted(items, key=lambda u: float(hierarchy.positions(np.array([u]))[0]))
-        colourings["hierarchy"] = ("hierarchy position", _hex(rgba),
-                                   {"kind": "categorical", "continuous_hint": True,
-                                    "items": [[names_of[u], items[u]] for u in order]})
-    numeric = [("variance", "K(x,x)", variance)]
-    if mean is not None:
-        numeric.append(("mean_loss", "mean loss over draws", mean))
-    if init_loss is not None:
-        numeric.append(("init_loss", "loss at w*", init_loss))
-    for key, name, values in numeric:
-        colourings[key] = (name, *_continuous(values))
-    score_values: Dict[str, np.ndarray] = {}
-    for i, (name, values) in enumerate((scores or {}).items()):
-        arr = _per_sample(values, n, f"scores[{name!r}]")
-        score_values[str(name)] = arr
-        key = f"score{i}"
-        distinct = np.unique(arr[np.isfinite(arr)])
-        if len(distinct) <= 12 and np.all(distinct == np.round(distinct)):
-            pal = _palette(len(distinct)) if len(distinct) > 2 else ["#c8c8c8", "#d62728"][: len(distinct)]
-            cmap = {float(v): pal[j] for j, v in enumerate(distinct)}
-            colourings[key] = (str(name), [cmap.get(float(v), "#bbbbbb") for v in arr],
-                               {"kind": "categorical",
-                                "items": [[f"{name} = {v:g}", cmap[float(v)]] for v in distinct]})
-        else:
-            colourings[key] = (str(name), *_continuous(arr, "plasma"))
-    if color_by is None:
-        first = next(iter(colourings))
-    else:
-        by_title = {t: key for key, (t, _, _) in colourings.items()}
-        if color_by in colourings:
-            first = color_by
-        elif color_by in by_title:
-            first = by_title[color_by]
-        else:
-            raise ValueError(f"color_by must be one of {list(colourings)} or {list(by_title)}, got {color_by!r}")
-
-    thumbs = _thumbnail_uris(images, n, thumbnail_size, thumbnail_format) if images is not None else [""] * n
+    k = min(int(k), n - 1)
+    label_arr = _label_array(numbers_.labels if labels is None else labels, n)
+    names_of, label_text, paths = _label_texts(label_arr, label_names, hierarchy, n)
+    coords = None if embedding is None else _coordinates(embedding, n)
+    n_neighbors = _default_map_neighbours(label_arr, n) if embedding is None else None
+    given = None if neighbours is None else _given_neighbours(neighbours, n, label_arr)
+    colourings = _colourings(numbers_, label_arr, names_of, hierarchy, _score_arrays(scores, n))
+    first = _initial_colouring(colourings, color_by)
     text_col = _texts(texts, n) if texts is not None else [""] * n
+    pil = _pil_images(images, n, image_layout) if images is not None else None
 
-    data = {
-        "format": "devinterp_losskernel.explorer", "version": 1, "n": n, "k": k,
+    # -- the work: thumbnails, neighbour lists, the map
+    thumbs = _thumbnail_uris(pil, thumbnail_size, thumbnail_format) if pil is not None else [""] * n
+    lists, unavailable = (given, {}) if given is not None else _neighbour_lists(numbers_.matrix, k, label_arr, lowest)
+    seed = None
+    if coords is None:
+        seed = _seed(random_state)
+        coords = _umap_map(numbers_.matrix, label_arr, n_neighbors, seed)
+
+    data = _page_data(n, k, lists, unavailable, colourings, first, title, seed, label_text, paths,
+                      has_images=images is not None, has_texts=texts is not None,
+                      has_labels=label_arr is not None, has_hierarchy=hierarchy is not None)
+    columns = _page_columns(coords, label_arr, label_text, paths, thumbs, text_col, numbers_, colourings, first)
+    _write_page(out, _render(columns, data))
+    return ExplorerPage(out)
+
+
+def _page_data(n, k, lists, unavailable, colourings, first, title, seed, label_text, paths, **flags) -> dict:
+    """The page's own JSON: packed neighbour lists, colourings with legends, search terms."""
+    return {
+        "format": "devinterp_losskernel.explorer", "version": 2, "n": n, "k": k,
         "r_scale": _R_SCALE,
         "neighbours": {
             name: {"indices": _encode(idx.astype(np.uint16 if n <= 65536 else np.int32)),
                    "r": _encode(np.round(np.clip(val, -1, 1) * _R_SCALE).astype(np.int16))}
             for name, (idx, val) in lists.items()
         },
+        "unavailable": unavailable,
         "colourings": [{"key": key, "title": t, "legend": legend} for key, (t, _, legend) in colourings.items()],
         "initial": first,
-        "has_images": images is not None, "has_texts": texts is not None,
-        "has_labels": label_arr is not None, "has_hierarchy": hierarchy is not None,
-        "scores": list(score_values),
+        **flags,
+        "scores": [t for key, (t, _, _) in colourings.items() if key.startswith("score")],
         "search_terms": sorted(set(label_text) | {p for s in set(paths) for p in s.split(" › ") if p}),
         "title": title or "Loss kernel explorer",
+        "random_state": seed,
     }
+
+
+def _page_columns(coords, label_arr, label_text, paths, thumbs, text_col, numbers_: _KernelNumbers,
+                  colourings, first) -> dict:
+    """The Bokeh source's columns: one entry per sample."""
+    n = coords.shape[0]
     columns = {
         "x": coords[:, 0], "y": coords[:, 1], "index": np.arange(n),
         "label": label_arr if label_arr is not None else np.full(n, -1),
         "label_name": label_text, "path": paths, "thumb": thumbs, "text": text_col,
-        "variance": variance, "mean_loss": mean if mean is not None else np.full(n, np.nan),
+        "variance": numbers_.variance,
+        "mean_loss": numbers_.mean if numbers_.mean is not None else np.full(n, np.nan),
         "color": list(colourings[first][1]),
     }
     for key, (_, colours, _) in colourings.items():
         columns[f"c_{key}"] = colours
-    page = _render(columns, data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return ExplorerPage(path)
+    return columns
+
+
+def _write_page(out: Path, page: str) -> None:
+    """Atomically: a temp file in the same folder, then os.replace; none left on failure."""
+    from .validation import atomic_write
+
+    with atomic_write(out, "w", encoding="utf-8") as handle:
+        handle.write(page)
 
 
 def _tooltip(has_images: bool, has_texts: bool, has_labels: bool, has_hierarchy: bool) -> str:
@@ -482,8 +837,9 @@ def _tooltip(has_images: bool, has_texts: bool, has_labels: bool, has_hierarchy:
 
 
 def _render(columns: dict, data: dict) -> str:
-    """The HTML page: a Bokeh WebGL scatter (inline resources) and our panels."""
-    from bokeh.embed import components
+    """The HTML page: a Bokeh WebGL scatter (inline resources) and our panels. Bokeh's
+    document and our data are embedded as JSON through :func:`script_json`."""
+    from bokeh.embed import json_item
     from bokeh.models import ColumnDataSource, CustomJS, HoverTool, TapTool, WheelZoomTool
     from bokeh.plotting import figure
     from bokeh.resources import Resources
@@ -517,37 +873,44 @@ def _render(columns: dict, data: dict) -> str:
     plot.add_tools(hover, TapTool(renderers=[points]), wheel)
     plot.toolbar.active_scroll = wheel
     source.selected.js_on_change("indices", CustomJS(code="if (window.LK) LK.tapped(cb_obj.indices);"))
-    script, div = components(plot)
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    title = html.escape(data["title"])
-    return _PAGE.format(title=title, resources=Resources(mode="inline", components=["bokeh", "bokeh-gl"]).render(), plot_div=div, plot_script=script,
-                        data_id=_DATA_ID, data=blob, css=_CSS, js=_JS)
+    item = json_item(plot, _PLOT_DIV)
+    title = _html_text(data["title"])
+    return _PAGE.format(title=title, resources=Resources(mode="inline", components=["bokeh", "bokeh-gl"]).render(),
+                        plot_div=_PLOT_DIV, bokeh_id=_BOKEH_ID, bokeh_item=script_json(item),
+                        data_id=_DATA_ID, data=script_json(data), css=_CSS, js=_JS)
+
+
+def _script_data(text: str, element_id: str, path: Any) -> Any:
+    match = re.search(rf'<script type="application/json" id="{element_id}">(.*?)</script>', text, re.S)
+    if match is None:
+        raise ValueError(f"{str(path)!r} is not a kernel explorer page (no {element_id} data)")
+    return json.loads(match.group(1))
 
 
 def read_explorer(path: Union[str, Path]) -> dict:
     """The data a page embeds, as numpy: ``neighbours`` {variant: (indices, R)}, ``points``
     (the Bokeh source's columns: x, y, colours c_<key>, thumbnails …) and the page's JSON
-    (colourings with legends, search terms)."""
+    (colourings with legends, search terms, ``unavailable`` lists)."""
     text = Path(path).read_text(encoding="utf-8")
-    match = re.search(rf'<script type="application/json" id="{_DATA_ID}">(.*?)</script>', text, re.S)
-    if match is None:
-        raise ValueError(f"{str(path)!r} is not a kernel explorer page")
-    data = json.loads(match.group(1))
+    data = _script_data(text, _DATA_ID, path)
     data["neighbours"] = {
         name: (_decode(v["indices"]).astype(np.int64), _decode(v["r"]).astype(np.float64) / data["r_scale"])
         for name, v in data["neighbours"].items()
     }
-    data["points"] = _bokeh_columns(text, "lk-points")
+    data["points"] = _bokeh_columns(text, "lk-points", path)
     return data
 
 
-def _bokeh_columns(text: str, name: str) -> dict:
-    """The columns of the Bokeh ColumnDataSource called ``name`` in a page's docs_json."""
-    # bokeh.embed.components writes docs_json as a JS string literal: JSON, HTML-escaped,
-    # ' as &#x27;, backslashes doubled (bokeh/embed/elements.py, script_for_render_items)
-    for literal in re.findall(r"const docs_json = '(.*?)';", text, re.S):
-        docs = json.loads(html.unescape(literal.replace("\\\\", "\\")))
-        found = _find_model(docs, name)
+def _bokeh_columns(text: str, name: str, path: Any = "page") -> dict:
+    """The columns of the Bokeh ColumnDataSource called ``name`` in a page's Bokeh document."""
+    if f'id="{_BOKEH_ID}"' in text:
+        docs = [_script_data(text, _BOKEH_ID, path)["doc"]]
+    else:  # pages of format 1: bokeh.embed.components' docs_json, a JS string literal (JSON,
+        # HTML-escaped, ' as &#x27;, backslashes doubled; bokeh/embed/elements.py)
+        docs = [json.loads(html.unescape(literal.replace("\\\\", "\\")))
+                for literal in re.findall(r"const docs_json = '(.*?)';", text, re.S)]
+    for doc in docs:
+        found = _find_model(doc, name)
         if found is not None:
             return {key: _bokeh_value(value) for key, value in _bokeh_value(found["attributes"]["data"]).items()}
     raise ValueError(f"no Bokeh data source named {name!r} in the page")
@@ -603,7 +966,7 @@ _PAGE = """<!DOCTYPE html>
 </head>
 <body>
 <div id="lk-app">
-  <div id="lk-map">{plot_div}</div>
+  <div id="lk-map"><div id="{plot_div}"></div></div>
   <div id="lk-side">
     <h1 id="lk-title">{title}</h1>
     <div class="lk-row"><label for="lk-color">Colour by</label>
@@ -623,8 +986,8 @@ _PAGE = """<!DOCTYPE html>
   </div>
 </div>
 <script type="application/json" id="{data_id}">{data}</script>
+<script type="application/json" id="{bokeh_id}">{bokeh_item}</script>
 <script>{js}</script>
-{plot_script}
 </body>
 </html>
 """
@@ -655,6 +1018,7 @@ _JS = r"""
 "use strict";
 const LK = window.LK = {ready:false, mode:"most", hideSame:false, selected:null, hover:null};
 const data = JSON.parse(document.getElementById("lk-data").textContent);
+Bokeh.embed.embed_item(JSON.parse(document.getElementById("lk-bokeh").textContent), "lk-plot");
 LK.data = data;
 function decode(blob){
   const bin = atob(blob.b64), bytes = new Uint8Array(bin.length);
@@ -667,10 +1031,10 @@ for (const name in data.neighbours){
   LK.nbrs[name] = {idx:decode(data.neighbours[name].indices), r:decode(data.neighbours[name].r)};
 }
 function esc(s){ return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c])); }
-LK.neighbours = function(i){
+LK.neighbours = function(i){  // null when the page holds no list for this view (never another list)
   const variant = LK.mode + (LK.hideSame && data.has_labels ? "_other" : "");
-  const v = LK.nbrs[variant] || LK.nbrs[LK.mode];
-  if (!v) return [];
+  const v = LK.nbrs[variant];
+  if (!v) return null;
   const k = v.idx.k, out = [];
   for (let j = 0; j < k; j++) out.push({index:v.idx.values[i*k+j], r:v.r.values[i*k+j]/data.r_scale});
   return out;
@@ -690,13 +1054,17 @@ LK.render = function(){
     lines.data = {x0:[], y0:[], x1:[], y1:[], color:[]}; rings.data = {x:[], y:[]}; focus.data = {x:[], y:[]};
     return;
   }
-  const d = LK.source.data, nb = LK.neighbours(i);
+  const d = LK.source.data, listed = LK.neighbours(i), nb = listed || [];
   sel.innerHTML = thumbHtml(d, i, "lk-sel-thumb") + '<div><b>#'+i+'</b>'
     + (data.has_labels ? ' · '+esc(d.label_name[i]) : '') + '</div>'
     + (data.has_hierarchy ? '<div style="font-size:11px;color:#555">'+esc(d.path[i])+'</div>' : '')
     + '<div>K(x,x) = '+Number(d.variance[i]).toExponential(3)+'</div>'
     + '<div>'+(LK.mode == "most" ? "most" : "least")+' correlated'
-    + (LK.hideSame ? ', other labels only' : '')+':</div><div style="clear:both"></div>';
+    + (LK.hideSame ? ', other labels only' : '')+':</div>'
+    + (listed ? '' : '<div class="lk-none">this page holds no such list'
+                     + (data.unavailable && data.unavailable[LK.mode + "_other"] ? ': '+esc(data.unavailable[LK.mode + "_other"]) : '')
+                     + '</div>')
+    + '<div style="clear:both"></div>';
   strip.innerHTML = nb.map(o => '<div class="lk-card" data-index="'+o.index+'" data-r="'+o.r+'">'
     + thumbHtml(d, o.index, "lk-nbr-thumb")
     + '<div class="lk-r">R = '+o.r.toFixed(3)+'</div>'
@@ -728,7 +1096,9 @@ LK.colourBy = function(key){
   } else {
     leg.innerHTML = '<div class="lk-bar" style="background:linear-gradient(to right,'+c.legend.stops.join(",")+')"></div>'
       + '<div class="lk-bar-labels"><span>'+Number(c.legend.min).toPrecision(3)+'</span><span>'
-      + esc(c.title) + '</span><span>'+Number(c.legend.max).toPrecision(3)+'</span></div>';
+      + esc(c.title) + '</span><span>'+Number(c.legend.max).toPrecision(3)+'</span></div>'
+      + (c.legend.missing ? '<div class="lk-legend-item"><span class="lk-swatch" style="background:#bbbbbb"></span>no value (NaN/Inf): '
+                            + Number(c.legend.missing) + '</div>' : '');
   }
 };
 LK.search = function(query){
@@ -774,7 +1144,9 @@ function init(){
     r.addEventListener("change", () => { LK.mode = r.value; LK.render(); });
   if (!LK.nbrs.least) for (const el of [document.getElementById("lk-least")]) el.disabled = true;
   const hide = document.getElementById("lk-hide-same");
-  hide.disabled = !data.has_labels;
+  hide.disabled = !(data.has_labels && (LK.nbrs.most_other || LK.nbrs.least_other));
+  if (hide.disabled && data.unavailable && Object.keys(data.unavailable).length)
+    hide.parentElement.title = Object.values(data.unavailable)[0];
   hide.addEventListener("change", () => { LK.hideSame = hide.checked; LK.render(); });
   LK.colourBy(data.initial);
   LK.ready = true;

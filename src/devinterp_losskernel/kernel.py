@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -11,34 +11,26 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .provenance import load_verified, save_verified, to_storable
+from .provenance import (check_format_version, from_typed_json, load_verified, package_version,
+                         save_verified, to_storable, to_typed_json)
 
 __all__ = ["LossKernel", "as_labels", "correlation_from_covariance"]
 
 FORMAT = "devinterp_losskernel.LossKernel"
 FORMAT_VERSION = 2  # 2: metadata stored as values (NaN, Inf, int keys and tuples survive) and a checksum
+OLDEST_FORMAT_VERSION = 1  # 1: metadata as JSON text, no checksum
+XARRAY_FORMAT = "devinterp_losskernel.LossKernel.xarray"
+XARRAY_FORMAT_VERSION = 1  # the "losskernel" attribute of to_xarray(): typed JSON of every non-array field
 
 
 def as_labels(labels, num_samples: Optional[int] = None, name: str = "labels") -> torch.Tensor:
-    """[n] integer labels as an int64 tensor, from a tensor, numpy array or list of ints, bools
-    or whole-number floats; refused with a message naming ``name`` otherwise (wrong length,
-    non-whole floats, strings — map class names to integers first)."""
-    try:
-        array = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a sequence of integer class labels, got {type(labels).__name__} "
-                         "(for class names, map them to integers and keep the names yourself)") from None
-    if array.dim() != 1:
-        raise ValueError(f"{name} must be one-dimensional [n], got shape {tuple(array.shape)}")
-    if num_samples is not None and array.shape[0] != num_samples:
-        raise ValueError(f"{name} must have one entry per probe sample: length {num_samples}, got {array.shape[0]}")
-    if array.is_floating_point():
-        if not bool(torch.isfinite(array).all()) or not bool((array == array.round()).all()):
-            raise ValueError(f"{name} must be whole numbers (class labels), got values such as "
-                             f"{array[~(array == array.round())][:3].tolist()}")
-    elif array.is_complex():
-        raise ValueError(f"{name} must be integer class labels, got dtype {array.dtype}")
-    return array.long()
+    """[n] integer labels as an int64 tensor: :func:`devinterp_losskernel.validation.as_labels`
+    with ``integer=True`` (the package's one labels rule: ints of any width, bools, whole-number
+    floats; refused with a message naming ``name``: the wrong length, NaN, non-whole floats,
+    strings — map class names to integers first)."""
+    from .validation import as_labels as _as_labels  # validation imports this module
+
+    return torch.from_numpy(np.ascontiguousarray(_as_labels(labels, num_samples, name, integer=True)))
 
 
 def correlation_from_covariance(
@@ -74,23 +66,45 @@ def correlation_from_covariance(
     return corr
 
 
-def _to_jsonable(value: Any) -> Any:  # reads format-1 files and writes xarray attributes
-    """Metadata must survive JSON; numpy/torch scalars and arrays become Python values."""
+def _to_jsonable(value: Any) -> Any:
+    """Storable metadata as plain JSON values for reading by eye (str keys, lists for tuples and
+    tensors); NaN and ±Inf stay floats (Python's json writes and reads them as NaN/Infinity)."""
     if isinstance(value, dict):
         return {str(k): _to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+
+
+def _attribute(value: Any) -> Any:
+    """One metadata value as an xarray attribute that zarr and netCDF both store: str, bool,
+    32-bit int and float (NaN and ±Inf included) as they are, anything else (None, lists, dicts,
+    larger ints) as JSON text (netCDF refuses None and dicts, netCDF-3 ints beyond 32 bits). The
+    exact types come back from :meth:`LossKernel.from_xarray` (netCDF itself reads a bool back
+    as 0/1)."""
+    if isinstance(value, (str, float, bool)) or (isinstance(value, int) and -2**31 <= value < 2**31):
         return value
-    return repr(value)
+    return json.dumps(_to_jsonable(value))
+
+
+def _storable_ids(sample_ids) -> list:
+    """Sample ids as a file keeps them: numpy scalars as Python numbers; str, int, float, bool,
+    None and tuples of them as they are; anything else as its str, said in a warning (it comes
+    back as a str)."""
+    plain = (str, int, float, bool, type(None))
+    out, changed = [], {}
+    for s in sample_ids:
+        s = s.item() if isinstance(s, np.generic) else s
+        if not (isinstance(s, plain) or (isinstance(s, tuple) and all(isinstance(v, plain) for v in s))):
+            changed[type(s).__name__] = changed.get(type(s).__name__, 0) + 1
+            s = str(s)
+        out.append(s)
+    if changed:
+        warnings.warn(f"save: sample_ids of types {changed} (counts) are stored as their str and load back as str",
+                      UserWarning, stacklevel=3)
+    return out
 
 
 @dataclass
@@ -227,11 +241,17 @@ class LossKernel:
         """Write the kernel (tensors bit-exact) and its metadata to ``path`` (a torch file),
         with a SHA-256 of everything in it that :meth:`load` verifies. Metadata keeps its
         types (NaN and ±Inf floats, int dict keys, tuples, tensors); numpy arrays are stored as
-        lists, other objects as their repr."""
+        lists, other objects as their repr.
+
+        The file records its format version (and the devinterp-losskernel that wrote it), so a
+        newer file is refused by name rather than misread. ``path`` must be a file path (an
+        existing folder, or a regular file where a parent folder should be, is refused;
+        missing parent folders are created); the file is written atomically (temp file, then
+        rename): a failed save leaves the old file, and no temp file, behind."""
         k = self.cpu()
         sample_ids = k.sample_ids
         if sample_ids is not None and not isinstance(sample_ids, torch.Tensor):
-            sample_ids = [str(s) if not isinstance(s, (int, float)) else s for s in sample_ids]
+            sample_ids = _storable_ids(sample_ids)
         payload = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -254,13 +274,17 @@ class LossKernel:
     def load(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "LossKernel":
         """Read a kernel written by :meth:`save` (safe: no pickled code is executed). The
         file's checksum is verified: a damaged file raises
-        :class:`~devinterp_losskernel.provenance.FileIntegrityError` naming it."""
+        :class:`~devinterp_losskernel.provenance.FileIntegrityError` naming it, and a file of a
+        format version this release cannot read (a newer one) raises
+        :class:`~devinterp_losskernel.provenance.FormatVersionError` saying which version of
+        devinterp-losskernel wrote it."""
         location = torch.device(map_location) if isinstance(map_location, (str, torch.device)) else None
         if location is not None and location.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"map_location must be an available device: got {str(map_location)!r}, but "
                              "torch.cuda.is_available() is False here; use map_location='cpu'")
-        payload = load_verified(path, kind=FORMAT, map_location=map_location, 
-                                require_checksum=lambda p: p.get("format_version", 1) >= 2)
+        payload = load_verified(path, kind=FORMAT, map_location=map_location,
+                                require_checksum=lambda p: p.get("format_version", 1) >= 2,
+                                versions=(OLDEST_FORMAT_VERSION, FORMAT_VERSION))
         if payload.get("format_version", 1) >= 2 and "metadata" not in payload:
             raise ValueError(f"{str(path)!r} is a LossKernel file without metadata")
         if payload.get("format_version", 1) >= 2:
@@ -288,8 +312,14 @@ class LossKernel:
         and on (``query``, ``sample_other``) for a rectangular or combined one, where ``query``
         holds the kernel's rows and ``sample_other`` its columns (both with their sample
         ids, and with ``query_index`` / ``sample_other_index`` the probe positions). A
-        diagonal-mode kernel has no 2-D variables. ``draws_per_chain`` is on dim ``chain``;
-        the metadata are attributes (dicts and lists as JSON)."""
+        diagonal-mode kernel has no 2-D variables. ``draws_per_chain`` is on dim ``chain``.
+
+        The metadata are attributes ``meta_<key>`` for reading by eye: str, bool, 32-bit int and
+        float values (NaN and ±Inf included) as they are, others (None, lists, dicts) as JSON
+        text, so the dataset writes to zarr and to netCDF alike. The attribute ``losskernel``
+        holds every non-array field (metadata, rejected_per_chain, rows, …) as typed JSON,
+        with its format version: :meth:`from_xarray` rebuilds the same kernel, every metadata
+        type included, from this dataset or from one read back from zarr or netCDF."""
         import xarray as xr
 
         k = self.cpu()
@@ -318,11 +348,57 @@ class LossKernel:
             chains = sorted(k.draws_per_chain)
             coords["chain"] = np.asarray(chains)
             data_vars["draws_per_chain"] = (("chain",), np.asarray([k.draws_per_chain[c] for c in chains]))
-        attrs = {"num_draws": k.num_draws, **{
-            f"meta_{key}": json.dumps(_to_jsonable(v)) if isinstance(v, (dict, list)) else _to_jsonable(v)
-            for key, v in k.metadata.items()
-        }}
+        metadata = to_storable(k.metadata)
+        fields = {
+            "format": XARRAY_FORMAT, "format_version": XARRAY_FORMAT_VERSION,
+            "written_by": f"devinterp-losskernel {package_version()}",
+            "num_draws": int(k.num_draws), "metadata": metadata,
+            "rows": None if k.rows is None else k.rows.tolist(),
+            "columns": None if k.columns is None else k.columns.tolist(),
+            "draws_per_chain": {int(c): int(v) for c, v in k.draws_per_chain.items()},
+            "rejected_per_chain": {int(c): int(v) for c, v in k.rejected_per_chain.items()},
+            "sample_ids": None if k.sample_ids is None else
+            ("tensor" if isinstance(k.sample_ids, torch.Tensor) else list(k.sample_ids)),
+        }
+        attrs = {"num_draws": k.num_draws, "losskernel": to_typed_json(fields),
+                 **{f"meta_{key}": _attribute(v) for key, v in metadata.items()}}
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    @classmethod
+    def from_xarray(cls, dataset) -> "LossKernel":
+        """The kernel :meth:`to_xarray` made this dataset from (also after a round trip through
+        ``to_zarr``/``open_zarr`` or ``to_netcdf``/``open_dataset``): the same tensors and the
+        same metadata, types included (None, bool, int, NaN/±Inf floats, str, tuples, lists,
+        nested and int-keyed dicts). A dataset of a newer export format is refused, saying
+        which version of devinterp-losskernel wrote it."""
+        import xarray as xr
+
+        if not isinstance(dataset, xr.Dataset):
+            raise TypeError(f"dataset must be an xarray.Dataset from LossKernel.to_xarray(), got "
+                            f"{type(dataset).__name__}")
+        text = dataset.attrs.get("losskernel")
+        if not isinstance(text, str):
+            raise ValueError("dataset must come from LossKernel.to_xarray(): it has no 'losskernel' attribute "
+                             "(the kernel's fields as typed JSON)")
+        try:
+            fields = from_typed_json(text)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"dataset's 'losskernel' attribute is damaged: {error}") from None
+        if not isinstance(fields, dict) or fields.get("format") != XARRAY_FORMAT:
+            raise ValueError("dataset's 'losskernel' attribute is not a LossKernel.to_xarray() record")
+        check_format_version(fields, "<dataset>", kind="LossKernel xarray", current=XARRAY_FORMAT_VERSION)
+        tensor = lambda name: None if name not in dataset else torch.from_numpy(  # noqa: E731
+            np.array(dataset[name].values))
+        ids = fields["sample_ids"]
+        if ids == "tensor":
+            ids = torch.from_numpy(np.array(dataset["sample"].values))
+        labels = torch.from_numpy(np.array(dataset["label"].values)) if "label" in dataset.coords else None
+        as_index = lambda v: None if v is None else torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return cls(covariance=tensor("covariance"), mean=tensor("mean"), variance=tensor("variance"),
+                   num_draws=fields["num_draws"], init_loss=tensor("init_loss"), rows=as_index(fields["rows"]),
+                   columns=as_index(fields["columns"]), draws_per_chain=fields["draws_per_chain"],
+                   rejected_per_chain=fields["rejected_per_chain"], sample_ids=ids, labels=labels,
+                   metadata=fields["metadata"])
 
     def __repr__(self) -> str:
         shape = "diagonal " + str(self.num_samples) if self.covariance is None else \

@@ -16,16 +16,16 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .validation import (
+    KERNEL_USES,
     as_array,
     as_labels,
     as_two_groups,
+    check_finite,
     check_index,
-    kernel_matrix,
-    num_samples_of,
+    checked_kernel,
 )
-from .analysis.memorization import detection_auc, roc_curve
+from .analysis.memorization import _auc, _roc, _scores_and_mask
 from .analysis.separation import PC1Separation, group_covariances
-from .kernel import LossKernel
 
 __all__ = [
     "plot_cka_convergence",
@@ -198,17 +198,20 @@ def plot_correlation_matrix(
             order are outlined and named (up to ``max_group_ticks`` blocks).
         use: ``"correlation"`` (R̂ on a fixed [−1, 1] scale, default) or ``"covariance"``.
     """
-    matrix = kernel_matrix(kernel, use)
-    n = matrix.shape[0]
-    if labels is None and isinstance(kernel, LossKernel) and kernel.labels is not None:
-        labels = kernel.labels
+    checked = checked_kernel(kernel)
+    n = checked.n
+    if labels is None and checked.labels is not None:
+        labels = checked.labels
     label_arr = None if labels is None else as_labels(labels, n)
     if order is None:
         order = np.argsort(label_arr, kind="stable") if label_arr is not None else np.arange(n)
     order = check_index(order, n, "order")
     if order.ndim != 1 or order.size == 0:
         raise ValueError(f"order must be a non-empty 1-D sequence of sample indices, got shape {order.shape}")
-    shown = matrix[np.ix_(order, order)]
+    if np.unique(order).size != order.size:
+        raise ValueError(f"order must name each sample at most once (a permutation or a subset), got "
+                         f"{order.size - np.unique(order).size} repeated indices")
+    shown = checked.matrix(_check_use(use))[np.ix_(order, order)]
     limit = 1.0 if use == "correlation" else float(np.abs(shown).max()) or 1.0
 
     fig = Figure(figsize=(6.4, 5.4))
@@ -219,11 +222,17 @@ def plot_correlation_matrix(
         _mark_label_blocks(ax, label_arr[order], max_group_ticks)
     else:
         ax.set_xlabel("sample (in the given order)")
-    draws = f", N = {kernel.num_draws} draws" if isinstance(kernel, LossKernel) else ""
+    draws = f", N = {checked.source.num_draws} draws" if checked.source is not None else ""
     shown_of = f"{len(order)} samples" if len(order) == n else f"{len(order)} of {n} samples"
     symbol = "R" if use == "correlation" else "K"
     ax.set_title(title or f"Loss kernel {use} {symbol}(x, x') ({shown_of}{draws})", fontsize=10)
     return _finish(fig, path)
+
+
+def _check_use(use: Any) -> str:
+    if use not in KERNEL_USES:
+        raise ValueError(f"use must be one of {KERNEL_USES}, got {use!r}")
+    return use
 
 
 def _mark_label_blocks(ax, ordered_labels: np.ndarray, max_ticks: int) -> None:
@@ -270,8 +279,10 @@ def plot_covariance_histograms(
         groups: [n] group labels (e.g. task).
         use: ``"covariance"`` (K̂, default) or ``"correlation"`` (R̂).
     """
-    result = group_covariances(kernel, groups, use=use)
-    n = num_samples_of(kernel)
+    checked = checked_kernel(kernel)
+    n = checked.n
+    group_arr = as_labels(groups, n, "groups")
+    result = group_covariances(checked, group_arr, use=use)
     symbol = "K" if use == "covariance" else "R"
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
@@ -297,7 +308,7 @@ def plot_covariance_histograms(
                   title="group pair (dashed vertical: median)", title_fontsize=7)
     ax.set_ylabel("fraction of the pair's values per bin")
     ax.set_title(title or f"Off-diagonal |{symbol}| by group pair (n = {n} samples, "
-                          f"{len(np.unique(as_labels(groups, n, 'groups')))} groups)", fontsize=10)
+                          f"{len(np.unique(group_arr))} groups)", fontsize=10)
     return _finish(fig, path)
 
 
@@ -323,9 +334,10 @@ def plot_cka_convergence(
     ax = fig.add_subplot()
     for label, points in curves.items():
         arr = as_array(list(points), "curve")
-        if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
+        if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0 or arr.dtype.kind not in "iuf":
             raise ValueError(f"curve must be a non-empty list of (num_draws, cka) pairs, got shape {arr.shape}")
         arr = arr.astype(np.float64)
+        check_finite(arr, "curve" if label is None else f"curve[{label!r}]")
         ax.plot(arr[:, 0], arr[:, 1], marker="o", markersize=3,
                 label=None if label is None else str(label))
     ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle=":")
@@ -365,10 +377,9 @@ def plot_memorization(
         positive_label, negative_label: the groups' names in the legend.
         score_name: what ``scores`` are, for the axis label (default ``"K(x, x)"``).
     """
-    fpr, tpr, _ = roc_curve(scores, is_positive)
-    auc = detection_auc(scores, is_positive)
-    s = as_array(scores, "scores").astype(np.float64)
-    mask = as_array(is_positive, "is_positive").astype(bool)
+    s, mask = _scores_and_mask(scores, is_positive)
+    fpr, tpr, _ = _roc(s, mask)
+    auc = _auc(s, mask)
     fig = Figure(figsize=(10, 4.0))
     roc_ax, hist_ax = fig.subplots(1, 2)
     roc_ax.plot(fpr, tpr, color="tab:red", label=f"AUC = {auc:.3f}")
@@ -423,26 +434,18 @@ def plot_pc1_separation(
     return _finish(fig, path)
 
 
-def _as_display_images(images: Any) -> np.ndarray:
-    """[n, H, W], [n, C, H, W] or [n, H, W, C] (C ∈ {1, 3}) → [n, H, W] or [n, H, W, 3],
-    each image min–max scaled to [0, 1] for display."""
-    arr = as_array(images, "images")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"images must be numeric, got dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if arr.ndim == 4:
-        if arr.shape[1] in (1, 3):
-            arr = np.moveaxis(arr, 1, -1)
-        elif arr.shape[-1] not in (1, 3):
-            raise ValueError(f"images must be [n, H, W], [n, C, H, W] or [n, H, W, C] with C in (1, 3), "
-                             f"got shape {arr.shape}")
-        if arr.shape[-1] == 1:
-            arr = arr[..., 0]
-    elif arr.ndim != 3:
-        raise ValueError(f"images must be [n, H, W], [n, C, H, W] or [n, H, W, C], got shape {arr.shape}")
+def _as_display_images(images: Any, layout: Optional[str] = None) -> np.ndarray:
+    """Images by the package's one image rule (:func:`~devinterp_losskernel.validation.as_images`:
+    [n, H, W], [n, H, W, C] or [n, C, H, W] with C ∈ {1, 3, 4}, an ambiguous shape refused unless
+    ``layout`` says, finite pixels) → [n, H, W] (grey) or [n, H, W, 3] (an alpha channel is
+    dropped), each image min–max scaled to [0, 1] for display."""
+    from .validation import as_images
+
+    arr = as_images(images, None, "images", layout).astype(np.float64)
+    arr = arr[..., 0] if arr.shape[-1] == 1 else arr[..., :3]
     axes = tuple(range(1, arr.ndim))
-    lo = np.nanmin(arr, axis=axes, keepdims=True)
-    span = np.nanmax(arr, axis=axes, keepdims=True) - lo
+    lo = arr.min(axis=axes, keepdims=True)
+    span = arr.max(axis=axes, keepdims=True) - lo
     return (arr - lo) / np.where(span > 0, span, 1.0)
 
 
@@ -453,6 +456,7 @@ def plot_top_k_grid(
     values: Any = None,
     *,
     labels: Any = None,
+    image_layout: Optional[str] = None,
     cell_size: float = 1.4,
     title: Optional[str] = None,
     path: PathLike = None,
@@ -460,8 +464,10 @@ def plot_top_k_grid(
     """A grid: one row per query, the query image followed by its neighbours (paper, Fig. 4).
 
     Args:
-        images: the probe images, [n, H, W] (grey), [n, C, H, W] or [n, H, W, C] with C = 1
-            or 3; each is min–max scaled for display.
+        images: the probe images, [n, H, W] (grey), [n, C, H, W] or [n, H, W, C] with C = 1,
+            3 or 4 (alpha dropped), finite; each is min–max scaled for display. The layout
+            rule is explore's: a shape where both axis 1 and the last axis could hold the
+            channels is refused unless ``image_layout`` says ``"NCHW"`` or ``"NHWC"``.
         query_indices: [q] sample indices of the queries.
         neighbour_indices: [q, k] their neighbours, e.g. from
             :func:`~devinterp_losskernel.analysis.top_correlated`.
@@ -469,9 +475,9 @@ def plot_top_k_grid(
         labels: optional [n] labels shown under each image.
         title: the figure's title; a line under it says how to read the grid.
     """
-    pictures = _as_display_images(images)
+    pictures = _as_display_images(images, image_layout)
     n = pictures.shape[0]
-    queries = np.atleast_1d(check_index(query_indices, n, "query_indices"))
+    queries = np.atleast_1d(check_index(query_indices, n, "query_indices", allow_empty=False))
     neighbours = check_index(neighbour_indices, n, "neighbour_indices") if np.ndim(neighbour_indices) == 1 \
         else as_array(neighbour_indices, "neighbour_indices")
     neighbours = np.atleast_2d(neighbours)
@@ -532,7 +538,23 @@ def _embedding_coords(embedding: Any, name: str = "embedding") -> np.ndarray:
     arr = as_array(coords, name)
     if arr.ndim != 2 or arr.shape[1] < 2 or arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be an Embedding or a numeric [n, 2] array, got shape {arr.shape}")
-    return arr[:, :2].astype(np.float64)
+    arr = arr[:, :2].astype(np.float64)
+    if np.isinf(arr).any():
+        raise ValueError(f"{name} must not hold ±Inf coordinates, got {int(np.isinf(arr).any(axis=1).sum())} samples")
+    return arr
+
+
+def _not_shown(coords: np.ndarray) -> str:
+    """What a map leaves out: samples with NaN coordinates (the graph left them without edges);
+    said on the figure and in a warning, never dropped silently."""
+    missing = np.flatnonzero(np.isnan(coords).any(axis=1))
+    if not missing.size:
+        return ""
+    import warnings
+
+    warnings.warn(f"{missing.size} of {coords.shape[0]} samples have NaN coordinates (e.g. {missing[:5].tolist()}: "
+                  "UMAP left them without edges) and are not drawn", RuntimeWarning, stacklevel=3)
+    return f"; {missing.size} samples with NaN coordinates not drawn"
 
 
 def _point_colours(n: int, labels: Any, hierarchy: Any, cmap: str):
@@ -628,7 +650,7 @@ def plot_embedding(
     fig = Figure(figsize=(6.0, 6.0))
     ax = fig.add_subplot()
     _scatter(ax, coords, colours, legend, point_size)
-    ax.set_title(_embedding_description(embedding, n), fontsize=9, color="0.2")
+    ax.set_title(_embedding_description(embedding, n) + _not_shown(coords), fontsize=9, color="0.2")
     fig.suptitle(title or f"Loss-kernel map, {_colouring(labels, hierarchy, legend)}", fontsize=11)
     return _finish(fig, path)
 
@@ -674,7 +696,7 @@ def plot_aligned_embeddings(
             axes[columns - 1].scatter([], [], s=20, color=colour, label=name)
         axes[columns - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
                                  title="colour", title_fontsize=7)
-    descriptions = list(dict.fromkeys(_embedding_description(e, n) for e in embeddings))
+    descriptions = list(dict.fromkeys(_embedding_description(e, n) + _not_shown(c) for e, c in zip(embeddings, coords)))
     what = descriptions[0] if len(descriptions) == 1 else "; ".join(descriptions)
     fig.suptitle(f"{title}\n{what}" if title else f"{what}\n{_colouring(labels, hierarchy, legend)}",
                  fontsize=10)
@@ -706,15 +728,17 @@ def plot_hierarchy_sorted_matrix(
 
     if not isinstance(hierarchy, Hierarchy):
         raise ValueError(f"hierarchy must be a Hierarchy, got {type(hierarchy).__name__}")
-    matrix = kernel_matrix(kernel, use)
-    n = matrix.shape[0]
-    if labels is None and isinstance(kernel, LossKernel) and kernel.labels is not None:
-        labels = kernel.labels
+    checked = checked_kernel(kernel)
+    n = checked.n
+    if labels is None and checked.labels is not None:
+        labels = checked.labels
     label_arr = as_labels(labels, n)
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 2):
+        raise ValueError(f"max_samples must be an int ≥ 2 or None, got {max_samples!r}")
+    matrix = checked.matrix(_check_use(use))
     order = hierarchy.sample_order(label_arr)
     if max_samples is not None:
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
-            raise ValueError(f"max_samples must be an int ≥ 2 or None, got {max_samples!r}")
         if n > max_samples:
             order = order[np.linspace(0, n - 1, max_samples).round().astype(np.int64)]
     shown = matrix[np.ix_(order, order)]

@@ -332,6 +332,11 @@ class ProbeSet:
                 raise ValueError(f"probe's tensors must share their first dimension (one row per sample), "
                                  f"got lengths {lengths}")
             return DataLoader(TensorDataset(*probe), batch_size=batch_size, shuffle=False, generator=_own_generator())
+        if isinstance(probe, list) and probe and _looks_like_a_batch(probe[0]):
+            raise ValueError(
+                "probe looks like a list of batches (its first item is a batch: its targets are a vector of "
+                f"{len(probe[0][1])}, not one sample's); the probe is a sequence of samples. Pass the batches "
+                "concatenated, e.g. (torch.cat(xs), torch.cat(ys)), or a DataLoader with shuffle=False")
         if isinstance(probe, Dataset) or hasattr(probe, "__getitem__") and hasattr(probe, "__len__"):
             return DataLoader(probe, batch_size=batch_size, shuffle=False, generator=_own_generator())
         raise TypeError(
@@ -399,6 +404,15 @@ class ProbeSet:
                     "order between epochs, a random transform?). Pass a DataLoader with a fixed order")
         if keep:
             self._cache, self._cache_device = fresh, (device, dtype)
+
+
+def _looks_like_a_batch(item) -> bool:
+    """An ``(inputs, targets)`` item whose targets are a vector as long as its inputs: a batch."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        return False
+    inputs, targets = item
+    return (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor) and inputs.dim() >= 2
+            and targets.dim() == 1 and len(targets) == len(inputs) > 1)
 
 
 def _own_generator() -> torch.Generator:

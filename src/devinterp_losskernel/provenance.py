@@ -12,7 +12,8 @@ kernel files, checkpoints):
   of everything in them (tensors bit for bit, and the metadata), and refuse to load when a
   byte has changed, naming the file. ``torch.load`` alone does not verify anything.
 
-This module imports nothing else of the package.
+This module imports nothing else of the package at import time (``save_verified`` uses
+:mod:`~devinterp_losskernel.validation`'s output-path checks when called).
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ __all__ = [
     "argument_differences",
     "mismatch_error",
     "FileIntegrityError",
+    "FormatVersionError",
+    "package_version",
     "IdentityMismatchError",
     "KernelIdentity",
+    "check_format_version",
     "checksum",
     "devinterp_version",
     "load_verified",
     "new_run_id",
     "save_verified",
+    "from_typed_json",
     "to_storable",
+    "to_typed_json",
 ]
 
 
@@ -49,6 +55,23 @@ class IdentityMismatchError(ValueError):
 
 class FileIntegrityError(ValueError):
     """A kernel or checkpoint file is not what was written: damaged, truncated or foreign."""
+
+
+class FormatVersionError(FileIntegrityError):
+    """A file of a format version this installation cannot read (newer, or too old)."""
+
+
+PACKAGE = "devinterp-losskernel"
+
+
+def package_version() -> str:
+    """This installation's devinterp-losskernel version ("unknown" when not installed)."""
+    try:
+        from importlib.metadata import version
+
+        return version(PACKAGE)
+    except Exception:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def devinterp_version() -> Optional[str]:
@@ -210,6 +233,69 @@ def to_storable(value: Any) -> Any:
     return repr(value)
 
 
+_TAGS = ("__float__", "__tuple__", "__dict__", "__tensor__")
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"__float__": str(value)}  # "nan", "inf", "-inf"
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not (k.startswith("__") and k.endswith("__")) for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__dict__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        data = torch.view_as_real(t).tolist() if t.is_complex() else t.tolist()
+        return {"__tensor__": _encode(data), "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+    return _encode(to_storable(value))
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"__float__"}:
+        return float(value["__float__"])
+    if set(value) == {"__tuple__"}:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if set(value) == {"__dict__"}:
+        return {_decode(k): _decode(v) for k, v in value["__dict__"]}
+    if set(value) == {"__tensor__", "dtype", "shape"}:
+        dtype = getattr(torch, value["dtype"])
+        data = _decode(value["__tensor__"])
+        if dtype.is_complex:
+            real = torch.tensor(data, dtype=torch.empty((), dtype=dtype).real.dtype)
+            return torch.view_as_complex(real.reshape(*value["shape"], 2).contiguous())
+        return torch.tensor(data, dtype=dtype).reshape(value["shape"])
+    return {k: _decode(v) for k, v in value.items()}
+
+
+def to_typed_json(value: Any) -> str:
+    """Storable metadata (see :func:`to_storable`) as strict JSON text that
+    :func:`from_typed_json` turns back into the same types: NaN and ±Inf floats, tuples,
+    dicts with int (or other non-str) keys and tensors are tagged, so nothing becomes a
+    string on the way through JSON, zarr or netCDF attributes."""
+    import json
+
+    return json.dumps(_encode(to_storable(value)), allow_nan=False)
+
+
+def from_typed_json(text: str) -> Any:
+    """The value :func:`to_typed_json` encoded, with its types."""
+    import json
+
+    return _decode(json.loads(text))
+
+
 # -- checksums -------------------------------------------------------------------------------
 def _feed(h, value: Any) -> None:
     if isinstance(value, torch.Tensor):
@@ -240,28 +326,67 @@ def checksum(value: Any) -> str:
     return h.hexdigest()
 
 
-def save_verified(payload: Dict[str, Any], path: Union[str, Path]) -> Path:
-    """Write ``payload`` (a dict of storable values) with its checksum, atomically: a file at
-    ``path`` is either the old one or the whole new one, never half of either."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_verified(payload: Dict[str, Any], path: Union[str, Path], *, name: str = "path") -> Path:
+    """Write ``payload`` (a dict of storable values) with its checksum and the version of
+    devinterp-losskernel that wrote it (``written_by``), atomically: a file at ``path`` is
+    either the old one or the whole new one, never half of either, and a failed write leaves
+    no temp file. ``path`` is checked first (``name`` is the argument named in the error): a
+    folder, or a regular file where a parent folder should be, is refused; missing parent
+    folders are created."""
+    from .validation import atomic_write, check_output_path  # here: validation imports kernel.py
+
+    path = check_output_path(path, name, expect="file", make_parents=True)
     payload = dict(payload)
     payload.pop("checksum", None)
+    payload.setdefault("written_by", f"{PACKAGE} {package_version()}")
     payload["checksum"] = checksum(payload)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, mode=None) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
+def check_format_version(payload: Dict[str, Any], path: Union[str, Path], *, kind: str, current: int,
+                         oldest: int = 1, default: int = 1) -> int:
+    """The ``format_version`` of a loaded ``kind`` file, refused (:class:`FormatVersionError`
+    naming the file, its version and what to do) unless ``oldest <= version <= current``.
+    A file without one is ``default`` (the first format wrote none)."""
+    version = payload.get("format_version", default)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise FileIntegrityError(f"{str(path)!r} has format_version {version!r}, not a positive int: it is "
+                                 f"damaged or not a {kind} file this package wrote")
+    written_by = payload.get("written_by")
+    readable = f"format version {current}" if oldest == current else f"format versions {oldest} to {current}"
+    if version > current:
+        wrote = f"it was written by {written_by}" if written_by else "it was written by a newer devinterp-losskernel"
+        their_version = str(written_by).split()[-1] if written_by else ""
+        need = f"'{PACKAGE}>={their_version}'" if their_version[:1].isdigit() else f"the newest {PACKAGE}"
+        raise FormatVersionError(
+            f"{str(path)!r} is a {kind} file of format version {version}, but this {PACKAGE} "
+            f"({package_version()}) reads {readable}; {wrote}. "
+            f"Upgrade: pip install -U {need}")
+    if version < oldest:
+        wrote = f" (written by {written_by})" if written_by else ""
+        raise FormatVersionError(
+            f"{str(path)!r} is a {kind} file of format version {version}{wrote}, older than this {PACKAGE} "
+            f"({package_version()}) reads ({readable}); read it with the release "
+            "that wrote it, or make it again")
+    return version
+
+
 def load_verified(path: Union[str, Path], *, kind: str, map_location="cpu",
-                  require_checksum=True) -> Dict[str, Any]:
+                  require_checksum=True, versions: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     """Read a file written by :func:`save_verified` and check it: a ``format`` of ``kind``
     and a matching checksum; :class:`FileIntegrityError` names the file otherwise.
-    ``require_checksum``: a bool, or a function of the payload (older formats had none)."""
+    ``require_checksum``: a bool, or a function of the payload (older formats had none).
+    ``versions=(oldest, current)``: the format versions this reader understands; any other is
+    refused by :func:`check_format_version` before the payload is used."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be the path (str or os.PathLike) of a {kind} file, got {type(path).__name__}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"path must be a {kind} file, got {str(path)!r}, which is a folder")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, flipped bytes in a header, a foreign pickle
@@ -270,6 +395,8 @@ def load_verified(path: Union[str, Path], *, kind: str, map_location="cpu",
             "it is damaged or not a file this package wrote") from None
     if not isinstance(payload, dict) or payload.get("format") != kind:
         raise FileIntegrityError(f"{str(path)!r} is not a {kind} file (not a file written by its save())")
+    if versions is not None:
+        check_format_version(payload, path, kind=kind, oldest=versions[0], current=versions[1])
     stored = payload.pop("checksum", None)
     if stored is None:
         if require_checksum(payload) if callable(require_checksum) else require_checksum:

@@ -21,30 +21,84 @@ kernel is the "mean" one times T², the number of predicted positions squared).
 
 from __future__ import annotations
 
+import numbers
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator
-from .kernel import LossKernel
-from .provenance import checksum
+from .kernel import LossKernel, as_labels
+from .provenance import FileIntegrityError, checksum
+from .validation import check_selection
 
 __all__ = ["kernel_from_samples", "loss_kernel"]
 
 REDUCTIONS = ("mean", "sum")
 
 
-def _as_block(block) -> torch.Tensor:
+def _as_block(block, name: str = "losses") -> torch.Tensor:
     if isinstance(block, np.ndarray):
+        if block.dtype.kind not in "fiu":
+            raise ValueError(f"{name} must hold real numbers (a float array), got dtype {block.dtype}")
         block = torch.from_numpy(block)
     elif not isinstance(block, torch.Tensor):
-        block = torch.as_tensor(np.asarray(block, dtype=np.float64))
+        try:
+            block = torch.as_tensor(np.asarray(block, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be an array of real numbers, got {type(block).__name__} "
+                             f"({str(error).splitlines()[0]})") from None
     if not (block.is_floating_point() or block.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"losses must be a float array, got dtype {block.dtype}")
+        raise ValueError(f"{name} must be a float array, got dtype {block.dtype}")
     return block
+
+
+def _as_chains(losses) -> list:
+    """A list/tuple of per-chain [draws_c, n] traces (numpy, torch or nested lists), which may
+    differ in their number of draws but not in n; ragged rows are refused by name."""
+    if not len(losses):
+        raise ValueError("losses is empty: a kernel needs at least 2 draws of n ≥ 1 samples")
+    if all(isinstance(c, (numbers.Number, np.generic)) for c in losses):
+        raise ValueError(f"losses must be [draws, n] or [chains, draws, n], got a flat sequence of "
+                         f"{len(losses)} numbers (one draw? pass [[...], [...]] with at least 2 draws)")
+    try:
+        if any(isinstance(c, torch.Tensor) for c in losses):
+            whole = torch.stack([torch.as_tensor(c) for c in losses])
+        else:
+            whole = np.asarray(losses, dtype=np.float64)
+    except (ValueError, RuntimeError, TypeError):
+        whole = None  # ragged: chains of different lengths, or rows of different lengths
+    if whole is not None:
+        return [_as_block(whole)]
+    chains = [_as_block(c, f"losses[{i}]") for i, c in enumerate(losses)]
+    if any(c.dim() != 2 for c in chains):
+        lengths = [len(c) if hasattr(c, "__len__") else None for c in losses]
+        raise ValueError(f"losses rows must all hold the same n samples: got rows of lengths {lengths[:10]}"
+                         f"{' …' if len(lengths) > 10 else ''} (for chains of different lengths pass a list of "
+                         "[draws_c, n] arrays)")
+    widths = [int(c.shape[1]) for c in chains]
+    if len(set(widths)) > 1:
+        i = next(i for i, w in enumerate(widths) if w != widths[0])
+        raise ValueError(f"losses: every chain must hold the same n probe samples per draw, but losses[{i}] has "
+                         f"n={widths[i]} and losses[0] has n={widths[0]} (chain shapes: "
+                         f"{[tuple(c.shape) for c in chains][:10]})")
+    return chains
+
+
+def _check_kernel_fields(n: int, init_loss, sample_ids, labels) -> None:
+    """The LossKernel fields of loss_kernel(), checked as soon as n is known (before folding draws)."""
+    if init_loss is not None:
+        shape = tuple(torch.as_tensor(np.asarray(init_loss) if not isinstance(init_loss, torch.Tensor)
+                                      else init_loss).shape)
+        if shape != (n,):
+            raise ValueError(f"init_loss must have shape ({n},) (one loss at w* per probe sample), got {shape}")
+    if sample_ids is not None and len(sample_ids) != n:
+        raise ValueError(f"sample_ids must have length n={n} (one per probe sample), got {len(sample_ids)}")
+    if labels is not None:
+        as_labels(labels, n)
 
 
 def loss_kernel(
@@ -66,27 +120,47 @@ def loss_kernel(
 
     Args:
         losses: ``[draws, n]`` (one chain, or chains concatenated), ``[chains, draws, n]``
-            (``draws_per_chain`` is recorded), or an iterable of ``[b, n]`` blocks (read
+            or a list of per-chain ``[draws_c, n]`` traces (chains may differ in length;
+            ``draws_per_chain`` is recorded), or an iterable of ``[b, n]`` blocks (read
             one at a time: memory is n² whatever the number of draws). numpy or torch, any
             float dtype. Every value must be finite.
         dtype, device, block_size, rows, mode: the accumulator's (see
-            :class:`~devinterp_losskernel.KernelAccumulator`).
-        init_loss, sample_ids, labels, metadata: passed to the :class:`LossKernel`.
+            :class:`~devinterp_losskernel.KernelAccumulator`); ``rows`` must name distinct
+            samples.
+        init_loss, sample_ids, labels, metadata: passed to the :class:`LossKernel`; their
+            lengths are checked against n before any draw is folded in.
     """
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    if isinstance(losses, (str, bytes, dict, numbers.Number)) or losses is None:
+        raise TypeError("losses must be a [draws, n] or [chains, draws, n] array (numpy or torch), a list of "
+                        f"per-chain [draws, n] arrays, or an iterable of [b, n] blocks, got {type(losses).__name__}")
+    if not isinstance(losses, (np.ndarray, torch.Tensor, list, tuple)) and hasattr(losses, "__array__"):
+        losses = np.asarray(losses)  # a pandas DataFrame, an xarray DataArray, …
     if isinstance(losses, (np.ndarray, torch.Tensor, list, tuple)):
-        array = _as_block(losses)
-        if array.dim() == 3:
+        if isinstance(losses, (list, tuple)):
+            parts = _as_chains(losses)
+            array = parts[0] if len(parts) == 1 else None
+        else:
+            array = _as_block(losses)
+        if array is None:
+            chains = parts
+        elif array.dim() == 3:
             chains = [array[c] for c in range(array.shape[0])]
         elif array.dim() == 2:
             chains = [array]
         else:
             raise ValueError(f"losses must be [draws, n] or [chains, draws, n], got shape {tuple(array.shape)}")
         blocks = ((c, b) for c, b in enumerate(chains))
-        num_samples = array.shape[-1]
+        num_samples = chains[0].shape[-1]
     else:
-        iterator = iter(losses)
         try:
-            first = _as_block(next(iterator))
+            iterator = iter(losses)
+        except TypeError:
+            raise TypeError("losses must be a [draws, n] or [chains, draws, n] array, a list of per-chain arrays, "
+                            f"or an iterable of [b, n] blocks, got {type(losses).__name__}") from None
+        try:
+            first = _as_block(next(iterator), "losses block 0")
         except StopIteration:
             raise ValueError("losses is empty: a kernel needs at least 2 draws") from None
         first = first[None] if first.dim() == 1 else first
@@ -96,11 +170,16 @@ def loss_kernel(
 
         def chained():
             yield 0, first
-            for block in iterator:
-                block = _as_block(block)
+            for i, block in enumerate(iterator, start=1):
+                block = _as_block(block, f"losses block {i}")
                 yield 0, block[None] if block.dim() == 1 else block
 
         blocks = chained()
+    if num_samples < 1:
+        raise ValueError("losses must hold at least one probe sample per draw (n ≥ 1), got n=0")
+    _check_kernel_fields(int(num_samples), init_loss, sample_ids, labels)
+    if rows is not None:
+        rows = check_selection(rows, int(num_samples), "rows", what="sample")
     accumulator = KernelAccumulator(int(num_samples), device=device, dtype=dtype, block_size=block_size,
                                     rows=rows, mode=mode)
     draws_per_chain: Dict[int, int] = {}
@@ -116,17 +195,34 @@ def loss_kernel(
                                labels=labels, metadata=dict(metadata or {}, source="loss_kernel"))
 
 
-def _open(samples):
-    """The xarray Dataset holding the run's arrays, opened lazily (a DataTree from
-    ``sample()``, a Dataset, or the path of the zarr store)."""
+def _open(samples) -> Tuple[Any, Optional[str]]:
+    """(the xarray Dataset holding the run's arrays, opened lazily; the path of its zarr store
+    or None) from a DataTree from ``sample()``, a Dataset, or the path of the zarr store. A path
+    that is missing, a file, not a zarr store, or a store that cannot be opened is refused by
+    name."""
     import xarray as xr
 
-    if isinstance(samples, (str, Path)):
-        return xr.open_datatree(str(samples), engine="zarr", consolidated=False).dataset
+    if isinstance(samples, (str, os.PathLike)) and not isinstance(samples, bytes):
+        path = Path(samples).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"samples: the zarr store {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
+                             f"got {str(path)!r}, which is a file" + (" (a kernel file? use LossKernel.load)"
+                                                                      if path.suffix == ".pt" else ""))
+        if not any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zattrs")):
+            raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
+                             f"got {str(path)!r}, which has no zarr.json: not a zarr store (or its top-level "
+                             "metadata was deleted)")
+        try:
+            return xr.open_datatree(str(path), engine="zarr", consolidated=False).dataset, str(path)
+        except Exception as error:  # zarr.json damaged, an array's metadata missing, …
+            raise FileIntegrityError(f"samples: the zarr store {str(path)!r} is damaged and cannot be opened "
+                                     f"({type(error).__name__}: {error})") from None
     if isinstance(samples, xr.DataTree):
-        return samples.dataset
+        return samples.dataset, samples.encoding.get("source") or samples.dataset.encoding.get("source")
     if isinstance(samples, xr.Dataset):
-        return samples
+        return samples, samples.encoding.get("source")
     raise TypeError("samples must be devinterp 2's sample() output (an xarray DataTree), an xarray Dataset "
                     f"or the path of its zarr store, got {type(samples).__name__}")
 
@@ -150,12 +246,81 @@ def _draw_chunk(var, default: int = 50) -> int:
     return default
 
 
+class _StoreReader:
+    """Reads ``var[chain, start:stop]`` of a run's store and tells unwritten draws (a chain
+    devinterp aborted, or a run that was interrupted) from a damaged store (a chunk file
+    deleted or truncated), naming the store, the array and the chunk file."""
+
+    def __init__(self, ds, var, name: str, source: Optional[str]):
+        self.ds, self.var, self.name, self.source = ds, var, name, source
+        self.chunk = _draw_chunk(var)
+        self.witness = ds["sampling_loss"] if "sampling_loss" in ds.data_vars and \
+            tuple(ds["sampling_loss"].dims[:2]) == ("chain", "draw") else None
+        self.where = f"the store {source!r}" if source else "the samples"
+
+    def chunk_file(self, array: str, chain: int, draw: int) -> Optional[Path]:
+        """The chunk file holding (chain, draw) of ``array``, for a zarr v3 store on disk."""
+        chunks = self.ds[array].encoding.get("chunks")
+        if not self.source or not chunks or not (Path(self.source) / array / "zarr.json").exists():
+            return None  # not a zarr v3 store on disk: no chunk file to name
+        index = [chain // chunks[0], draw // chunks[1]] + [0] * (len(chunks) - 2)
+        return Path(self.source, array, "c", *map(str, index))
+
+    def _read(self, array, chain: int, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self.ds[array][chain, start:stop].values)
+        except Exception as error:  # a truncated or overwritten chunk: zstd, codec, shape errors
+            chunk = self.chunk_file(array, chain, start)
+            raise FileIntegrityError(
+                f"{self.where} is damaged: array {array!r}, chain {chain}, draws {start}–{stop - 1} cannot be "
+                f"read{f' (chunk file {str(chunk)!r})' if chunk else ''}: {type(error).__name__}: {error}. "
+                "Use another copy of the run, or leave the chain out with chains=[…]") from None
+
+    def read(self, chain: int, start: int, stop: int, reduction: str) -> torch.Tensor:
+        block = torch.from_numpy(self._read(self.name, chain, start, stop)).to(torch.float64)  # [b, n, T]
+        return block.mean(dim=-1) if reduction == "mean" else block.sum(dim=-1)
+
+    def written(self, chain: int, draws: Sequence[int]) -> Optional[np.ndarray]:
+        """Per draw, whether devinterp wrote it: its sampling_loss has a value (devinterp writes
+        a draw's sampling_loss and observable losses together). None without sampling_loss."""
+        if self.witness is None:
+            return None
+        lo, hi = min(draws), max(draws) + 1
+        values = self._read("sampling_loss", chain, lo, hi).reshape(hi - lo, -1)
+        finite = np.isfinite(values).any(axis=1)
+        return np.array([finite[d - lo] for d in draws])
+
+    def bad_written(self, chain: int, draws: Sequence[int], values: torch.Tensor, observable: str) -> ValueError:
+        """The error for draws devinterp wrote whose observable losses are not finite: a lost chunk
+        (the file is missing; a lost chunk reads as NaN) or an overflowed loss (±Inf, or NaN in a
+        chunk that is there)."""
+        draw, count = draws[0], len(draws)
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        chunk = self.chunk_file(self.name, chain, draw)
+        if chunk is not None and not chunk.exists():
+            return FileIntegrityError(
+                f"{self.where} is damaged: array {self.name!r} has no values for chain {chain}, draw {draw}{more}, "
+                f"though devinterp wrote {'that draw' if count == 1 else 'those draws'} (sampling_loss has values "
+                f"there): its chunk file {str(chunk)!r} is missing. Use another copy of the run, or leave the chain "
+                "out with chains=[…]")
+        if chunk is None and not bool(torch.isinf(values).any()):
+            return FileIntegrityError(
+                f"chain {chain}, draw {draw}{more}: {observable!r} losses are NaN in draws devinterp wrote "
+                f"(sampling_loss has values there): {self.where} lost a chunk of {self.name!r} (it reads as NaN), "
+                "or the observable's loss overflowed. Pass the store's path to name the chunk file, or leave the "
+                "chain out with chains=[…]")
+        return ValueError(
+            f"chain {chain}, draw {draw}{more}: non-finite {observable!r} losses in draws devinterp wrote (the "
+            "observable's loss overflowed); leave the chain out with chains=[…]")
+
+
 def kernel_from_samples(
     samples,
     observable: str = "probe",
     *,
     reduction: str = "mean",
     chains: Optional[Iterable[int]] = None,
+    draws: Union[None, slice, Sequence[int]] = None,
     failed_chains: str = "drop",
     draws_per_read: Optional[int] = None,
     dtype: torch.dtype = torch.float64,
@@ -173,27 +338,43 @@ def kernel_from_samples(
         observable: the observable's name, as given to ``sample(observables={name: …})``.
         reduction: ``"mean"`` (per-token-averaged sequence loss, devinterp's "sequence"
             method) or ``"sum"`` (each sequence's total loss).
-        chains: which chains to use (default: all).
+        chains: which chains to use (default: all): distinct indices in [0, num_chains).
+        draws: which draws of each chain to use (default: all): distinct indices in
+            [0, num_draws), or a slice such as ``slice(20, None)`` to leave out the first 20.
         failed_chains: a chain devinterp aborted (a NaN minibatch loss: its later draws are
             left unwritten, NaN in the store) is ``"drop"``-ped whole (default; recorded in
             ``rejected_per_chain`` and ``metadata["chain_failures"]``, with a warning: its
             last finite draws are usually the blow-up), or only its unwritten draws are left
-            out (``"keep_finite"``).
+            out (``"keep_finite"``). The same holds for the chains of a run that was
+            interrupted (a store without devinterp's ``completed`` flag).
         draws_per_read: draws read per chunk (default: the store's chunk along ``draw``).
         dtype, device, block_size, rows, mode: the accumulator's (see
-            :class:`~devinterp_losskernel.KernelAccumulator`).
+            :class:`~devinterp_losskernel.KernelAccumulator`); ``rows`` must name distinct
+            sequences.
 
     Returns:
         The :class:`LossKernel` over the observable's sequences in the store's order
-        (``metadata``: the observable, reduction, devinterp's sampler config, the store's
-        ``input_ids`` checksum as the probe fingerprint). ``init_loss`` is None: devinterp
-        stores no observable losses at w*.
+        (``metadata``: the observable, reduction, chains and draws used, devinterp's sampler
+        config, the store's ``input_ids`` checksum as the probe fingerprint). ``init_loss`` is
+        None: devinterp stores no observable losses at w*.
+
+    Raises:
+        FileIntegrityError: the store is damaged — a chunk that devinterp wrote is missing or
+            cannot be decoded (named with its array, chain, draws and chunk file) — as opposed
+            to draws devinterp never wrote, which are handled by ``failed_chains``.
     """
+    if not isinstance(observable, str) or not observable:
+        raise TypeError(f"observable must be the observable's name (a non-empty str, as given to "
+                        f"sample(observables={{name: …}})), got {observable!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if failed_chains not in ("drop", "keep_finite"):
         raise ValueError(f"failed_chains must be 'drop' or 'keep_finite', got {failed_chains!r}")
-    ds = _open(samples)
+    if draws_per_read is not None and (isinstance(draws_per_read, bool) or draws_per_read < 1
+                                       or not isinstance(draws_per_read, numbers.Integral)):
+        raise ValueError(f"draws_per_read must be a positive int (draws read per chunk) or None, "
+                         f"got {draws_per_read!r}")
+    ds, source = _open(samples)
     obs = _obs_id(observable)
     name = f"loss_{obs}"
     if name not in ds.data_vars:
@@ -205,15 +386,20 @@ def kernel_from_samples(
     if tuple(var.dims) != expected:
         raise ValueError(f"{name} must have dims {expected} (devinterp 2's sample() layout), got {tuple(var.dims)}")
     num_chains, num_draws, n, _ = (int(s) for s in var.shape)
-    chain_list = list(range(num_chains)) if chains is None else [int(c) for c in chains]
-    if any(c < 0 or c >= num_chains for c in chain_list):
-        raise ValueError(f"chains must be in [0, {num_chains}), got {chain_list}")
-    step = int(draws_per_read or _draw_chunk(var))
-
-    def read(chain: int, start: int, stop: int) -> torch.Tensor:
-        block = torch.from_numpy(np.asarray(var[chain, start:stop].values))  # [b, n, T] float32
-        block = block.to(torch.float64)
-        return block.mean(dim=-1) if reduction == "mean" else block.sum(dim=-1)
+    if not (num_chains and num_draws and n):
+        raise ValueError(f"{name} of these samples is empty: {num_chains} chains × {num_draws} draws × {n} sequences "
+                         "(a kernel needs at least 2 draws of at least one sequence)")
+    chain_list = list(range(num_chains)) if chains is None else check_selection(chains, num_chains, "chains",
+                                                                                 what="chain")
+    keep = np.ones(num_draws, dtype=bool)
+    if draws is not None:
+        keep[:] = False
+        keep[check_selection(draws, num_draws, "draws", what="draw", allow_slice=True)] = True
+    if rows is not None:
+        rows = check_selection(rows, n, "rows", what="sequence")
+    reader = _StoreReader(ds, var, name, source)
+    step = int(draws_per_read or reader.chunk)
+    interrupted = source is not None and ds.attrs.get("completed") != 1
 
     config = _sampler_config(ds)
     sampler = {k: config.get(src) for k, src in (("lr", "lr"), ("nbeta", "n_beta"), ("localization", "localization"),
@@ -224,38 +410,63 @@ def kernel_from_samples(
         fingerprint = "input_ids:" + checksum(torch.from_numpy(np.asarray(ds[f"input_ids_{obs}"].values)))[:32]
     accumulator = KernelAccumulator(n, device=device, dtype=dtype, block_size=block_size, rows=rows, mode=mode,
                                     probe=fingerprint, sampler=sampler or None)
+    stopped = ("the run was interrupted before this chain finished (the store has no 'completed' flag)"
+               if interrupted else "devinterp aborted it")
     draws_per_chain: Dict[int, int] = {}
     rejected: Dict[int, int] = {}
     failures: Dict[int, str] = {}
     for chain in chain_list:
-        last = read(chain, num_draws - 1, num_draws)
+        last = reader.read(chain, num_draws - 1, num_draws, reduction)
         complete = bool(torch.isfinite(last).all())
+        if not complete:
+            written = reader.written(chain, [num_draws - 1])
+            if written is not None and written[0]:  # devinterp wrote the last draw: not an aborted chain
+                raise reader.bad_written(chain, [num_draws - 1], last, observable)
         if not complete and failed_chains == "drop":
-            rejected[chain] = num_draws
-            failures[chain] = "devinterp aborted it (unwritten draws are NaN in the store); dropped whole"
+            rejected[chain] = int(keep.sum())
+            failures[chain] = f"{stopped} (its unwritten draws are NaN in the store); dropped whole"
             continue
+        first_unwritten = None  # devinterp writes a chain's draws in order: unwritten ones are a suffix
         for start in range(0, num_draws, step):
-            block = read(chain, start, min(num_draws, start + step))
-            finite = torch.isfinite(block).all(dim=1)
-            if not bool(finite.all()):
-                if complete:
-                    draw = start + int((~finite).nonzero()[0])
-                    raise ValueError(
-                        f"chain {chain}, draw {draw}: non-finite {observable!r} losses in a chain devinterp "
-                        "completed (the observable's loss overflowed); leave the chain out with chains=[…]")
-                rejected[chain] = rejected.get(chain, 0) + int((~finite).sum())
-                failures.setdefault(chain, "devinterp aborted it; its unwritten (NaN) draws are left out")
-                block = block[finite]
-            if block.shape[0]:
-                accumulator.update(block, check_finite=False)
-                draws_per_chain[chain] = draws_per_chain.get(chain, 0) + int(block.shape[0])
+            stop = min(num_draws, start + step)
+            block = reader.read(chain, start, stop, reduction)
+            finite = torch.isfinite(block).all(dim=1).numpy()
+            if first_unwritten is not None and finite.any():
+                raise FileIntegrityError(
+                    f"{reader.where} is damaged: chain {chain} of array {name!r} has no values at draw "
+                    f"{first_unwritten} but has them at draw {start + int(np.flatnonzero(finite)[0])}: devinterp "
+                    "writes a chain's draws in order, so a chunk was lost. Use another copy of the run, or leave "
+                    "the chain out with chains=[…]")
+            if not finite.all():
+                bad = [start + int(i) for i in np.flatnonzero(~finite)]
+                written = reader.written(chain, bad)
+                hit = bad if (complete and written is None) else [d for d, w in zip(bad, written if written is not
+                                                                                      None else []) if w]
+                if hit:
+                    raise reader.bad_written(chain, hit, block[torch.from_numpy(~finite)], observable)
+                if finite[bad[0] - start:].any():
+                    raise FileIntegrityError(
+                        f"{reader.where} is damaged: chain {chain} of array {name!r} has no values at draw {bad[0]} "
+                        f"but has them at a later draw: devinterp writes a chain's draws in order, so a chunk was "
+                        "lost. Use another copy of the run, or leave the chain out with chains=[…]")
+                first_unwritten = bad[0]
+            selected = finite & keep[start:stop]
+            skipped = int((~finite & keep[start:stop]).sum())
+            if skipped:
+                rejected[chain] = rejected.get(chain, 0) + skipped
+                failures.setdefault(chain, f"{stopped}; its unwritten (NaN) draws are left out")
+            if selected.any():
+                accumulator.update(block[torch.from_numpy(selected)], check_finite=False)
+                draws_per_chain[chain] = draws_per_chain.get(chain, 0) + int(selected.sum())
     if failures:
-        warnings.warn(f"from_samples: chains {sorted(failures)} were aborted by devinterp: "
+        what = "were interrupted" if interrupted else "were aborted by devinterp"
+        warnings.warn(f"from_samples: chains {sorted(failures)} {what}: "
                       + "; ".join(f"chain {c}: {why}" for c, why in sorted(failures.items())), RuntimeWarning,
                       stacklevel=2)
     if accumulator.count < 2:
-        raise ValueError(f"only {accumulator.count} finite draws of {observable!r} in these samples; "
-                         "a covariance needs at least 2")
+        raise ValueError(f"only {accumulator.count} finite draws of {observable!r} in these samples"
+                         f"{' (of the chains and draws selected)' if chains is not None or draws is not None else ''}"
+                         f"{f'; dropped chains: {failures}' if failures else ''}; a covariance needs at least 2")
     try:
         from .provenance import devinterp_version
 
@@ -264,8 +475,9 @@ def kernel_from_samples(
         version = None
     metadata = {"source": "devinterp_losskernel.from_samples", "observable": observable, "reduction": reduction,
                 "sampler": sampler, "sampler_config": config, "num_chains": len(draws_per_chain),
-                "chain_failures": failures, "diverged_chains": sorted(failures), "devinterp_version": version,
-                "token_positions": int(var.shape[-1])}
+                "chains": chain_list, "draws": None if draws is None else np.flatnonzero(keep).tolist(),
+                "store": source, "chain_failures": failures, "diverged_chains": sorted(failures),
+                "devinterp_version": version, "token_positions": int(var.shape[-1])}
     return accumulator.compute(draws_per_chain=draws_per_chain, rejected_per_chain=rejected, metadata=metadata)
 
 

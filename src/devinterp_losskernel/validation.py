@@ -4,13 +4,22 @@ Every analysis takes numpy or torch input (or a :class:`~devinterp_losskernel.Lo
 and works on numpy float64. These helpers convert, check, and raise ``ValueError`` with a
 message that names the offending argument and says what was expected, e.g.::
 
-    ValueError: labels must have length n=100 (one per probe sample), got 99
+    ValueError: labels must have one entry per probe sample: length 100, got 99
+
+Kernels are checked once, by :func:`checked_kernel`; the :class:`CheckedKernel` it returns is
+taken by every analysis and plot without a second check or conversion (the trusted path).
+Labels follow one rule, :func:`as_labels`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from typing import Any, Optional, Tuple
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,8 +34,11 @@ __all__ = [
     "as_matrix",
     "as_two_groups",
     "as_vector",
+    "atomic_write",
     "check_index",
     "check_k",
+    "check_output_path",
+    "check_selection",
     "check_kernel",
     "kernel_labels",
     "kernel_matrix",
@@ -39,17 +51,16 @@ KERNEL_USES = ("covariance", "correlation")
 
 
 def as_array(x: Any, name: str) -> np.ndarray:
-    """Any array-like (numpy, torch on any device and dtype, list) → a numpy array.
+    """Any array-like (numpy, torch on any device and dtype, dense or sparse, list) → a numpy array.
 
     Floating and boolean dtypes become float64/bool; other dtypes are kept as numpy gives them.
     """
-    if isinstance(x, LossKernel):
-        raise ValueError(f"{name} must be an array here, got a LossKernel")
+    if isinstance(x, (LossKernel, CheckedKernel)):
+        raise ValueError(f"{name} must be an array here, got a {type(x).__name__}")
     if isinstance(x, torch.Tensor):
-        t = x.detach().cpu()
-        if t.is_floating_point() and t.dtype != torch.float64:
-            t = t.double()
-        return t.numpy()
+        return _tensor_array(x, name)
+    if not isinstance(x, np.ndarray) and callable(getattr(x, "toarray", None)):  # scipy.sparse
+        x = x.toarray()
     try:
         arr = np.asarray(x)
     except Exception as error:  # ragged lists and the like
@@ -59,47 +70,204 @@ def as_array(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _tensor_array(x: torch.Tensor, name: str) -> np.ndarray:
+    """A tensor on any device, dense or sparse, any dtype → numpy (floats as float64)."""
+    t = x.detach()
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a tensor on the meta device (a shape without values); "
+                         "pass a tensor that holds its values")
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.cpu().resolve_conj().resolve_neg()
+    if t.is_floating_point() and t.dtype != torch.float64:
+        t = t.double()
+    return t.numpy()
+
+
 def _as_float(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {int((~np.isfinite(arr)).sum())} NaN/Inf entries")
+    check_finite(arr, name)
     return arr
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """ValueError naming ``name``, how many entries are NaN/±Inf and where the first ones are."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        where = [tuple(int(i) for i in p) if arr.ndim > 1 else int(p[0]) for p in np.argwhere(bad)[:3]]
+        raise ValueError(f"{name} must be finite, got {int(bad.sum())} NaN/Inf entries (first at {where}); "
+                         "non-finite values are never read as 0 or ranked")
 
 
 def as_matrix(x: Any, name: str = "kernel", *, square: bool = True) -> np.ndarray:
     """A 2-D finite float64 numpy array; [n, n] unless ``square=False``."""
-    arr = _as_float(as_array(x, name), name)
+    arr = as_array(x, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {arr.shape}")
     if square and arr.shape[0] != arr.shape[1]:
         raise ValueError(f"{name} must be a square [n, n] matrix, got shape {arr.shape}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    return arr
+    return _as_float(arr, name)
 
 
 def as_vector(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
     """A 1-D finite float64 numpy array, of length ``n`` if given."""
-    arr = _as_float(as_array(x, name), name)
+    arr = as_array(x, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D vector, got shape {arr.shape}")
     if n is not None and arr.shape[0] != n:
-        raise ValueError(f"{name} must have length n={n} (one per probe sample), got {arr.shape[0]}")
-    return arr
+        raise ValueError(f"{name} must have one entry per probe sample: length {n}, got {arr.shape[0]}")
+    return _as_float(arr, name)
 
 
-def as_labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
-    """Per-sample labels (ints, strings, … from numpy, torch or a list) → a 1-D array of length n."""
+# ---------------------------------------------------------------------------------------------
+# LABELS: the package's one labels rule (kernel.as_labels, the callback, explore, the analyses
+# and the plots all go through as_labels below).
+# ---------------------------------------------------------------------------------------------
+
+_INT64_MAX = np.iinfo(np.int64).max
+_EXACT_FLOAT_INT = 2.0 ** 53
+
+
+def as_labels(labels: Any, n: Optional[int], name: str = "labels", *, integer: bool = False) -> np.ndarray:
+    """Per-sample labels → a 1-D numpy array of length n. The one labels rule of the package:
+
+    * a 1-D sequence (numpy, torch on any device, list, tuple, pandas), one label per probe
+      sample: length ``n`` exactly;
+    * integers of any width → int64; whole-number floats (``3.0``) → int64;
+    * bools → bool (int64 0/1 with ``integer=True``);
+    * strings → str, where the caller supports named labels (``integer=False``: the analyses
+      and plots); ``integer=True`` (a LossKernel's labels, the callback, explore) refuses them:
+      map class names to integers first;
+    * refused, naming ``name``: None, a scalar or a single string, 2-D arrays, NaN/±Inf or None
+      entries (a missing label is not a label), non-whole floats, complex or other dtypes, and
+      a mix of kinds (ints and strings in one list).
+
+    Args:
+        labels: the labels.
+        n: the number of probe samples (None: any length).
+        name: the argument's name, for messages.
+        integer: require integer class labels (returns int64).
+
+    Returns:
+        [n] int64, bool or str array.
+    """
     if labels is None:
-        raise ValueError(f"{name} must be given (one label per probe sample, length n={n}), got None")
-    arr = as_array(labels, name)
+        length = "" if n is None else f", length n={n}"
+        raise ValueError(f"{name} must be given (one label per probe sample{length}), got None")
+    arr = _label_array(labels, name)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one label per probe sample), got shape {arr.shape}")
-    if arr.shape[0] != n:
-        raise ValueError(f"{name} must have length n={n} (one per probe sample), got {arr.shape[0]}")
+        hint = " (for one-hot or probability rows, pass .argmax(1))" if arr.ndim == 2 else ""
+        raise ValueError(f"{name} must be one-dimensional [n] (one label per probe sample), "
+                         f"got shape {arr.shape}{hint}")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} must have one entry per probe sample: length {n}, got {arr.shape[0]}")
+    values = _label_values(arr, name)
+    if integer:
+        if values.dtype.kind == "U":
+            raise ValueError(f"{name} must be integer class labels here, got strings such as "
+                             f"{values[:3].tolist()}; map class names to integers first (and keep the "
+                             "names yourself, e.g. explore(label_names=...))")
+        values = values.astype(np.int64, copy=False)
+    return values
+
+
+def _label_array(labels: Any, name: str) -> np.ndarray:
+    """The raw numpy array of ``labels`` (not yet checked); a list holding strings is kept as
+    objects so that a mix of strings and numbers is seen (numpy would make "1" of 1)."""
+    if isinstance(labels, (LossKernel, CheckedKernel)):
+        raise TypeError(f"{name} must be labels (one per probe sample), got a {type(labels).__name__}")
+    if isinstance(labels, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of labels (one per probe sample), got the single "
+                         f"string {labels[:40]!r}")
+    if isinstance(labels, (set, frozenset, dict)) or (hasattr(labels, "__next__") and not hasattr(labels, "__len__")):
+        raise TypeError(f"{name} must be an ordered sequence (list, array or tensor), got {type(labels).__name__}")
+    if isinstance(labels, torch.Tensor):
+        return _tensor_array(labels, name)
+    try:
+        arr = np.asarray(labels)
+    except Exception as error:  # ragged lists
+        raise ValueError(f"{name} must be a flat sequence of labels, got {type(labels).__name__}: {error}") from None
+    if arr.dtype.kind in "US" and not isinstance(labels, np.ndarray):
+        objects = np.empty(len(labels), dtype=object) if arr.ndim == 1 else None
+        if objects is not None:
+            objects[:] = list(labels)
+            return objects
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must be a sequence of labels (one per probe sample), got {type(labels).__name__} "
+                         f"{labels!r:.40}")
     return arr
+
+
+def _label_values(arr: np.ndarray, name: str) -> np.ndarray:
+    """A 1-D array of labels → int64, bool or str, or a ValueError naming ``name``."""
+    kind = arr.dtype.kind
+    if kind == "b":
+        return arr.astype(bool, copy=False)
+    if kind in "iu":
+        if kind == "u" and arr.size and arr.max() > _INT64_MAX:
+            raise ValueError(f"{name} must fit in int64, got {arr.max()}")
+        return arr.astype(np.int64, copy=False)
+    if kind == "f":
+        return _whole_labels(arr, name)
+    if kind in "US":
+        return arr.astype(str)
+    if kind == "O":
+        return _object_labels(arr, name)
+    raise ValueError(f"{name} must hold ints, bools or strings (one label per probe sample), got dtype {arr.dtype}")
+
+
+def _whole_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    """Float labels → int64: finite whole numbers only."""
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"{name} must not contain NaN or ±Inf (a missing label is not a label), got "
+                         f"{int(bad.sum())} at positions {np.flatnonzero(bad)[:5].tolist()}")
+    fractional = arr != np.floor(arr)
+    if fractional.any():
+        raise ValueError(f"{name} must be whole numbers (class labels), got values such as "
+                         f"{arr[fractional][:3].tolist()}")
+    if arr.size and np.abs(arr).max() >= _EXACT_FLOAT_INT:
+        raise ValueError(f"{name} must be whole numbers below 2**53 when given as floats, got {np.abs(arr).max()}")
+    return arr.astype(np.int64)
+
+
+def _label_kind(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return type(value).__name__
+
+
+def _object_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    """Labels held as Python objects (lists with strings, pandas object columns): one kind only."""
+    items = arr.tolist()
+    missing = [i for i, v in enumerate(items)
+               if v is None or (_label_kind(v) == "float" and not np.isfinite(float(v)))]
+    if missing:
+        raise ValueError(f"{name} must not contain missing values (None/NaN: a missing label is not a label), "
+                         f"got {len(missing)} at positions {missing[:5]}")
+    kinds = sorted({_label_kind(v) for v in items})
+    if kinds == ["str"]:
+        return np.asarray(items, dtype=str)
+    if kinds == ["bool"]:
+        return np.asarray(items, dtype=bool)
+    if set(kinds) <= {"int", "float"}:
+        try:
+            numeric = np.asarray(items, dtype=np.float64 if "float" in kinds else np.int64)
+        except OverflowError:
+            raise ValueError(f"{name} must fit in int64") from None
+        return _label_values(numeric, name)
+    raise ValueError(f"{name} must hold labels of one kind (all ints, all bools or all strings), "
+                     f"got a mix of {kinds}")
 
 
 def as_mask(mask: Any, n: int, name: str) -> np.ndarray:
@@ -111,6 +279,8 @@ def as_mask(mask: Any, n: int, name: str) -> np.ndarray:
         return arr
     if arr.dtype.kind in "iuf" and np.all((arr == 0) | (arr == 1)):
         return arr.astype(bool)
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise ValueError(f"{name} must be boolean (or 0/1), got {int(np.isnan(arr).sum())} NaN entries")
     raise ValueError(f"{name} must be boolean (or 0/1), got dtype {arr.dtype}")
 
 
@@ -149,11 +319,15 @@ def check_k(k: Any, n: int, name: str = "k", *, available: Optional[int] = None)
     return int(k)
 
 
-def check_index(index: Any, n: int, name: str = "index") -> np.ndarray:
+def check_index(index: Any, n: int, name: str = "index", *, allow_empty: bool = True) -> np.ndarray:
     """A sample index or a sequence of them → int64 array; each must be in [0, n)."""
     arr = as_array(index, name)
+    if arr.ndim == 1 and arr.size == 0:
+        arr = arr.astype(np.int64)  # [] is an empty selection, whatever dtype numpy gave it
     if arr.dtype.kind not in "iu" or arr.ndim > 1:
-        raise ValueError(f"{name} must be an int or a 1-D sequence of ints, got {index!r}")
+        raise ValueError(f"{name} must be an int or a 1-D sequence of ints, got {index!r:.80}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} must select at least one sample, got an empty selection")
     if arr.size and (arr.min() < 0 or arr.max() >= n):
         raise ValueError(f"{name} must be in [0, n={n}), got values in [{arr.min()}, {arr.max()}]")
     return arr.astype(np.int64)
@@ -180,50 +354,506 @@ def check_kernel(kernel: LossKernel, name: str = "kernel", *, square: bool = Tru
     return kernel
 
 
-def num_samples_of(kernel: Any, name: str = "kernel") -> int:
-    """n for a LossKernel or a square matrix."""
+# ---------------------------------------------------------------------------------------------
+# KERNELS: checked once, then trusted. checked_kernel() is the boundary; a CheckedKernel is
+# accepted by every analysis and plot in place of the kernel, and nothing checks or converts
+# its matrices again (explore, the lift and the UMAP pass one to their neighbour searches).
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    view = arr.view()
+    view.flags.writeable = False
+    return view
+
+
+def _variances(values: np.ndarray, name: str) -> np.ndarray:
+    """Variances K(x, x) must be ≥ 0: a negative one has no square root, and R would read it as 0."""
+    negative = values < 0
+    if negative.any():
+        first = int(np.flatnonzero(negative)[0])
+        raise ValueError(f"{name} must be ≥ 0 (variances K(x, x)), got {int(negative.sum())} negative, "
+                         f"e.g. {values[first]:.3g} at sample {first}")
+    return values
+
+
+class CheckedKernel:
+    """A kernel that has been through the boundary once (built by :func:`checked_kernel`).
+
+    Every analysis and plot takes it where it takes a kernel and uses its float64 numpy
+    matrices as they are: no second check or conversion of the n × n matrix. Matrices are
+    computed on first use, cached and read-only.
+
+    Attributes:
+        n: the number of probe samples.
+        variance: K̂(x, x), float64 [n], finite and ≥ 0 (checked on first use for a bare matrix,
+            whose diagonal may be anything when only ``use="covariance"`` is asked for).
+        labels: the LossKernel's own labels as int64 [n], or None.
+        source: the LossKernel it came from, or None for a matrix.
+        name: the argument's name, for messages.
+    """
+
+    def __init__(self, n: int, *, name: str, source: Optional[LossKernel] = None,
+                 covariance: Optional[np.ndarray] = None, variance: Optional[np.ndarray] = None,
+                 labels: Optional[np.ndarray] = None):
+        self.n, self.name, self.source, self.labels = n, name, source, labels
+        self._given = covariance  # a bare matrix, checked; only read from
+        self._matrices = {} if covariance is None else {"covariance": _read_only(covariance)}
+        self._variance = None if variance is None else _read_only(variance)
+
+    @property
+    def num_samples(self) -> int:
+        return self.n
+
+    @property
+    def variance(self) -> np.ndarray:
+        if self._variance is None:
+            diagonal = np.diagonal(self._matrices["covariance"]).copy()
+            self._variance = _read_only(_variances(diagonal, f"the diagonal of {self.name}"))
+        return self._variance
+
+    def matrix(self, use: str = "covariance") -> np.ndarray:
+        """K̂ (``"covariance"``) or R̂ (``"correlation"``), float64 [n, n], read-only."""
+        if use not in KERNEL_USES:
+            raise ValueError(f"use must be one of {KERNEL_USES}, got {use!r}")
+        if use not in self._matrices:
+            self._matrices[use] = _read_only(self._compute(use))
+        return self._matrices[use]
+
+    def release(self) -> None:
+        """Drop the matrices computed on first use (memory); they are recomputed when asked for."""
+        self._matrices = {} if self._given is None else {"covariance": _read_only(self._given)}
+
+    def _compute(self, use: str) -> np.ndarray:
+        if self.source is not None:
+            check_kernel(self.source, self.name)  # a diagonal-mode or rectangular kernel has no [n, n]
+            tensor = self.source.covariance if use == "covariance" else self.source.correlation
+            return _tensor_array(tensor, self.name)
+        cov = torch.from_numpy(np.ascontiguousarray(self._given))
+        return correlation_from_covariance(cov, torch.from_numpy(self.variance.copy())).numpy()
+
+    def __repr__(self) -> str:
+        what = "LossKernel" if self.source is not None else "matrix"
+        return f"CheckedKernel(n={self.n}, from a {what})"
+
+
+def checked_kernel(kernel: Any, name: str = "kernel", *, square: bool = True) -> CheckedKernel:
+    """The boundary for kernels: a :class:`LossKernel` or an [n, n] matrix (numpy, torch on any
+    device and dtype, lists) → a :class:`CheckedKernel`; one is returned as it is.
+
+    Checks: a square kernel (not diagonal-mode or rectangular, unless ``square=False``, where
+    only the variances are used), ≥ 2 draws, finite covariances and variances, variances ≥ 0.
+    """
+    if isinstance(kernel, CheckedKernel):
+        return kernel
     if isinstance(kernel, LossKernel):
+        check_kernel(kernel, name, square=square)
+        n = kernel.num_samples
+        variance = _variances(as_vector(kernel.variance, f"{name}.variance", n), f"{name}.variance")
+        if kernel.covariance is not None:
+            _check_finite_tensor(kernel.covariance, f"{name}.covariance")
+        labels = None if kernel.labels is None else as_labels(kernel.labels, n, f"{name}.labels", integer=True)
+        return CheckedKernel(n, name=name, source=kernel, variance=variance, labels=labels)
+    if isinstance(kernel, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a LossKernel or an [n, n] matrix, got the path {str(kernel)!r}; "
+                        "read a saved kernel with LossKernel.load(path)")
+    matrix = as_matrix(kernel, name)
+    return CheckedKernel(matrix.shape[0], name=name, covariance=matrix)
+
+
+def _check_finite_tensor(tensor: torch.Tensor, name: str) -> None:
+    """Finite entries, checked where the tensor lives (no copy to the CPU)."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        check_finite(_tensor_array(tensor, name), name)
+
+
+def num_samples_of(kernel: Any, name: str = "kernel") -> int:
+    """n for a LossKernel, a CheckedKernel or a square matrix."""
+    if isinstance(kernel, (LossKernel, CheckedKernel)):
         return kernel.num_samples
     return as_matrix(kernel, name).shape[0]
 
 
 def kernel_matrix(kernel: Any, use: str = "covariance", name: str = "kernel") -> np.ndarray:
-    """K̂ or R̂ as a float64 numpy [n, n] array.
+    """K̂ or R̂ as a float64 numpy [n, n] array (read-only; copy it to write into it).
 
     Args:
-        kernel: a :class:`LossKernel`, or a square matrix (numpy/torch) taken to be a
-            covariance K̂. Asking a matrix for ``use="correlation"`` normalises it,
-            R = K/√(K(x,x)K(x',x')) with R = 0 where a variance is 0; a matrix that already is
-            a correlation comes back unchanged.
+        kernel: a :class:`LossKernel`, a :class:`CheckedKernel`, or a square matrix
+            (numpy/torch) taken to be a covariance K̂. Asking a matrix for
+            ``use="correlation"`` normalises it, R = K/√(K(x,x)K(x',x')) with R = 0 where a
+            variance is 0; a matrix that already is a correlation comes back unchanged.
         use: ``"covariance"`` (K̂) or ``"correlation"`` (R̂).
     """
     if use not in KERNEL_USES:
         raise ValueError(f"use must be one of {KERNEL_USES}, got {use!r}")
-    if isinstance(kernel, LossKernel):
-        check_kernel(kernel, name)
-        matrix = kernel.covariance if use == "covariance" else kernel.correlation
-        return as_matrix(matrix, name)
-    matrix = as_matrix(kernel, name)
-    if use == "correlation":
-        cov = torch.from_numpy(matrix)
-        matrix = correlation_from_covariance(cov, torch.diagonal(cov).clone()).numpy()
-    return matrix
+    return checked_kernel(kernel, name).matrix(use)
 
 
 def kernel_variance(kernel: Any, name: str = "kernel") -> np.ndarray:
-    """Per-sample variances K̂(x, x), [n]: ``kernel.variance`` or the diagonal of a matrix."""
-    if isinstance(kernel, LossKernel):
-        check_kernel(kernel, name, square=False)
-        return as_vector(kernel.variance, f"{name}.variance")
-    return np.diagonal(as_matrix(kernel, name)).copy()
+    """Per-sample variances K̂(x, x), [n], finite and ≥ 0: ``kernel.variance`` or the diagonal
+    of a matrix (read-only)."""
+    return checked_kernel(kernel, name, square=False).variance
 
 
-def kernel_labels(kernel: Any, labels: Any, n: int, name: str = "labels") -> np.ndarray:
-    """``labels`` if given, else the LossKernel's own labels; ValueError if neither exists."""
-    if labels is None and isinstance(kernel, LossKernel) and kernel.labels is not None:
+def kernel_labels(kernel: Any, labels: Any, n: int, name: str = "labels", *, integer: bool = False) -> np.ndarray:
+    """``labels`` if given, else the kernel's own labels; ValueError if neither exists."""
+    if labels is None and isinstance(kernel, (LossKernel, CheckedKernel)) and kernel.labels is not None:
         labels = kernel.labels
     if labels is None:
         raise ValueError(
             f"{name} must be given (length n={n}) when the kernel carries no labels"
         )
-    return as_labels(labels, n, name)
+    return as_labels(labels, n, name, integer=integer)
+
+
+__all__ += ["CheckedKernel", "check_finite", "checked_kernel"]
+
+
+# ---------------------------------------------------------------------------------------------
+# PATHS: where outputs go. An output never replaces one of its inputs, is the kind asked for
+# (a file or a folder), and is written atomically (a temp file in the same folder, then
+# os.replace), so a failed write leaves neither a half-written output nor a temp file.
+# ---------------------------------------------------------------------------------------------
+
+OUTPUT_KINDS = ("file", "folder")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """True if a and b name the same file or folder (samefile when both exist, else resolved)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_output_path(
+    path: Any,
+    name: str = "path",
+    *,
+    inputs: Iterable[Any] = (),
+    expect: str = "file",
+    suffix: Union[None, str, Sequence[str]] = None,
+    make_parents: bool = False,
+) -> Path:
+    """Check a path the caller is about to write; return it as a :class:`~pathlib.Path`.
+
+    Refuses, with a ``ValueError`` naming ``name`` and what was expected:
+
+    * an output that is one of ``inputs`` (same file by ``os.path.samefile``, or the same resolved
+      path), so writing it cannot destroy what is being read;
+    * an existing folder where a file is expected (``expect="file"``) and an existing file where
+      a folder is expected (``expect="folder"``);
+    * a parent that is a regular file, or (unless ``make_parents``) a parent that does not exist;
+    * a name not ending in ``suffix`` (a string such as ``".pt"``, or several allowed ones).
+
+    ``TypeError`` if ``path`` is not a str or ``os.PathLike``. ``None`` entries of ``inputs``
+    are ignored. With ``make_parents=True`` the missing parents are created.
+    """
+    if expect not in OUTPUT_KINDS:
+        raise ValueError(f"expect must be one of {OUTPUT_KINDS}, got {expect!r}")
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike) to a {expect}, got {type(path).__name__}")
+    if str(path) == "":
+        raise ValueError(f"{name} must be a path to a {expect}, got an empty string")
+    out = Path(path).expanduser()
+
+    if suffix is not None:
+        allowed = (suffix,) if isinstance(suffix, str) else tuple(suffix)
+        if not out.name.lower().endswith(tuple(s.lower() for s in allowed)):
+            shown = allowed[0] if len(allowed) == 1 else " or ".join(allowed)
+            raise ValueError(f"{name} must be a {expect} name ending in {shown}, got {str(path)!r}")
+
+    for source in inputs:
+        if source is None:
+            continue
+        if isinstance(source, (str, os.PathLike)) and str(source) and _same_path(out, Path(source).expanduser()):
+            raise ValueError(
+                f"{name} must not be one of the inputs (writing it would destroy what is being read), "
+                f"got {str(path)!r}, which is the input {str(source)!r}"
+            )
+
+    if out.is_dir() and expect == "file":
+        raise ValueError(f"{name} must be a file path, got {str(path)!r}, which is an existing folder")
+    if out.exists() and not out.is_dir() and expect == "folder":
+        raise ValueError(f"{name} must be a folder path, got {str(path)!r}, which is an existing file")
+
+    parent = out.parent
+    # The nearest existing ancestor must be a folder; a regular file there would otherwise give
+    # "[Errno 17] File exists" or "[Errno 20] Not a directory" from deep inside the writer.
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise ValueError(
+            f"{name} must be inside a folder, got {str(path)!r}, but {str(ancestor)!r} is a regular file"
+        )
+    if not parent.exists():
+        if not make_parents:
+            raise ValueError(
+                f"{name} must be inside an existing folder, got {str(path)!r}, but the folder "
+                f"{str(parent)!r} does not exist (create it first)"
+            )
+        parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _default_file_mode() -> int:
+    """0o666 less the process umask: the permissions open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: Any, mode: Optional[str] = "wb", *, folder: bool = False, **open_kwargs):
+    """Write ``path`` all at once: to a temp file in the same folder, then ``os.replace``.
+
+    ``with atomic_write(p) as f: f.write(...)`` yields the open temp file (``mode`` "wb" or
+    "w"; ``open_kwargs`` such as ``encoding`` go to ``open``). With ``mode=None`` it yields the
+    temp file's :class:`~pathlib.Path` instead, for writers that take a path
+    (``torch.save``, ``to_netcdf``); the temp name ends in the target's suffix. With
+    ``folder=True`` it yields a temp folder that replaces the folder ``path`` (an existing one is
+    removed only after the new one is complete).
+
+    On any exception the temp file or folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    parent = path.parent
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+        try:
+            yield tmp
+            if path.exists() and path.is_dir():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+                os.replace(path, old / path.name)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old / path.name, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
+    tmp = Path(tmp_name)
+    try:
+        if mode is None:
+            os.close(fd)
+            yield tmp
+        else:
+            if "w" not in mode:
+                raise ValueError(f"mode must be a write mode such as 'wb' or 'w', got {mode!r}")
+            with os.fdopen(fd, mode, **open_kwargs) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp, _default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# IMAGES and INDEX ARRAYS (explorer & CLI): the one image-layout rule, and sample indices
+# checked for dtype, sign and range before anyone packs them into a narrow integer type.
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_LAYOUTS = ("NHWC", "NCHW")
+IMAGE_CHANNELS = (1, 3, 4)
+
+
+def _image_array(images: Any, name: str) -> np.ndarray:
+    """numpy or torch images → a numpy array without a float64 copy (half floats → float32)."""
+    if isinstance(images, LossKernel):
+        raise TypeError(f"{name} must be an image array, got a LossKernel")
+    if isinstance(images, torch.Tensor):
+        t = images.detach().cpu()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        return t.numpy()
+    if isinstance(images, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be an image array (numpy, torch or nested lists), got a path or "
+                        f"string {str(images)[:80]!r}; load the file first")
+    try:
+        return np.asarray(images)
+    except Exception as error:  # ragged lists of images and the like
+        raise ValueError(f"{name} must be an array of equally sized images, got {type(images).__name__}: "
+                         f"{error}") from None
+
+
+def _channels_last(shape: tuple, name: str, layout: Optional[str]) -> bool:
+    """Where a 4-D image array keeps its channels: True for [n, H, W, C], False for [n, C, H, W]."""
+    if layout is not None:
+        return layout == "NHWC"
+    first, last = shape[1] in IMAGE_CHANNELS, shape[-1] in IMAGE_CHANNELS
+    if first and last:
+        raise ValueError(
+            f"{name} of shape {shape} is ambiguous: axis 1 ({shape[1]}) and the last axis ({shape[-1]}) "
+            f"could both be the channels (1, 3 or 4); state the layout: 'NCHW' ([n, C, H, W]) or "
+            f"'NHWC' ([n, H, W, C])"
+        )
+    if not (first or last):
+        raise ValueError(f"{name} must have 1, 3 or 4 channels on axis 1 ([n, C, H, W]) or on the last axis "
+                         f"([n, H, W, C]), got shape {shape}")
+    return last
+
+
+def _check_finite_pixels(arr: np.ndarray, name: str, chunk: int = 1 << 24) -> None:
+    """Refuse NaN/±Inf pixels, a block of images at a time (bounded working memory)."""
+    if arr.dtype.kind != "f":
+        return
+    per_image = max(1, int(np.prod(arr.shape[1:])))
+    step = max(1, chunk // per_image)
+    for start in range(0, arr.shape[0], step):
+        block = arr[start:start + step]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            image = start + int(np.argwhere(bad)[0][0])
+            raise ValueError(f"{name} must have finite pixels, got NaN/Inf in image {image} "
+                             f"({int(bad.sum())} such pixels in images {start}…{start + len(block) - 1})")
+
+
+def as_images(images: Any, n: Optional[int], name: str = "images", layout: Optional[str] = None) -> np.ndarray:
+    """Images, one per probe sample → a numpy array [n, H, W, C], channels last, C ∈ {1, 3, 4}.
+
+    The package's one image-layout rule:
+
+    * ``[n, H, W]``: grey images (C = 1);
+    * ``[n, H, W, C]`` or ``[n, C, H, W]`` with C ∈ {1, 3, 4}: the layout is read from the shape
+      only when exactly one of axis 1 and the last axis can hold the channels. When both can
+      (``[n, 3, 4, 4]``, ``[n, 4, 4, 3]``, ``[n, 3, 8, 1]``) the shape is ambiguous and refused
+      unless ``layout`` states it: ``"NCHW"`` or ``"NHWC"``;
+    * numeric values (bool, integer or float) and finite pixels (no NaN / ±Inf).
+
+    Args:
+        images: numpy, torch (any device) or nested lists.
+        n: the number of probe samples (None: any number ≥ 1).
+        name: the argument's name, for messages.
+        layout: None (read it from the shape), ``"NHWC"`` or ``"NCHW"``.
+
+    Returns:
+        a numpy array [n, H, W, C] in the input's dtype (a view where possible; torch half
+        floats become float32).
+    """
+    if layout is not None and layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"the layout of {name} must be None (read from the shape), 'NHWC' or 'NCHW', "
+                         f"got {layout!r}")
+    arr = _image_array(images, name)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must hold numbers (pixel values), got dtype {arr.dtype}")
+    shape = tuple(arr.shape)
+    if arr.ndim == 3 and layout is None:
+        arr = arr[..., None]
+    elif arr.ndim == 4:
+        if not _channels_last(shape, name, layout):
+            arr = np.moveaxis(arr, 1, -1)
+    elif arr.ndim == 3:
+        raise ValueError(f"{name} has shape {shape}: [n, H, W] grey images take no layout, but "
+                         f"layout={layout!r} was given (a 4-D array [n, H, W, C] or [n, C, H, W] needs one)")
+    else:
+        raise ValueError(f"{name} must be [n, H, W], [n, H, W, C] or [n, C, H, W], got shape {shape}")
+    if arr.shape[-1] not in IMAGE_CHANNELS:
+        raise ValueError(f"{name} must have 1, 3 or 4 channels, got {arr.shape[-1]} "
+                         f"(shape {shape}, layout {layout or 'read from the shape'})")
+    if n is not None and arr.shape[0] != n:
+        raise ValueError(f"{name} must hold one image per probe sample (n={n}), got {arr.shape[0]} "
+                         f"(shape {shape})")
+    if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {shape}")
+    _check_finite_pixels(arr, name)
+    return arr
+
+
+def as_index_array(values: Any, n: int, name: str) -> np.ndarray:
+    """Sample indices (any shape) → int64; each must be an integer with 0 ≤ i < n.
+
+    ValueError naming ``name``, the first offending value and the allowed range otherwise
+    (floats, even whole ones, and booleans are refused: an index array has an integer dtype).
+    """
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative int (the number of samples), got {n!r}")
+    if isinstance(values, torch.Tensor):
+        arr = values.detach().cpu().numpy()
+    else:
+        try:
+            arr = np.asarray(values)
+        except Exception as error:
+            raise ValueError(f"{name} must be an array of integer sample indices, got {type(values).__name__}: "
+                             f"{error}") from None
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer sample indices (an integer dtype), got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= n)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must hold sample indices in [0, {n}) (0 ≤ i < n={n}), got {arr[where].item()} at "
+            f"position {where if len(where) != 1 else where[0]} ({int(bad.sum())} out of range)"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+__all__ += ["IMAGE_LAYOUTS", "as_images", "as_index_array"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SELECTIONS: which chains / draws / rows of something to use. Each index counts once, so a
+# duplicate (counted twice), a negative or out-of-range index, or a non-integer is refused.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_selection(values: Any, size: int, name: str, *, what: str = "index",
+                    allow_slice: bool = False) -> list:
+    """``values`` (a sequence of ints, a 1-D int array or tensor, a range, or — with
+    ``allow_slice`` — a slice) as a list of distinct ints in [0, size), in the given order.
+
+    Refused with a ``ValueError``/``TypeError`` naming ``name``: a lone int or other non-sequence,
+    bools, floats (even whole ones), strings, negative or out-of-range entries, duplicates and
+    an empty selection.
+    """
+    if allow_slice and isinstance(values, slice):
+        picked = list(range(size))[values]
+        if not picked:
+            raise ValueError(f"{name} must select at least one {what} of {size}, got {values!r}, which selects none")
+        return picked
+    kinds = "a sequence of int indices" + (" or a slice" if allow_slice else "")
+    if isinstance(values, (str, bytes, dict, set, frozenset)) or isinstance(values, numbers.Number) \
+            or (isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim != 1):
+        raise TypeError(f"{name} must be {kinds} ({what}s in [0, {size})), e.g. [0, 2], got {values!r}")
+    try:
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be {kinds} ({what}s in [0, {size})), got {type(values).__name__}") from None
+    out = []
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.dim() == 0:
+            item = item.item()
+        if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"{name} must hold int {what} indices, got {item!r} ({type(item).__name__}) in {values!r}")
+        out.append(int(item))
+    if not out:
+        raise ValueError(f"{name} must select at least one {what}, got an empty selection")
+    bad = [i for i in out if i < 0 or i >= size]
+    if bad:
+        raise ValueError(f"{name} must be {what} indices in [0, {size}) (there are {size}), got {bad}"
+                         + (" (negative indices are not counted from the end)" if min(bad) < 0 else ""))
+    seen, repeated = set(), []
+    for i in out:
+        if i in seen and i not in repeated:
+            repeated.append(i)
+        seen.add(i)
+    if repeated:
+        raise ValueError(f"{name} must name each {what} once, got {repeated} more than once in {out} "
+                         "(it would be counted twice)")
+    return out

@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 from devinterp_losskernel import estimate_loss_kernel, group_covariances, pc1_separation
 from devinterp_losskernel.analysis import umap_embedding
 from devinterp_losskernel.plotting import plot_covariance_histograms, plot_embedding, plot_pc1_separation
-from devinterp_losskernel.tasks.modular import (
+from losskernel_examples.modular import (
     ADD, DIV, SCALES, TASK_NAMES, accuracy, load_checkpoint, modular_probe, pool_kernels,
     split_half_agreement, training_loader,
 )
@@ -236,9 +236,9 @@ explore(kernel, embedding=emb, texts=list(zip(a_of.tolist(), b_of.tolist())), la
 ("md", '''
 ## The numbers, and the script twin
 
-`devinterp_losskernel.tasks.modular.run_modular_kernel(scale)` runs this notebook's pipeline
+`losskernel_examples.modular.run_modular_kernel(scale)` runs this notebook's pipeline
 as a function and returns the kernel and these numbers (`python -m
-devinterp_losskernel.tasks.modular kernel --scale cpu`). Measured values at each scale,
+losskernel_examples.modular kernel --scale cpu`). Measured values at each scale,
 with wall times and hardware, are in `tutorials/README.md`.
 '''),
 ("code", '''

@@ -57,8 +57,8 @@ from matplotlib.figure import Figure
 from devinterp_losskernel import detection_auc, label_issue_scores, memorization_scores
 from devinterp_losskernel.analysis import kernel_knn_graph, mean_self_covariance, umap_embedding
 from devinterp_losskernel.plotting import plot_embedding, plot_memorization
-from devinterp_losskernel.tasks.fashion_mnist import CLASS_NAMES
-from devinterp_losskernel.tasks.memorization import (
+from losskernel_examples.fashion_mnist import CLASS_NAMES
+from losskernel_examples.memorization import (
     SCALES, MissingOptionalDependency, ekfac_self_influence, knn_share, loss_at_w_star,
     cleanlab_self_confidence, memorization_data, per_sample_grad_norm, plot_detector_rocs, sample_kernel_and_predictive, score_table,
     tracin_self_influence, train_to_memorization,
@@ -320,7 +320,7 @@ explore(kernel, embedding=emb, images=data.images, labels=data.y_train.numpy(), 
 ("md", '''
 ## The numbers, and the script twin
 
-`python -m devinterp_losskernel.tasks.memorization --scale full --threads 1` runs this
+`python -m losskernel_examples.memorization --scale full --threads 1` runs this
 notebook's pipeline (`run_memorization(scale)`: same data, seeds, model and scores) and
 prints the same table. Measured values, wall times and hardware are in
 `tutorials/README.md`.

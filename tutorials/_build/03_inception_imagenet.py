@@ -87,7 +87,7 @@ from devinterp_losskernel.analysis import (attribute_lift, color_groups, compare
 from devinterp_losskernel.hierarchy import imagenet_class_names, imagenet_wnids, wordnet_imagenet
 from devinterp_losskernel.plotting import (plot_attribute_transition, plot_cka_convergence, plot_embedding,
                                            plot_hierarchy_sorted_matrix, plot_lift_curves, plot_top_k_grid)
-from devinterp_losskernel.tasks.imagenet import (
+from losskernel_examples.imagenet import (
     SCALES, TINY_CLASSES, ImageNetFolder, calibrate_batchnorm, for_untrained, gamma_sweep,
     load_googlenet, load_probe, make_tiny_imagenet, plot_colour_groups, plot_gamma_sweep, plot_images,
     probe_indices, resolve_imagenet_dirs, sample_kernel, training_loader,
@@ -404,9 +404,9 @@ plot_gamma_sweep(table, lifts, {g: correlation_by_tree_distance(kern, wnids[:ker
 ("md", '''
 ## The numbers, and the script twin
 
-`devinterp_losskernel.tasks.imagenet.run_imagenet_kernel(imagenet_dir, weights, scale)` runs
+`losskernel_examples.imagenet.run_imagenet_kernel(imagenet_dir, weights, scale)` runs
 this notebook's pipeline as a function (figures as PNGs, `kernel.pt` and `numbers.json`
-in its `work_dir`): `python -m devinterp_losskernel.tasks.imagenet --imagenet-dir /data/imagenet
+in its `work_dir`): `python -m losskernel_examples.imagenet --imagenet-dir /data/imagenet
 --weights googlenet-1378be20.pth --scale paper`. How to run it at paper scale on one or
 several GPUs, and measured times, are in `tutorials/README.md`.
 '''),

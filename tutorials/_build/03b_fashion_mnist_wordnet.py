@@ -46,8 +46,8 @@ from devinterp_losskernel.hierarchy import fashion_mnist_hierarchy
 from devinterp_losskernel.plotting import (
     plot_embedding, plot_hierarchy_sorted_matrix, plot_lift_curves, plot_top_k_grid,
 )
-from devinterp_losskernel.tasks.fashion_mnist import FashionMNISTNotFound
-from devinterp_losskernel.tasks.fashion_wordnet import (
+from losskernel_examples.fashion_mnist import FashionMNISTNotFound
+from losskernel_examples.fashion_wordnet import (
     CLASS_NAMES, SCALES, accuracy, balanced_probe, group_neighbour_lift, load_fashion_data,
     mean_correlation_by_branch, sample_kernel, split_depth, top_level_groups, train_cnn,
 )
@@ -347,7 +347,7 @@ plot_top_k_grid(images, queries, idx_all, val_all, labels=names, title="most cor
 ("md", '''
 ## The finding in numbers
 
-`python -m devinterp_losskernel.tasks.fashion_wordnet --scale cpu` runs the same pipeline
+`python -m losskernel_examples.fashion_wordnet --scale cpu` runs the same pipeline
 as a script. Measured values at each scale, with wall times and hardware, are in
 `tutorials/README.md` (section "03b Fashion-MNIST and WordNet").
 '''),

@@ -42,11 +42,11 @@ from matplotlib.figure import Figure
 from devinterp_losskernel.analysis import aligned_umap_embeddings, compare_kernels
 from devinterp_losskernel.hierarchy import fashion_mnist_hierarchy
 from devinterp_losskernel.plotting import plot_aligned_embeddings
-from devinterp_losskernel.tasks.development import (
+from losskernel_examples.development import (
     SCALES, consecutive_cka, development_kernels, load_development_data, structure_numbers,
     train_with_checkpoints,
 )
-from devinterp_losskernel.tasks.fashion_wordnet import accuracy, balanced_probe, top_level_groups
+from losskernel_examples.fashion_wordnet import accuracy, balanced_probe, top_level_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # LOSSKERNEL_TUTORIAL_SCALE: "ci" (the test suite: 12,000 training images, 3 checkpoints, a
@@ -208,7 +208,7 @@ plot_aligned_embeddings(embeddings, labels=labels if FASHION else names, hierarc
 ("md", '''
 ## The finding in numbers
 
-`python -m devinterp_losskernel.tasks.development --scale cpu` runs the same pipeline as a
+`python -m losskernel_examples.development --scale cpu` runs the same pipeline as a
 script. Measured values, wall times and hardware are in `tutorials/README.md` (section
 "04 Development").
 '''),

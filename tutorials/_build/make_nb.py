@@ -2,15 +2,23 @@
 """Build a notebook from a list of ("md"|"code", text) cells."""
 import json, sys
 
-# The first code cell of every notebook: install this package in Colab or on a fresh machine.
+# The first code cell of every notebook: install this package in Colab or on a fresh machine,
+# and the tutorials' pipelines beside it (losskernel_examples, the package in examples/: not part
+# of the library's wheel). Locally and in CI both are installed editable (.ci/run), so it does nothing.
 INSTALL_PACKAGE = '''
-# Colab / fresh machine: install this package (and devinterp 1.3) from the repository.
+# Colab / fresh machine: install this package (and devinterp 1.3) from the repository, and the
+# tutorials' models, data and training loops (the package losskernel_examples in its examples/).
 # Set REPO to where this repository lives if you use a fork.
 import importlib.util, os, subprocess, sys
 
 REPO = "https://github.com/timaeus-research/devinterp-losskernel"
+to_install = []
 if importlib.util.find_spec("devinterp_losskernel") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "devinterp>=1.3,<2"])
+    to_install += [f"devinterp-losskernel @ git+{REPO}", "devinterp>=1.3,<2"]
+if importlib.util.find_spec("losskernel_examples") is None:
+    to_install += [f"losskernel-examples @ git+{REPO}#subdirectory=examples"]
+if to_install:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *to_install])
 '''
 
 # For the notebooks on Fashion-MNIST and its WordNet tree.

@@ -27,7 +27,7 @@ import torch
 
 from devinterp_losskernel.analysis import detection_auc
 from devinterp_losskernel.analysis.memorization import label_issue_scores
-from devinterp_losskernel.tasks import memorization as task
+from losskernel_examples import memorization as task
 
 
 def rank_mean(*scores: np.ndarray) -> np.ndarray:

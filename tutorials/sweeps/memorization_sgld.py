@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from devinterp_losskernel.analysis import detection_auc, memorization_scores
-from devinterp_losskernel.tasks import memorization as task
+from losskernel_examples import memorization as task
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from .cka import cka, cka_convergence, compare_kernels
 from .fluctuation import SingularFluctuation, probe_llc, singular_fluctuation
 from .memorization import (LABEL_ISSUE_SCORES, detection_auc, label_issue_scores, mean_self_covariance,
                            memorization_scores, roc_curve)
-from .neighbours import top_correlated
+from .neighbours import TiedNeighboursWarning, top_correlated
 from .separation import GroupCovariances, PC1Separation, group_covariances, pc1_separation
 from .embedding import Embedding, aligned_umap_embeddings, kernel_knn_graph, umap_embedding
 from .lift import (

@@ -40,8 +40,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..kernel import LossKernel
-from ..validation import as_labels, kernel_labels, kernel_matrix, num_samples_of
-from .neighbours import top_correlated
+from ..validation import CheckedKernel, as_labels, checked_kernel, kernel_labels, py_scalar
+from .neighbours import _top_correlated, _warn_ties
 
 __all__ = ["Embedding", "aligned_umap_embeddings", "kernel_knn_graph", "umap_embedding"]
 
@@ -119,25 +119,32 @@ class Embedding:
 
 
 @contextlib.contextmanager
-def _umap_context():
-    """Silence umap-learn's known warnings and keep torch's thread count: numba's OpenMP
-    layer resets the thread count torch shares (1 → all cores), which made a following
-    single-threaded SGLD run many times slower on a busy machine."""
+def _umap_context(random_state: Optional[int]):
+    """Silence umap-learn's known warnings, keep torch's thread count (numba's OpenMP layer
+    resets the thread count torch shares, 1 → all cores, which made a following
+    single-threaded SGLD run many times slower on a busy machine), and leave the global
+    random generators as they were: umap-learn draws from numpy's global generator when
+    ``random_state`` is None, so for that call it is seeded from the OS and then restored —
+    the user's generator is neither read nor advanced."""
     import torch
+
+    from ..rng import global_rng_untouched
 
     threads = torch.get_num_threads()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), global_rng_untouched():
             for message in _UMAP_NOISE:
                 warnings.filterwarnings("ignore", message=message)
+            if random_state is None:
+                np.random.seed(np.random.default_rng().integers(0, 2**32, dtype=np.uint64))
             yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _distance(kernel: Any, name: str) -> np.ndarray:
+def _distance(checked: CheckedKernel) -> np.ndarray:
     """d = 1 − R̂, float32 [n, n] (half the memory of R̂), exactly 0 on the diagonal."""
-    correlation = kernel_matrix(kernel, "correlation", name)
+    correlation = checked.matrix("correlation")
     distance = np.empty(correlation.shape, dtype=np.float32)
     np.subtract(1.0, correlation, out=distance, casting="same_kind")
     del correlation
@@ -145,34 +152,52 @@ def _distance(kernel: Any, name: str) -> np.ndarray:
     return np.clip(distance, 0.0, 2.0, out=distance)
 
 
-def _check_n_neighbors(n_neighbors: Any, n: int, available: int) -> int:
+def _check_n_neighbors(n_neighbors: Any, n: int, label_arr: Optional[np.ndarray]) -> int:
+    """UMAP's n_neighbors: an int ≥ 2 that leaves every sample n_neighbors − 1 candidates.
+    With one distinct label and same-label edges excluded there are none: that is said about
+    the labels, not about n_neighbors."""
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, numbers.Integral) or n_neighbors < 2:
         raise ValueError(f"n_neighbors must be an int ≥ 2 (UMAP counts the point itself), got {n_neighbors!r}")
+    available = _available(label_arr, n)
+    if label_arr is not None and available == 0:
+        raise ValueError(
+            f"labels: all {n} samples have the same label ({py_scalar(label_arr[0])!r}), so removing same-label edges "
+            "(exclude_same_label_edges=True, the default) removes every kNN edge and UMAP has no graph; pass "
+            "exclude_same_label_edges=False for a plain kNN graph on 1 − R, or labels with at least two values"
+        )
     if n_neighbors - 1 > available:
+        why = ""
+        if label_arr is not None:
+            values, counts = np.unique(label_arr, return_counts=True)
+            why = (f" (labels: the largest label, {py_scalar(values[np.argmax(counts)])!r}, holds {counts.max()} of the "
+                   f"{n} samples, so its samples have only {available} different-label candidates)")
         raise ValueError(
             f"n_neighbors must be at most {available + 1} here: UMAP counts the point itself, and "
             f"each of the n={n} samples has {available} candidate neighbours (different-label "
-            f"samples when same-label edges are excluded); got n_neighbors={n_neighbors}"
+            f"samples when same-label edges are excluded){why}; got n_neighbors={n_neighbors}"
         )
     return int(n_neighbors)
 
 
-def _knn(kernel: Any, distance: np.ndarray, n_neighbors: int,
+def _knn(checked: CheckedKernel, distance: np.ndarray, n_neighbors: int,
          label_arr: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """Self + the n_neighbors − 1 most correlated (different-label) samples of every row —
     the neighbours of :func:`~devinterp_losskernel.analysis.top_correlated`, ties to the
-    smaller index — and their distances 1 − R̂."""
+    smaller index (and a TiedNeighboursWarning when a tie decided) — and their distances 1 − R̂."""
     n = distance.shape[0]
+    queries = np.arange(n)
     indices = np.empty((n, n_neighbors), dtype=np.int64)
-    indices[:, 0] = np.arange(n)
-    indices[:, 1:] = top_correlated(kernel, None, n_neighbors - 1, labels=label_arr,
-                                    exclude_same_label=label_arr is not None)[0]
+    indices[:, 0] = queries
+    indices[:, 1:], _, tied = _top_correlated(checked.matrix("correlation"), queries, n_neighbors - 1,
+                                              labels=label_arr)
+    if tied.any():
+        _warn_ties(checked, queries[tied], n, n_neighbors - 1, "correlation")
     distances = np.take_along_axis(distance, indices, axis=1)
     distances[:, 0] = 0.0
     return indices, distances
 
 
-def _labels_for(kernel: Any, labels: Any, n: int, exclude: bool) -> Optional[np.ndarray]:
+def _labels_for(kernel: CheckedKernel, labels: Any, n: int, exclude: bool) -> Optional[np.ndarray]:
     if not isinstance(exclude, (bool, np.bool_)):
         raise ValueError(f"exclude_same_label_edges must be True or False, got {exclude!r}")
     if not exclude:
@@ -206,12 +231,12 @@ def kernel_knn_graph(kernel: Any, n_neighbors: int = 15, *, labels: Any = None,
             not exceed the candidates per sample (n − largest label count).
         labels: [n] labels; default ``kernel.labels`` (needed to exclude same-label edges).
     """
-    distance = _distance(kernel, "kernel")
-    n = distance.shape[0]
-    label_arr = _labels_for(kernel, labels, n, exclude_same_label_edges)
+    checked = checked_kernel(kernel)
+    n = checked.n
+    label_arr = _labels_for(checked, labels, n, exclude_same_label_edges)
     use_labels = label_arr if exclude_same_label_edges else None
-    n_neighbors = _check_n_neighbors(n_neighbors, n, _available(use_labels, n))
-    return _knn(kernel, distance, n_neighbors, use_labels)
+    n_neighbors = _check_n_neighbors(n_neighbors, n, use_labels)
+    return _knn(checked, _distance(checked), n_neighbors, use_labels)
 
 
 def _umap_params(n_components, n_neighbors, min_dist, random_state, n_epochs, extra) -> dict:
@@ -272,17 +297,20 @@ def umap_embedding(
         ([n, k] indices and distances), UMAP's fuzzy graph, and what was embedded (metric
         1 − R, same-label edges removed or not, k, n).
     """
-    distance = _distance(kernel, "kernel")
-    n = distance.shape[0]
-    label_arr = _labels_for(kernel, labels, n, exclude_same_label_edges)
+    checked = checked_kernel(kernel)
+    n = checked.n
+    label_arr = _labels_for(checked, labels, n, exclude_same_label_edges)
     use_labels = label_arr if exclude_same_label_edges else None
-    n_neighbors = _check_n_neighbors(n_neighbors, n, _available(use_labels, n))
+    n_neighbors = _check_n_neighbors(n_neighbors, n, use_labels)
     params = _umap_params(n_components, n_neighbors, min_dist, random_state, n_epochs, umap_kwargs or {})
-    indices, distances = _knn(kernel, distance, n_neighbors, use_labels)
+    distance = _distance(checked)
+    indices, distances = _knn(checked, distance, n_neighbors, use_labels)
+    if checked is not kernel:
+        checked.release()  # only the float32 distances are needed from here on
 
-    import umap
+    with _umap_context(random_state):
+        import umap  # inside: importing umap-learn's stack can draw from Python's global generator
 
-    with _umap_context():
         # copies: umap-learn writes into the kNN arrays it is given
         reducer = umap.UMAP(metric="precomputed",
                             precomputed_knn=(indices.copy(), distances.copy()), **params)
@@ -342,13 +370,14 @@ def aligned_umap_embeddings(
         raise ValueError("kernels must be a list of ≥ 2 kernels (one per checkpoint)")
     if len(kernels) < 2:
         raise ValueError(f"kernels must hold at least 2 checkpoints, got {len(kernels)}")
-    sizes = [num_samples_of(k, f"kernels[{i}]") for i, k in enumerate(kernels)]
+    checked = [checked_kernel(k, f"kernels[{i}]") for i, k in enumerate(kernels)]
+    sizes = [c.n for c in checked]
     if len(set(sizes)) != 1:
         raise ValueError(f"kernels must all be over the same n probe samples, got sizes {sizes}")
     n = sizes[0]
-    label_arr = _labels_for(kernels[0], labels, n, exclude_same_label_edges)
+    label_arr = _labels_for(checked[0], labels, n, exclude_same_label_edges)
     use_labels = label_arr if exclude_same_label_edges else None
-    n_neighbors = _check_n_neighbors(n_neighbors, n, _available(use_labels, n))
+    n_neighbors = _check_n_neighbors(n_neighbors, n, use_labels)
     params = _umap_params(n_components, n_neighbors, min_dist, random_state, n_epochs, umap_kwargs or {})
     if not isinstance(alignment_window_size, numbers.Integral) or alignment_window_size < 1:
         raise ValueError(f"alignment_window_size must be a positive int, got {alignment_window_size!r}")
@@ -356,17 +385,19 @@ def aligned_umap_embeddings(
                   alignment_window_size=int(alignment_window_size))
 
     graphs, matrices = [], []
-    for i, kernel in enumerate(kernels):
-        distance = _distance(kernel, f"kernels[{i}]")
+    for kernel, given in zip(checked, kernels):
+        distance = _distance(kernel)
         indices, distances = _knn(kernel, distance, n_neighbors, use_labels)
+        if kernel is not given:
+            kernel.release()  # one float32 matrix per checkpoint while fitting, as before
         graphs.append((indices, distances))
         matrices.append(_graph_encoding_matrix(distance, indices))
         del distance
 
-    import umap
-
     relations = [{j: j for j in range(n)} for _ in range(len(kernels) - 1)]
-    with _umap_context():
+    with _umap_context(random_state):
+        import umap  # inside: importing umap-learn's stack can draw from Python's global generator
+
         aligned = umap.AlignedUMAP(metric="precomputed", **params)
         aligned.fit(matrices, relations=relations)
     return [

@@ -71,6 +71,7 @@ def _from_metadata(kernel: Any, value, name: str, section: str, key: str):
     """An argument left as None is read from the kernel's metadata, where it is recorded."""
     if value is not None:
         return value
+    kernel = getattr(kernel, "source", kernel)  # a CheckedKernel's LossKernel
     if isinstance(kernel, LossKernel):
         found = (kernel.metadata.get(section) or {}).get(key)
         if found is not None:

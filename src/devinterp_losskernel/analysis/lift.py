@@ -19,6 +19,10 @@ random kernel gives Lift ≈ 1 in every cell. ``base_rate="all"`` instead divide
 base rate over all queries, as the formula in D.2 is literally written (no d(i) = d in
 the denominator).
 
+Ties: the samples tied at a query's k-th place share the places left (each counts m / t
+for m places among t tied samples), so no position in the probe decides a lift; farthest-
+point sampling breaks ties between equally far colours by the colours themselves.
+
 Attribute lift (Appendix D.3, D.6: colour lift, per-node lift) does the same for any
 grouping: the fraction of a query's neighbours in its group over the fraction of all
 different-label samples in its group. Colour groups come from :func:`color_groups`:
@@ -28,6 +32,7 @@ farthest-point sampling on the images' mean RGB colours.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -35,8 +40,9 @@ import numpy as np
 import pandas as pd
 
 from ..hierarchy import Hierarchy
-from ..validation import as_array, as_labels, kernel_labels, num_samples_of
-from .neighbours import top_correlated
+from ..validation import (KERNEL_USES, CheckedKernel, as_array, as_labels, check_finite, check_k, checked_kernel,
+                          kernel_labels)
+from .neighbours import _neighbour_weights
 
 __all__ = [
     "AttributeLift",
@@ -60,11 +66,23 @@ def _check_hierarchy(hierarchy: Any) -> Hierarchy:
     return hierarchy
 
 
-def _neighbours(kernel: Any, label_arr: Optional[np.ndarray], k: int, use: str,
-                lowest: bool) -> np.ndarray:
-    """[n, k] top-k neighbour indices, different-label only when labels are given."""
-    return top_correlated(kernel, None, k, labels=label_arr,
-                          exclude_same_label=label_arr is not None, lowest=lowest, use=use)[0]
+def _check_use(use: Any) -> str:
+    if use not in KERNEL_USES:
+        raise ValueError(f"use must be one of {KERNEL_USES}, got {use!r}")
+    return use
+
+
+def _check_k(k: Any, n: int, label_arr: Optional[np.ndarray]) -> int:
+    """k ≤ the candidates of every query (n − 1, or n − the largest label's count)."""
+    available = n - 1 if label_arr is None else n - int(np.unique(label_arr, return_counts=True)[1].max())
+    return check_k(k, n, available=available)
+
+
+def _neighbours(checked: CheckedKernel, label_arr: Optional[np.ndarray], k: int, use: str, lowest: bool):
+    """Every query's top-k neighbours (different-label only when labels are given) as weights
+    (COO [n, n], rows summing to k): samples tied at the k-th place share the places left, so
+    no position in the probe decides a lift."""
+    return _neighbour_weights(checked.matrix(use), k, lowest=lowest, labels=label_arr).tocoo()
 
 
 def taxonomic_lift(
@@ -105,11 +123,12 @@ def taxonomic_lift(
     if base_rate not in _BASE_RATES:
         raise ValueError(f"base_rate must be one of {_BASE_RATES}, got {base_rate!r}")
     hierarchy = _check_hierarchy(hierarchy)
-    n = num_samples_of(kernel)
-    label_arr = kernel_labels(kernel, labels, n)
+    checked = checked_kernel(kernel)
+    n = checked.n
+    label_arr = kernel_labels(checked, labels, n)
     uniques, inverse, node_idx = hierarchy._label_nodes(label_arr, "labels")
-    neighbours = _neighbours(kernel, label_arr, k, use, lowest=False)  # validates k
-    k = neighbours.shape[1]
+    k = _check_k(k, n, label_arr)
+    weights = _neighbours(checked, label_arr, k, _check_use(use), lowest=False)
 
     lca = hierarchy._lca_depths(node_idx)                     # [u, u] depth of lca
     label_depth = hierarchy._depth[node_idx]                  # [u]
@@ -118,8 +137,9 @@ def taxonomic_lift(
     levels = np.arange(max_d + 1)
 
     # numerator per query: fraction of its k neighbours whose label shares a depth-d' node
-    pair_lca = lca[inverse[:, None], inverse[neighbours]]     # [n, k]
-    hit = (pair_lca[:, :, None] >= levels).mean(axis=1)       # [n, D+1]
+    pair_lca = lca[inverse[weights.row], inverse[weights.col]]  # [nnz], one per (query, neighbour)
+    hit = np.stack([np.bincount(weights.row, weights=weights.data * (pair_lca >= d), minlength=n)
+                    for d in levels], axis=1) / k             # [n, D+1]
     # base rate per label: fraction of different-label samples sharing a depth-d' node
     shares = lca[:, :, None] >= levels                        # [u, u, D+1]
     shares[np.arange(len(uniques)), np.arange(len(uniques))] = False
@@ -166,12 +186,11 @@ def correlation_by_tree_distance(kernel: Any, labels: Any, hierarchy: Hierarchy,
         DataFrame indexed by ``tree_distance`` with columns ``mean``, ``std`` and
         ``num_pairs`` (unordered pairs i < j).
     """
-    from ..validation import kernel_matrix
-
     hierarchy = _check_hierarchy(hierarchy)
-    matrix = kernel_matrix(kernel, use)
-    n = matrix.shape[0]
-    label_arr = kernel_labels(kernel, labels, n)
+    checked = checked_kernel(kernel)
+    n = checked.n
+    label_arr = kernel_labels(checked, labels, n)
+    matrix = checked.matrix(_check_use(use))
     distance = hierarchy.distance_matrix(label_arr)
     upper = np.triu(np.ones((n, n), dtype=bool), 1) & (distance > 0)
     dist_values, values = distance[upper], matrix[upper]
@@ -238,21 +257,22 @@ def attribute_lift(
     Returns:
         :class:`AttributeLift`.
     """
-    n = num_samples_of(kernel)
+    if not isinstance(lowest, (bool, np.bool_)):
+        raise ValueError(f"lowest must be True or False, got {lowest!r}")
+    checked = checked_kernel(kernel)
+    n = checked.n
     group_arr = as_labels(groups, n, "groups")
-    if labels is None and getattr(kernel, "labels", None) is not None:
-        labels = kernel.labels
+    if labels is None and checked.labels is not None:
+        labels = checked.labels
     label_arr = None if labels is None else as_labels(labels, n, "labels")
-    neighbours = _neighbours(kernel, label_arr, k, use, lowest)
-    k = neighbours.shape[1]
-    try:
-        group_values, group_idx = np.unique(group_arr, return_inverse=True)
-    except TypeError as error:
-        raise ValueError(f"groups must be comparable values (not mixed types): {error}") from None
+    k = _check_k(k, n, label_arr)
+    weights = _neighbours(checked, label_arr, k, _check_use(use), lowest)
+    group_values, group_idx = np.unique(group_arr, return_inverse=True)
     group_idx = group_idx.reshape(-1)
     num_groups = len(group_values)
 
-    hit = (group_idx[neighbours] == group_idx[:, None]).mean(axis=1)       # [n]
+    same = group_idx[weights.row] == group_idx[weights.col]
+    hit = np.bincount(weights.row, weights=weights.data * same, minlength=n) / k   # [n]
     # candidates of query i in group g: samples of g minus those sharing i's label (or i)
     if label_arr is not None:
         label_values, label_idx = np.unique(label_arr, return_inverse=True)
@@ -268,7 +288,7 @@ def attribute_lift(
     base = same_group / candidates                                         # [n]
 
     transition = np.zeros((num_groups, num_groups))
-    np.add.at(transition, (np.repeat(group_idx, k), group_idx[neighbours].ravel()), 1.0)
+    np.add.at(transition, (group_idx[weights.row], group_idx[weights.col]), weights.data)
     transition /= transition.sum(axis=1, keepdims=True)
 
     sizes = np.bincount(group_idx, minlength=num_groups)
@@ -277,6 +297,11 @@ def attribute_lift(
     with np.errstate(divide="ignore", invalid="ignore"):
         lift_g = np.where(base_g > 0, hit_g / base_g, np.nan)
     index = pd.Index([v.item() if isinstance(v, np.generic) else v for v in group_values], name="group")
+    if np.any(base_g == 0):
+        warnings.warn(f"attribute_lift: groups {index[base_g == 0].tolist()[:10]} have no candidate neighbour "
+                      "in their own group (base rate 0: e.g. a group of one sample, or one whose samples all "
+                      "share a label), so their lift is NaN (in per_group) and mean_lift leaves them out",
+                      RuntimeWarning, stacklevel=2)
     per_group = pd.DataFrame({"num_queries": sizes, "hit_rate": hit_g, "base_rate": base_g,
                               "lift": lift_g}, index=index)
     mean_base = float(base.mean())
@@ -354,20 +379,31 @@ def farthest_point_sampling(points: Any, k: int, *, start: Optional[int] = None)
     if pts.ndim != 2 or pts.shape[0] == 0 or pts.dtype.kind not in "biuf":
         raise ValueError(f"points must be a numeric [n, c] array, got shape {pts.shape}")
     pts = pts.astype(np.float64)
+    check_finite(pts, "points")
     n = pts.shape[0]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
     if start is None:
-        start = int(np.argmax(((pts - pts.mean(axis=0)) ** 2).sum(axis=1)))
+        start = _farthest(((pts - pts.mean(axis=0)) ** 2).sum(axis=1), pts)
     elif isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start < n:
         raise ValueError(f"start must be an index in [0, n={n}), got {start!r}")
     centres = [int(start)]
     nearest = ((pts - pts[start]) ** 2).sum(axis=1)
     for _ in range(int(k) - 1):
-        nxt = int(np.argmax(nearest))
+        nxt = _farthest(nearest, pts)
         centres.append(nxt)
         nearest = np.minimum(nearest, ((pts - pts[nxt]) ** 2).sum(axis=1))
     return np.asarray(centres, dtype=np.int64)
+
+
+def _farthest(distances: np.ndarray, pts: np.ndarray) -> int:
+    """The index of the largest distance; among tied points the lexicographically smallest
+    point, so the choice (and the groups built on it) does not depend on where the points sit
+    in the probe (identical points are interchangeable)."""
+    best = np.flatnonzero(distances == distances.max())
+    if len(best) == 1:
+        return int(best[0])
+    return int(best[np.lexsort(pts[best].T[::-1])[0]])
 
 
 def color_groups(images: Any, k: int, *, channels_last: Optional[bool] = None,

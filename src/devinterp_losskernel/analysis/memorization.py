@@ -8,12 +8,15 @@ self-covariance of 2.138 (mislabelled) vs 1.112 (normal).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 
 from ..kernel import LossKernel
-from ..validation import as_array, as_labels, as_mask, as_vector, kernel_labels, kernel_variance, py_scalar
+from ..validation import (CheckedKernel, as_array, as_labels, as_mask, as_vector, check_k, checked_kernel,
+                          kernel_labels, kernel_variance, py_scalar)
+from .neighbours import _neighbour_weights
 
 __all__ = ["LABEL_ISSUE_SCORES", "PREDICTIVE_LABEL_ISSUE_SCORES", "detection_auc", "label_issue_scores",
            "mean_self_covariance", "memorization_scores", "posterior_predictive_scores", "roc_curve"]
@@ -50,9 +53,10 @@ def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.
             )
         return variance / median
     if normalize == "cv":
-        if not isinstance(kernel, LossKernel):
+        source = kernel.source if isinstance(kernel, CheckedKernel) else kernel
+        if not isinstance(source, LossKernel):
             raise ValueError("kernel must be a LossKernel for normalize='cv' (it needs the mean loss)")
-        mean_sq = as_vector(kernel.mean, "kernel.mean", variance.shape[0]) ** 2
+        mean_sq = as_vector(source.mean, "kernel.mean", variance.shape[0]) ** 2
         with np.errstate(divide="ignore", invalid="ignore"):
             cv = variance / mean_sq
         return np.where(mean_sq > 0, cv, np.where(variance > 0, np.inf, 0.0))
@@ -84,22 +88,39 @@ def posterior_predictive_scores(probs: Any, labels: Any, which: Any = None) -> D
         labels: [n] given (training) labels in [0, C).
         which: names among :data:`PREDICTIVE_LABEL_ISSUE_SCORES` (default: all).
     """
-    p = as_array(probs, "probs")
-    if p.ndim != 2 or p.dtype.kind not in "f" or p.shape[1] < 2:
-        raise ValueError(f"probs must be a float [n, C] array with C >= 2, got shape {p.shape}, dtype {p.dtype}")
-    p = p.astype(np.float64)
-    n, classes = p.shape
-    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1 + 1e-6 or np.abs(p.sum(1) - 1).max() > 1e-4:
-        raise ValueError("probs must hold finite probabilities in [0, 1] whose rows sum to 1")
-    y = as_labels(labels, n, "labels")
-    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= classes:
-        raise ValueError(f"labels must be integers in [0, {classes}), got dtype {y.dtype}, "
-                         f"range [{y.min()}, {y.max()}]")
-    y = y.astype(np.int64)
     which = PREDICTIVE_LABEL_ISSUE_SCORES if which is None else tuple(which)
     unknown = sorted(set(which) - set(PREDICTIVE_LABEL_ISSUE_SCORES))
     if unknown:
         raise ValueError(f"which must name scores among {PREDICTIVE_LABEL_ISSUE_SCORES}, got {unknown}")
+    p = _as_probs(probs, None, "probs")
+    return _predictive_scores(p, _class_labels(labels, p.shape, "labels"), which)
+
+
+def _as_probs(probs: Any, n: Any, name: str) -> np.ndarray:
+    """[n, C] finite probabilities in [0, 1] whose rows sum to 1, C ≥ 2 → float64."""
+    p = as_array(probs, name)
+    if p.ndim != 2 or p.dtype.kind not in "f" or p.shape[1] < 2 or (n is not None and p.shape[0] != n):
+        rows = "n" if n is None else f"n={n}"
+        raise ValueError(f"{name} must be a float [{rows}, C] array with C >= 2, got shape {p.shape}, dtype {p.dtype}")
+    p = p.astype(np.float64)
+    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1 + 1e-6 or np.abs(p.sum(1) - 1).max() > 1e-4:
+        raise ValueError(f"{name} must hold finite probabilities in [0, 1] whose rows sum to 1")
+    return p
+
+
+def _class_labels(labels: Any, shape: Tuple[int, int], name: str) -> np.ndarray:
+    """Integer labels in [0, C) for the columns of an [n, C] probability array → int64 [n]."""
+    n, classes = shape
+    y = as_labels(labels, n, name, integer=True)
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"{name} must be integers in [0, {classes}) (columns of the probabilities), "
+                         f"got range [{y.min()}, {y.max()}]")
+    return y
+
+
+def _predictive_scores(p: np.ndarray, y: np.ndarray, which: Tuple[str, ...]) -> Dict[str, np.ndarray]:
+    """The trusted core of :func:`posterior_predictive_scores`: p float64 [n, C], y int64 [n]."""
+    n, classes = p.shape
     rows = np.arange(n)
     given = p[rows, y]
     out: Dict[str, np.ndarray] = {}
@@ -114,7 +135,8 @@ def posterior_predictive_scores(probs: Any, labels: Any, which: Any = None) -> D
         threshold = np.ones(classes)
         threshold[present] = [p[y == c, c].mean() for c in present]
         if not np.all(threshold[present] > 0):
-            raise ValueError("probs must give each present label a positive mean probability among its samples")
+            raise ValueError("the probabilities must give each present label a positive mean probability "
+                             "among its samples")
         out["normalised posterior self-confidence"] = -given / threshold[y]
     return out
 
@@ -154,6 +176,32 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
     """
     if not isinstance(kernel, LossKernel):
         raise ValueError(f"kernel must be a LossKernel, got {type(kernel).__name__}")
+    which = _which_scores(kernel, labels, which, posterior_probs)
+    checked = checked_kernel(kernel, square=False)
+    n = checked.n
+    predictive = tuple(name for name in which if name in PREDICTIVE_LABEL_ISSUE_SCORES)
+    if predictive:  # checked before any work
+        probs = _as_probs(posterior_probs, n, "posterior_probs")
+        class_labels = _class_labels(kernel_labels(kernel, labels, n), probs.shape, "labels")
+    if "neighbour label agreement" in which:
+        label_arr, k = kernel_labels(checked, labels, n), check_k(k, n)
+    out: Dict[str, np.ndarray] = {}
+    if "posterior mean loss" in which:
+        out["posterior mean loss"] = as_vector(kernel.mean, "kernel.mean", n).copy()
+    if "mean shift" in which:
+        out["mean shift"] = as_vector(kernel.mean, "kernel.mean", n) - as_vector(kernel.init_loss, "kernel.init_loss", n)
+    if "variance" in which:
+        out["variance"] = checked.variance.copy()
+    if "neighbour label agreement" in which:
+        out["neighbour label agreement"] = _neighbour_label_agreement(checked, label_arr, k)
+    if predictive:
+        out.update(_predictive_scores(probs, class_labels, predictive))
+    return {name: out[name] for name in which}
+
+
+def _which_scores(kernel: LossKernel, labels: Any, which: Any, posterior_probs: Any) -> Tuple[str, ...]:
+    """The scores to compute: ``which``, or every one the kernel supports; refused by name when
+    the kernel cannot give one."""
     if which is None:  # every score this kernel supports; an explicit ``which`` is refused by name instead
         has_labels = labels is not None or kernel.labels is not None
         which = tuple(name for name in LABEL_ISSUE_SCORES
@@ -171,37 +219,33 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
     if predictive and posterior_probs is None:
         raise ValueError(f"the scores {predictive} need posterior_probs (the posterior predictive [n, C]; "
                          "see tasks.memorization.sample_kernel_and_predictive)")
-    variance = kernel_variance(kernel)
-    n = variance.shape[0]
-    out: Dict[str, np.ndarray] = {}
-    if "posterior mean loss" in which:
-        out["posterior mean loss"] = as_vector(kernel.mean, "kernel.mean", n).copy()
-    if "mean shift" in which:
-        if kernel.init_loss is None:
-            raise ValueError("the 'mean shift' score needs kernel.init_loss (the probe losses at w*)")
-        out["mean shift"] = as_vector(kernel.mean, "kernel.mean", n) - as_vector(kernel.init_loss, "kernel.init_loss", n)
-    if "variance" in which:
-        out["variance"] = variance.copy()
-    if "neighbour label agreement" in which:
-        if kernel.is_diagonal or kernel.is_rectangular:
-            raise ValueError("the 'neighbour label agreement' score needs a square kernel with covariances "
-                             "(mode='full'; for mode='combined' pass kernel.subset())")
-        y = kernel_labels(kernel, labels, n)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
-            raise ValueError(f"k must be an int in [1, {n - 1}], got {k!r}")
-        corr = as_array(kernel.correlation, "kernel.correlation").astype(np.float64, copy=True)
-        np.fill_diagonal(corr, -np.inf)
-        neighbours = np.argpartition(-corr, k, axis=1)[:, :k]
-        clean = 1.0 - (np.argsort(np.argsort(variance)) + 1.0) / n  # 1 − variance rank
-        weight = clean[neighbours] + 1e-12
-        same = (y[neighbours] == y[:, None]).astype(np.float64)
-        out["neighbour label agreement"] = 1.0 - (weight * same).sum(1) / weight.sum(1)
-    if predictive:
-        probs = as_array(posterior_probs, "posterior_probs")
-        if probs.ndim != 2 or probs.shape[0] != n:
-            raise ValueError(f"posterior_probs must be [n={n}, C], got shape {probs.shape}")
-        out.update(posterior_predictive_scores(probs, kernel_labels(kernel, labels, n), which=predictive))
-    return {name: out[name] for name in which}
+    if "mean shift" in which and kernel.init_loss is None:
+        raise ValueError("the 'mean shift' score needs kernel.init_loss (the probe losses at w*)")
+    if "neighbour label agreement" in which and (kernel.is_diagonal or kernel.is_rectangular):
+        raise ValueError("the 'neighbour label agreement' score needs a square kernel with covariances "
+                         "(mode='full'; for mode='combined' pass kernel.subset())")
+    return which
+
+
+def _neighbour_label_agreement(checked: CheckedKernel, y: np.ndarray, k: int) -> np.ndarray:
+    """1 − the clean-weighted share of each sample's k most correlated samples that carry its
+    label y [n] (checked), [n]. Samples tied at the k-th place share the remaining places (no
+    position decides), and the variance rank averages tied variances, so the score permutes
+    with the probe; zero-variance samples (R = 0 with every sample) are reported."""
+    n = checked.n
+    variance = checked.variance
+    weights = _neighbour_weights(checked.matrix("correlation"), k).tocoo()
+    clean = 1.0 - _average_ranks(variance) / n + 1e-12  # 1 − variance rank, ties averaged
+    w = weights.data * clean[weights.col]
+    same = y[weights.row] == y[weights.col]
+    agree = np.bincount(weights.row, weights=w * same, minlength=n)
+    total = np.bincount(weights.row, weights=w, minlength=n)
+    zero = np.flatnonzero(variance == 0)
+    if zero.size:
+        warnings.warn(f"label_issue_scores: {zero.size} samples have zero variance (e.g. {zero[:5].tolist()}): "
+                      "R is 0 with every sample, so their 'neighbour label agreement' averages over all "
+                      "the samples tied at R = 0 rather than over k neighbours", RuntimeWarning, stacklevel=3)
+    return 1.0 - agree / total
 
 
 def _scores_and_mask(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray]:
@@ -253,7 +297,12 @@ def detection_auc(scores: Any, is_positive: Any) -> float:
     Returns:
         AUC in [0, 1]; 0.5 is chance.
     """
-    s, mask = _scores_and_mask(scores, is_positive)
+    return _auc(*_scores_and_mask(scores, is_positive))
+
+
+def _auc(s: np.ndarray, mask: np.ndarray) -> float:
+    """The trusted core of :func:`detection_auc`: s float64 [n] without NaN, mask bool [n]
+    with both classes present."""
     n_pos = int(mask.sum())
     n_neg = mask.shape[0] - n_pos
     rank_sum = float(_average_ranks(s)[mask].sum())
@@ -267,7 +316,11 @@ def roc_curve(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray, np
     Point j classifies ``scores >= thresholds[j]`` as positive, for every distinct score in
     decreasing order; the first point is (0, 0) with threshold +inf.
     """
-    s, mask = _scores_and_mask(scores, is_positive)
+    return _roc(*_scores_and_mask(scores, is_positive))
+
+
+def _roc(s: np.ndarray, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trusted core of :func:`roc_curve` (inputs as for :func:`_auc`)."""
     order = np.argsort(-s, kind="mergesort")
     s_sorted, pos_sorted = s[order], mask[order]
     last_of_value = np.r_[s_sorted[1:] != s_sorted[:-1], True]

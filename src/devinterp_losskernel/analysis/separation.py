@@ -12,14 +12,15 @@ samples of the same task and leaves samples of different tasks nearly uncorrelat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import numpy as np
 import pandas as pd
 
-from ..validation import as_labels, as_two_groups, kernel_matrix, py_scalar
-from .memorization import detection_auc
+from ..validation import KERNEL_USES, as_labels, as_two_groups, checked_kernel, py_scalar
+from .memorization import _auc
 
 __all__ = ["GroupCovariances", "PC1Separation", "group_covariances", "pc1_separation"]
 
@@ -53,15 +54,36 @@ class PC1Separation:
 
 
 def _first_component(centred: np.ndarray) -> Tuple[np.ndarray, float]:
-    """Top right-singular vector [n] and top singular value of a centred [n, n] matrix."""
+    """Top right-singular vector [n] and top singular value of a centred [n, n] matrix; warns
+    when the top two singular values are equal (PC1 is then not unique: any direction in their
+    plane would do, and the one returned depends on the probe order)."""
     if min(centred.shape) <= _DENSE_SVD_MAX_N:
         _, s, vt = np.linalg.svd(centred, full_matrices=False)
-        return vt[0], float(s[0])
-    from scipy.sparse.linalg import svds
+    else:
+        from scipy.sparse.linalg import svds
 
-    v0 = np.random.default_rng(0).standard_normal(min(centred.shape))  # deterministic start
-    _, s, vt = svds(centred, k=1, v0=v0, solver="arpack")
+        v0 = np.random.default_rng(0).standard_normal(min(centred.shape))  # deterministic start, own generator
+        _, s, vt = svds(centred, k=2, v0=v0, solver="arpack")
+        order = np.argsort(-s)
+        s, vt = s[order], vt[order]
+    if len(s) > 1 and s[1] >= s[0] * (1 - 1e-9):
+        warnings.warn(f"pc1_separation: the first principal component is not unique (the top two singular "
+                      f"values are equal, {s[0]:.6g}); the projection returned is one of many and depends on "
+                      "the probe order", RuntimeWarning, stacklevel=3)
     return vt[0], float(s[0])
+
+
+def _orient(projection: np.ndarray, component: np.ndarray, mask: np.ndarray,
+            auc: float) -> Tuple[np.ndarray, np.ndarray, float]:
+    """The sign of PC1 (no position decides it): the second group's side (AUC ≥ 0.5); at
+    AUC = 0.5 the side of the second group's larger mean, then of the positive third moment."""
+    flip = auc < 0.5
+    if auc == 0.5:
+        gap = projection[mask].mean() - projection[~mask].mean()
+        flip = gap < 0 if gap != 0 else float(np.sum(projection ** 3)) < 0
+    if flip:
+        return -projection, -component, 1.0 - auc
+    return projection, component, auc
 
 
 def pc1_separation(kernel: Any, groups: Any, *, use: str = "correlation") -> PC1Separation:
@@ -81,20 +103,21 @@ def pc1_separation(kernel: Any, groups: Any, *, use: str = "correlation") -> PC1
         A :class:`PC1Separation` with the projection [n], direction [n], AUC and explained
         variance ratio.
     """
-    matrix = kernel_matrix(kernel, use)
-    n = matrix.shape[0]
+    checked = checked_kernel(kernel)
+    n = checked.n
     mask, names = as_two_groups(groups, n)
+    if use not in KERNEL_USES:
+        raise ValueError(f"use must be one of {KERNEL_USES}, got {use!r}")
     if n < 3:
         raise ValueError(f"kernel must have at least 3 samples for a principal component, got n={n}")
+    matrix = checked.matrix(use)
     centred = matrix - matrix.mean(axis=0, keepdims=True)
     total = float(np.square(centred).sum())
     if not total > 0:
         raise ValueError("kernel rows are all identical: the centred loss-response vectors have no variance")
     component, top = _first_component(centred)
     projection = centred @ component
-    auc = detection_auc(projection, mask)
-    if auc < 0.5:
-        projection, component, auc = -projection, -component, 1.0 - auc
+    projection, component, auc = _orient(projection, component, mask, _auc(projection, mask))
     return PC1Separation(
         projection=projection, component=component, auc=float(auc),
         explained_variance_ratio=top**2 / total, groups=names, mask=mask, use=use,
@@ -148,9 +171,10 @@ def group_covariances(kernel: Any, groups: Any, *, use: str = "covariance") -> G
         A :class:`GroupCovariances` with the values per pair (for histograms, see
         :func:`~devinterp_losskernel.plotting.plot_covariance_histograms`) and a summary table.
     """
-    matrix = kernel_matrix(kernel, use)
-    n = matrix.shape[0]
+    checked = checked_kernel(kernel)
+    n = checked.n
     labels = as_labels(groups, n, "groups")
+    matrix = checked.matrix(use)
     names = np.unique(labels)
     members = {g: np.flatnonzero(labels == g) for g in names}
     values, rows = {}, []

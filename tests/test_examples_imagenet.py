@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("torchvision")
 
 from devinterp_losskernel.hierarchy import imagenet_wnids  # noqa: E402
-from devinterp_losskernel.tasks import imagenet as task  # noqa: E402
-from devinterp_losskernel.tasks.imagenet import (  # noqa: E402
+from losskernel_examples import imagenet as task  # noqa: E402
+from losskernel_examples.imagenet import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     SCALES,

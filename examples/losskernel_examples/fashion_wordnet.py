@@ -20,7 +20,7 @@ What lives here (``tutorials/03b_fashion_mnist_wordnet.ipynb`` uses it; so does
   (same-branch rate of a sample's different-label kernel neighbours over chance) and
   :func:`mean_correlation_by_branch`;
 - :func:`run_fashion_wordnet`: the notebook as one call
-  (``python -m devinterp_losskernel.tasks.fashion_wordnet --scale cpu``).
+  (``python -m losskernel_examples.fashion_wordnet --scale cpu``).
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def sample_kernel(model: nn.Module, data: FashionData, probe_index: np.ndarray, 
     """The loss kernel of ``model`` over the test images ``probe_index``: SGLD on the
     training images with ``cfg``'s settings (a thin wrapper of
     :func:`~devinterp_losskernel.estimate_loss_kernel`; labels are the class indices)."""
-    from ..estimate import estimate_loss_kernel
+    from devinterp_losskernel.estimate import estimate_loss_kernel
 
     index = torch.as_tensor(np.asarray(probe_index), dtype=torch.long)
     probe = (data.test_x[index], data.test_y[index])
@@ -365,7 +365,7 @@ def group_neighbour_lift(kernel: Any, groups: Any, labels: Any, k: int = 10):
     """:func:`~devinterp_losskernel.analysis.attribute_lift` with same-label pairs excluded:
     how much more often than chance a sample's k most correlated *different-label* probe
     samples are in its group. Returns the AttributeLift (``per_group``, ``pooled_lift``, …)."""
-    from ..analysis import attribute_lift
+    from devinterp_losskernel.analysis import attribute_lift
 
     return attribute_lift(kernel, groups, k, labels=labels)
 
@@ -373,7 +373,7 @@ def group_neighbour_lift(kernel: Any, groups: Any, labels: Any, k: int = 10):
 def mean_correlation_by_branch(kernel: Any, groups: Any, labels: Any) -> Dict[str, float]:
     """Mean R̂ over different-label pairs in the same branch, and across branches
     (``"within"``, ``"across"``, ``"within_minus_across"``)."""
-    from ..validation import kernel_matrix
+    from devinterp_losskernel.validation import kernel_matrix
 
     R = kernel_matrix(kernel, "correlation")
     groups, labels = np.asarray(groups), np.asarray(labels)
@@ -392,8 +392,8 @@ def run_fashion_wordnet(scale: Union[str, FashionScale] = "cpu", *, seed: int = 
     """Train the CNN, sample its loss kernel on a balanced probe of test images, and read it
     against the WordNet tree. Returns ``{"kernel", "model", "probe_index", "hierarchy",
     "lift" (taxonomic_lift DataFrame), "numbers" (flat, JSON-ready)}``."""
-    from ..analysis import taxonomic_lift
-    from ..hierarchy import fashion_mnist_hierarchy
+    from devinterp_losskernel.analysis import taxonomic_lift
+    from devinterp_losskernel.hierarchy import fashion_mnist_hierarchy
 
     cfg = SCALES[scale] if isinstance(scale, str) else scale
     started = time.perf_counter()
@@ -430,11 +430,11 @@ def run_fashion_wordnet(scale: Union[str, FashionScale] = "cpu", *, seed: int = 
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m devinterp_losskernel.tasks.fashion_wordnet --scale {ci,cpu,paper}``"""
+    """``python -m losskernel_examples.fashion_wordnet --scale {ci,cpu,paper}``"""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m devinterp_losskernel.tasks.fashion_wordnet")
+    parser = argparse.ArgumentParser(prog="python -m losskernel_examples.fashion_wordnet")
     parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """The real Fashion-MNIST files (Debian's dataset-fashion-mnist), where they are installed.
 
-The reader itself is tested on generated IDX files in test_tasks_memorization.py. CI installs
+The reader itself is tested on generated IDX files in test_examples_memorization.py. CI installs
 the Debian package and sets LOSSKERNEL_REQUIRE_FASHION_MNIST=1: then a missing or unreadable
 dataset fails here instead of letting the tutorials fall back to scikit-learn's digits.
 """
@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from devinterp_losskernel.tasks.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
+from losskernel_examples.fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
 
 
 def _load(split):

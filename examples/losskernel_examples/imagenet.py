@@ -21,7 +21,7 @@ needs lives here:
   BatchNorm in eval mode, so SGLD's loss and the probe loss are the same function of w);
 - the run: :data:`SCALES` (``ci``, ``cpu``, ``paper``), :func:`sample_kernel`,
   :func:`gamma_sweep`, :func:`analyse_kernel` and the whole pipeline
-  :func:`run_imagenet_kernel` (also ``python -m devinterp_losskernel.tasks.imagenet``);
+  :func:`run_imagenet_kernel` (also ``python -m losskernel_examples.imagenet``);
 - two figures the plotting module does not have: :func:`plot_gamma_sweep` (Fig. 6B–D) and
   :func:`plot_colour_groups`.
 
@@ -116,7 +116,7 @@ def require_torchvision():
 # Data
 # ---------------------------------------------------------------------------------------------
 def _imagenet_index() -> Dict[str, int]:
-    from ..hierarchy import imagenet_wnids
+    from devinterp_losskernel.hierarchy import imagenet_wnids
 
     return {wnid: i for i, wnid in enumerate(imagenet_wnids())}
 
@@ -693,7 +693,7 @@ def sample_kernel(model: nn.Module, loader: DataLoader, probe: Tuple[torch.Tenso
     :func:`imagenet_evaluate`. ``probe_in_training_set``: whether the probe images are among
     the loader's (for the singular fluctuation; ImageNet's validation images are not). With ``snapshots``, ``kernel.metadata["cka_convergence"]``
     holds CKA(K̂_t, K̂) at ``cfg.cka_snapshots`` draw counts t (the last one all draws)."""
-    from ..estimate import estimate_loss_kernel
+    from devinterp_losskernel.estimate import estimate_loss_kernel
 
     kwargs = cfg.sampler_kwargs(**sampler_changes)
     callback_kwargs = {}
@@ -753,8 +753,9 @@ def analyse_kernel(kernel, wnids: Sequence[str], images: torch.Tensor, hierarchy
     ``cfg.node_depth``, different family), and with ``sweep``: ``sweep_cka`` (pairwise CKA,
     Fig. 6B) and ``sweep_lifts`` (colour and node lift per γ, Fig. 6D).
     """
-    from ..analysis import (attribute_lift, color_groups, compare_kernels, correlation_by_tree_distance,
-                            taxonomic_lift, top_correlated, umap_embedding)
+    from devinterp_losskernel.analysis import (attribute_lift, color_groups, compare_kernels,
+                                               correlation_by_tree_distance, taxonomic_lift, top_correlated,
+                                               umap_embedding)
 
     labels = np.asarray(wnids, dtype=object)
     n = len(labels)
@@ -970,7 +971,7 @@ def run_imagenet_kernel(
     """
     import json
 
-    from ..hierarchy import wordnet_imagenet
+    from devinterp_losskernel.hierarchy import wordnet_imagenet
 
     require_torchvision()
     cfg = get_scale(scale)
@@ -1052,15 +1053,15 @@ def run_imagenet_kernel(
 
 
 def _short_names(wnids: Sequence[str]) -> np.ndarray:
-    from ..hierarchy import imagenet_class_names, imagenet_wnids
+    from devinterp_losskernel.hierarchy import imagenet_class_names, imagenet_wnids
 
     name = dict(zip(imagenet_wnids(), imagenet_class_names()))
     return np.array([name.get(w, w) for w in wnids], dtype=object)
 
 
 def _save_figures(kernel, analyses, images, wnids, hierarchy, folder, work_dir: Path) -> None:
-    from ..plotting import (plot_attribute_transition, plot_cka_convergence, plot_embedding,
-                            plot_hierarchy_sorted_matrix, plot_lift_curves, plot_top_k_grid)
+    from devinterp_losskernel.plotting import (plot_attribute_transition, plot_cka_convergence, plot_embedding,
+                                               plot_hierarchy_sorted_matrix, plot_lift_curves, plot_top_k_grid)
 
     names = _short_names(wnids)
     if analyses.get("embedding") is not None:
@@ -1084,11 +1085,11 @@ def _save_figures(kernel, analyses, images, wnids, hierarchy, folder, work_dir: 
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m devinterp_losskernel.tasks.imagenet [--imagenet-dir D] [--weights W] --scale S``"""
+    """``python -m losskernel_examples.imagenet [--imagenet-dir D] [--weights W] --scale S``"""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m devinterp_losskernel.tasks.imagenet")
+    parser = argparse.ArgumentParser(prog="python -m losskernel_examples.imagenet")
     parser.add_argument("--imagenet-dir", default=None, help="ImageNet layout (train/, val/); default: generated")
     parser.add_argument("--weights", default=None, help="GoogLeNet state_dict file (default: untrained)")
     parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..presets import SGLDSettings
+from devinterp_losskernel.presets import SGLDSettings
 from ._scale import sampler_kwargs
 from .fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
 
@@ -546,7 +546,7 @@ def sample_kernel(model: nn.Module, data: MemorizationData, cfg: MemorizationCon
 
     ``overrides`` replace ``estimate_loss_kernel`` arguments (e.g. ``localization=100.0``).
     """
-    from ..estimate import estimate_loss_kernel
+    from devinterp_losskernel.estimate import estimate_loss_kernel
 
     loader = DataLoader(TensorDataset(data.x, data.y_train), batch_size=cfg.sgld_batch_size, shuffle=True)
     kwargs = sampler_kwargs(cfg, **{**dict(seed=cfg.seed, device=device, verbose=verbose, labels=data.y_train),
@@ -590,7 +590,7 @@ def sample_kernel_and_predictive(model: nn.Module, data: MemorizationData, cfg: 
     of the one trained model. Draws of chains cut off as diverged still count in p̄ (the
     kernel leaves them out); a warning says so.
     """
-    from ..estimate import estimate_loss_kernel
+    from devinterp_losskernel.estimate import estimate_loss_kernel
 
     n = len(data.x)
     recorder = _PredictiveRecorder(model, n, data.num_classes)
@@ -617,7 +617,7 @@ def score_table(scores: Dict[str, np.ndarray], seconds: Dict[str, float], is_pos
     sorted by ROC-AUC; scores that could not be computed appear with their note."""
     import pandas as pd
 
-    from ..analysis import detection_auc
+    from devinterp_losskernel.analysis import detection_auc
 
     rows = [{"score": name, "roc_auc": detection_auc(values, is_positive), "seconds": seconds.get(name, np.nan),
              "note": (notes or {}).get(name, "")} for name, values in scores.items()]
@@ -636,8 +636,8 @@ def plot_detector_rocs(scores: Dict[str, np.ndarray], is_positive: Any, *, title
     """
     from matplotlib.figure import Figure
 
-    from ..analysis import detection_auc
-    from ..analysis.memorization import roc_curve
+    from devinterp_losskernel.analysis import detection_auc
+    from devinterp_losskernel.analysis.memorization import roc_curve
 
     if not scores:
         raise ValueError("scores must hold at least one detector")
@@ -688,7 +688,7 @@ class MemorizationResult:
     table: Any
 
     def summary(self) -> Dict[str, Any]:
-        from ..analysis import mean_self_covariance
+        from devinterp_losskernel.analysis import mean_self_covariance
 
         means = mean_self_covariance(self.kernel, self.data.flipped.numpy())
         return {
@@ -735,7 +735,7 @@ def run_memorization(scale: Union[str, MemorizationConfig, None] = None, *, devi
     started = time.perf_counter()
     kernel = sample_kernel(model, data, cfg, device=device, verbose=verbose)
     seconds["loss-kernel variance K(x,x)"] = time.perf_counter() - started
-    from ..analysis import memorization_scores
+    from devinterp_losskernel.analysis import memorization_scores
 
     scores["loss-kernel variance K(x,x)"] = memorization_scores(kernel)
 
@@ -761,11 +761,11 @@ def run_memorization(scale: Union[str, MemorizationConfig, None] = None, *, devi
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m devinterp_losskernel.tasks.memorization --scale full --threads 1``"""
+    """``python -m losskernel_examples.memorization --scale full --threads 1``"""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m devinterp_losskernel.tasks.memorization",
+    parser = argparse.ArgumentParser(prog="python -m losskernel_examples.memorization",
                                      description="the memorization experiment (tutorial 02) as a script")
     parser.add_argument("--scale", default=None, choices=sorted(SCALES) + sorted(_SCALE_ALIASES),
                         help="default: $LOSSKERNEL_TUTORIAL_SCALE, else full")

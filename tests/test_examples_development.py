@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from devinterp_losskernel.hierarchy import fashion_mnist_hierarchy
-from devinterp_losskernel.tasks.development import (
+from losskernel_examples.development import (
     DIGITS_EPOCHS,
     SCALES,
     DevelopmentScale,
@@ -18,7 +18,7 @@ from devinterp_losskernel.tasks.development import (
     structure_numbers,
     train_with_checkpoints,
 )
-from devinterp_losskernel.tasks.fashion_wordnet import accuracy, top_level_groups
+from losskernel_examples.fashion_wordnet import accuracy, top_level_groups
 
 
 def test_digits_fallback_data():
@@ -32,11 +32,11 @@ def test_digits_fallback_data():
 
 def test_load_development_data_falls_back_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("LOSSKERNEL_FASHION_MNIST_DIR", str(tmp_path))   # empty: not found there…
-    monkeypatch.setattr("devinterp_losskernel.tasks.fashion_mnist.DEBIAN_DIR", tmp_path / "none")  # …nor here
+    monkeypatch.setattr("losskernel_examples.fashion_mnist.DEBIAN_DIR", tmp_path / "none")  # …nor here
     with pytest.warns(UserWarning, match="digits"):
         data = load_development_data(dataset="auto")
     assert data.source.startswith("scikit-learn digits")
-    from devinterp_losskernel.tasks.fashion_mnist import FashionMNISTNotFound
+    from losskernel_examples.fashion_mnist import FashionMNISTNotFound
 
     with pytest.raises(FashionMNISTNotFound):
         load_development_data(dataset="fashion")
@@ -66,7 +66,7 @@ def test_checkpoints_are_the_weights_of_one_run(one_thread):
     assert not torch.equal(models[0].classifier[2].weight, models[2].classifier[2].weight)
     # the snapshots are copies: later training did not change the step-10 weights
     assert not torch.equal(models[10].classifier[2].weight, models[total].classifier[2].weight)
-    # (train_cnn's determinism is tested in test_tasks_fashion_wordnet.py)
+    # (train_cnn's determinism is tested in test_examples_fashion_wordnet.py)
 
 
 def _kernel_with_branches(labels, groups, branch, same_label, seed=0):
@@ -132,8 +132,8 @@ def test_development_kernels_on_digits(one_thread):
     from conftest import require_devinterp
 
     require_devinterp(1)
-    from devinterp_losskernel.tasks.development import development_kernels
-    from devinterp_losskernel.tasks.fashion_wordnet import balanced_probe
+    from losskernel_examples.development import development_kernels
+    from losskernel_examples.fashion_wordnet import balanced_probe
 
     data = load_digits_data(seed=0)
     cfg = replace(SCALES["ci"], num_train=None, epochs=1, checkpoint_steps=(0, 11), num_probe=50,

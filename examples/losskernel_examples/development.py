@@ -12,7 +12,7 @@ Without the Fashion-MNIST files, :func:`load_development_data` falls back to
 scikit-learn's bundled 8×8 digits (no hierarchy: the WordNet numbers are then left out).
 
 ``tutorials/04_development.ipynb`` uses this module; the notebook as one call:
-``python -m devinterp_losskernel.tasks.development --scale cpu``.
+``python -m losskernel_examples.development --scale cpu``.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def knn_label_purity(kernel: Any, labels: Any, k: int = 10) -> float:
     """Share of each sample's k most correlated probe samples (any label) that share its
     label, averaged. Careful: same-label losses co-vary even in an untrained network (noise
     in the unembedding, Appendix B), so this is high from the start."""
-    from ..analysis import top_correlated
+    from devinterp_losskernel.analysis import top_correlated
 
     labels = np.asarray(labels)
     neighbours, _ = top_correlated(kernel, None, k)
@@ -207,7 +207,7 @@ def structure_numbers(kernel: Any, labels: Any, groups: Optional[Any] = None, *,
 
 def consecutive_cka(kernels: Dict[int, Any], *, use: str = "correlation") -> List[Tuple[int, int, float]]:
     """CKA between the kernels of consecutive checkpoints: [(step_a, step_b, CKA)]."""
-    from ..analysis import cka
+    from devinterp_losskernel.analysis import cka
 
     steps = sorted(kernels)
     return [(a, b, cka(kernels[a], kernels[b], use=use)) for a, b in zip(steps[:-1], steps[1:])]
@@ -228,7 +228,7 @@ def run_development(scale: Union[str, DevelopmentScale] = "cpu", *, seed: int = 
     labels = data.test_y.numpy()[probe_index]
     groups = None
     if data.source == "Fashion-MNIST":
-        from ..hierarchy import fashion_mnist_hierarchy
+        from devinterp_losskernel.hierarchy import fashion_mnist_hierarchy
 
         groups = top_level_groups(fashion_mnist_hierarchy(), labels)
     kernels = {}
@@ -247,12 +247,12 @@ def run_development(scale: Union[str, DevelopmentScale] = "cpu", *, seed: int = 
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m devinterp_losskernel.tasks.development --scale {ci,cpu,paper}``"""
+    """``python -m losskernel_examples.development --scale {ci,cpu,paper}``"""
     import argparse
 
     import pandas as pd
 
-    parser = argparse.ArgumentParser(prog="python -m devinterp_losskernel.tasks.development")
+    parser = argparse.ArgumentParser(prog="python -m losskernel_examples.development")
     parser.add_argument("--scale", default="cpu", choices=sorted(SCALES))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from devinterp_losskernel.hierarchy import Hierarchy, fashion_mnist_hierarchy
-from devinterp_losskernel.tasks.fashion_mnist import FashionMNISTNotFound, find_fashion_mnist, write_idx
-from devinterp_losskernel.tasks.fashion_wordnet import (
+from losskernel_examples.fashion_mnist import FashionMNISTNotFound, find_fashion_mnist, write_idx
+from losskernel_examples.fashion_wordnet import (
     CLASS_NAMES,
     SCALES,
     FashionData,
@@ -197,7 +197,7 @@ def test_sample_kernel_runs_on_a_tiny_probe(tmp_path):
     require_devinterp(1)
     from dataclasses import replace
 
-    from devinterp_losskernel.tasks.fashion_wordnet import sample_kernel
+    from losskernel_examples.fashion_wordnet import sample_kernel
 
     x, y = _separable(200)
     data = FashionData(train_x=x, train_y=y, test_x=x[:50], test_y=y[:50],

@@ -65,7 +65,7 @@ __all__ = [
 
 ADD, DIV = 0, 1
 TASK_NAMES = ("addition", "division")
-CHECKPOINT_PATH = Path(__file__).resolve().parent.parent / "data" / "modular_p97.pt"
+CHECKPOINT_PATH = Path(__file__).resolve().parent / "data" / "modular_p97.pt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +336,8 @@ def _split_accuracies(model: nn.Module, data: ModularData) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # The shipped checkpoint
 # ---------------------------------------------------------------------------------------------
+# The tag written into every checkpoint (the shipped one too): the module's name when the format
+# was fixed (it lived in the library as devinterp_losskernel.tasks); a file tag, not an import path.
 CHECKPOINT_FORMAT = "devinterp_losskernel.tasks.modular"
 
 
@@ -363,7 +365,7 @@ def load_checkpoint(path: Union[str, Path, None] = None, device: Union[str, torc
 
     Args:
         path: a file written by :func:`save_checkpoint`; default the shipped checkpoint
-            (p = 97, trained by ``python -m devinterp_losskernel.tasks.modular train``).
+            (p = 97, trained by ``python -m losskernel_examples.modular train``).
         device: where to put the model.
 
     Returns:
@@ -389,7 +391,7 @@ def load_checkpoint(path: Union[str, Path, None] = None, device: Union[str, torc
 
 def train_and_save(path: Union[str, Path, None] = None, *, threads: int = 1, verbose: bool = True) -> Path:
     """Train with the default configuration on the CPU and write the checkpoint (this is how
-    the shipped one was made: ``python -m devinterp_losskernel.tasks.modular train``)."""
+    the shipped one was made: ``python -m losskernel_examples.modular train``)."""
     torch.set_num_threads(threads)
     train_cfg = TrainConfig()
     model, data, history = train_modular(ModelConfig(), train_cfg, verbose=verbose)
@@ -458,7 +460,7 @@ def training_loader(data: ModularData, batch_size: int) -> torch.utils.data.Data
 def pool_kernels(first, second):
     """The kernel of the draws of two runs on the same probe, as if from one run (pooled
     mean and co-moment, Chan et al.): K = [(N₁−1)K₁ + (N₂−1)K₂ + N₁N₂/N · δδᵀ] / (N−1)."""
-    from ..kernel import LossKernel
+    from devinterp_losskernel.kernel import LossKernel
 
     n1, n2 = first.num_draws, second.num_draws
     total = n1 + n2
@@ -577,8 +579,8 @@ def run_modular_kernel(
         split-half agreement, mean R̂ within/across tasks and among the 0 / b inputs, LLC
         and wall times.
     """
-    from ..analysis import pc1_separation, probe_llc, singular_fluctuation
-    from ..estimate import estimate_loss_kernel
+    from devinterp_losskernel.analysis import pc1_separation, probe_llc, singular_fluctuation
+    from devinterp_losskernel.estimate import estimate_loss_kernel
 
     cfg = SCALES[scale] if isinstance(scale, str) else scale
     if not isinstance(cfg, KernelScale):
@@ -650,11 +652,11 @@ def run_modular_kernel(
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m devinterp_losskernel.tasks.modular {train,kernel} …``"""
+    """``python -m losskernel_examples.modular {train,kernel} …``"""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m devinterp_losskernel.tasks.modular")
+    parser = argparse.ArgumentParser(prog="python -m losskernel_examples.modular")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the p=97 transformer and write the checkpoint")
     train.add_argument("--out", default=str(CHECKPOINT_PATH))

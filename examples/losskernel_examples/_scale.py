@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
-from ..presets import SGLDSettings
+from devinterp_losskernel.presets import SGLDSettings
 
 
 @dataclass(frozen=True, kw_only=True)

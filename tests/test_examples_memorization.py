@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from devinterp_losskernel.tasks import fashion_mnist as fm
-from devinterp_losskernel.tasks.fashion_mnist import (
+from losskernel_examples import fashion_mnist as fm
+from losskernel_examples.fashion_mnist import (
     FashionMNISTNotFound,
     find_fashion_mnist,
     load_fashion_mnist,
     read_idx,
     write_idx,
 )
-from devinterp_losskernel.tasks.memorization import (
+from losskernel_examples.memorization import (
     MemorizationConfig,
     get_config,
     load_images,
@@ -286,7 +286,7 @@ def test_make_mlp_has_only_linear_layers():
 
 # -- pooling, neighbour share, ROC figure, the whole run --------------------------------------
 def test_pool_images_averages_blocks():
-    from devinterp_losskernel.tasks.memorization import pool_images
+    from losskernel_examples.memorization import pool_images
 
     images = np.arange(2 * 16, dtype=np.float32).reshape(2, 16)  # two 4x4 images
     pooled = pool_images(images, 2)
@@ -314,7 +314,7 @@ def test_pool_applies_to_fashion_mnist_only(tiny_fashion):
 
 
 def test_knn_share_counts_positive_neighbours():
-    from devinterp_losskernel.tasks.memorization import knn_share
+    from losskernel_examples.memorization import knn_share
 
     positive = np.array([True, True, False, False])
     knn = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 0], [3, 2, 1]])
@@ -327,7 +327,7 @@ def test_knn_share_counts_positive_neighbours():
 def test_plot_detector_rocs_orders_by_auc(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    from devinterp_losskernel.tasks.memorization import plot_detector_rocs
+    from losskernel_examples.memorization import plot_detector_rocs
 
     positive = np.array([True, True, False, False, False])
     fig = plot_detector_rocs({"weak": np.array([1, 2, 5, 4, 3.0]), "strong": np.array([5, 4, 1, 2, 3.0])},
@@ -341,7 +341,7 @@ def test_plot_detector_rocs_orders_by_auc(tmp_path):
 
 def test_run_memorization_end_to_end_without_optional_libraries(monkeypatch, capsys):
     """Digits, a small SGLD run; the attribution libraries 'missing': their rows are notes."""
-    from devinterp_losskernel.tasks import memorization as mem
+    from losskernel_examples import memorization as mem
 
     def missing(module, package):
         raise mem.MissingOptionalDependency(f"{package} is not installed (test)")
@@ -373,8 +373,8 @@ def test_run_memorization_end_to_end_without_optional_libraries(monkeypatch, cap
 
 def test_sampler_kwargs_pass_non_sgld_arguments_through_instead_of_dropping_them():
     from devinterp_losskernel.presets import SGLDSettings
-    from devinterp_losskernel.tasks._scale import sampler_kwargs
-    from devinterp_losskernel.tasks.memorization import get_config
+    from losskernel_examples._scale import sampler_kwargs
+    from losskernel_examples.memorization import get_config
 
     cfg = get_config("ci")
     labels = torch.arange(4)
@@ -383,3 +383,44 @@ def test_sampler_kwargs_pass_non_sgld_arguments_through_instead_of_dropping_them
     assert kwargs["seed"] == 3 and kwargs["localization"] == 20.0
     with pytest.raises(ValueError, match=r"no settings \['localisation'\]"):
         SGLDSettings.from_config(cfg, localisation=20.0)
+
+
+def test_sample_kernel_and_predictive_averages_the_softmax_over_the_draws():
+    """The recorder skips the passes at w* and adds one softmax per draw; p̄ is consistent
+    with the kernel's mean loss from the same draws (Jensen: E[e^−ℓ] ≥ e^−E[ℓ])."""
+    from dataclasses import replace
+
+    from losskernel_examples import memorization as task
+
+    torch.manual_seed(0)
+    model = task.make_mlp(6, hidden=8, depth=1, num_classes=3)
+    recorder = task._PredictiveRecorder(model, 5, 3)
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    recorder(model, (x, y, torch.arange(5)))  # at w*: not recorded
+    assert float(recorder.counts.sum()) == 0
+    moved = task.make_mlp(6, hidden=8, depth=1, num_classes=3)
+    losses = recorder(moved, (x[1:3], y[1:3], torch.tensor([1, 2])))
+    np.testing.assert_allclose(losses.detach().numpy(), F.cross_entropy(moved(x[1:3]), y[1:3], reduction="none").detach().numpy())
+    expected = torch.softmax(moved(x[1:3]).double(), 1).detach().numpy()
+    np.testing.assert_allclose(recorder.sums[1:3].numpy(), expected, rtol=1e-12)
+    assert recorder.counts.tolist() == [0, 1, 1, 0, 0]
+    recorder(moved, (x[:2], y[:2]))  # a training minibatch (no index): not recorded
+    assert recorder.counts.tolist() == [0, 1, 1, 0, 0]
+
+    n = 60
+    data = task.MemorizationData(x=torch.randn(n, 6), y_true=torch.arange(n) % 3, y_train=torch.arange(n) % 3,
+                                 flipped=torch.zeros(n, dtype=torch.bool), dataset="synthetic",
+                                 images=np.zeros((n, 1, 1)), num_classes=3)
+    cfg = replace(task.get_config("ci"), num_chains=2, num_draws=20, num_burnin_steps=5, sgld_batch_size=20)
+    kernel, probs = task.sample_kernel_and_predictive(model, data, cfg, device="cpu", verbose=False)
+    assert probs.shape == (n, 3) and probs.dtype == np.float64
+    np.testing.assert_array_equal(np.asarray(kernel.labels), data.y_train.numpy())  # labels reach the kernel
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+    given = probs[np.arange(n), data.y_train.numpy()]
+    assert np.all(given >= np.exp(-kernel.mean.numpy()) - 1e-12)
+    # the same draws as sample_kernel: the kernel is the same to the last bit
+    plain = task.sample_kernel(model, data, cfg, device="cpu", verbose=False)
+    torch.testing.assert_close(kernel.covariance, plain.covariance, rtol=0, atol=0)
+    # and not the softmax at w*
+    at_w_star = torch.softmax(model(data.x).double(), 1).detach().numpy()
+    assert np.abs(probs - at_w_star).max() > 1e-3

@@ -6,7 +6,7 @@ import torch
 
 from conftest import require_devinterp
 from devinterp_losskernel import KernelAccumulator
-from devinterp_losskernel.tasks.modular import (
+from losskernel_examples.modular import (
     ADD,
     CHECKPOINT_PATH,
     DIV,

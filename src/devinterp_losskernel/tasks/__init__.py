@@ -1,1 +1,0 @@
-"""Synthetic tasks with known structure, for the tutorials (data, models, trained checkpoints)."""

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .kernel import LossKernel, correlation_from_covariance
+from .correlation import correlation_from_covariance
 
 __all__ = [
     "KERNEL_USES",
@@ -50,12 +50,21 @@ __all__ = [
 KERNEL_USES = ("covariance", "correlation")
 
 
+def _is_loss_kernel(x: Any) -> bool:
+    """A LossKernel, told by its class marker: kernel.py imports this module, not the other way."""
+    return bool(getattr(type(x), "_LOSS_KERNEL", False))
+
+
+def _is_kernel(x: Any) -> bool:
+    return _is_loss_kernel(x) or isinstance(x, CheckedKernel)
+
+
 def as_array(x: Any, name: str) -> np.ndarray:
     """Any array-like (numpy, torch on any device and dtype, dense or sparse, list) → a numpy array.
 
     Floating and boolean dtypes become float64/bool; other dtypes are kept as numpy gives them.
     """
-    if isinstance(x, (LossKernel, CheckedKernel)):
+    if _is_kernel(x):
         raise ValueError(f"{name} must be an array here, got a {type(x).__name__}")
     if isinstance(x, torch.Tensor):
         return _tensor_array(x, name)
@@ -178,7 +187,7 @@ def as_labels(labels: Any, n: Optional[int], name: str = "labels", *, integer: b
 def _label_array(labels: Any, name: str) -> np.ndarray:
     """The raw numpy array of ``labels`` (not yet checked); a list holding strings is kept as
     objects so that a mix of strings and numbers is seen (numpy would make "1" of 1)."""
-    if isinstance(labels, (LossKernel, CheckedKernel)):
+    if _is_kernel(labels):
         raise TypeError(f"{name} must be labels (one per probe sample), got a {type(labels).__name__}")
     if isinstance(labels, (str, bytes)):
         raise ValueError(f"{name} must be a sequence of labels (one per probe sample), got the single "
@@ -333,7 +342,7 @@ def check_index(index: Any, n: int, name: str = "index", *, allow_empty: bool = 
     return arr.astype(np.int64)
 
 
-def check_kernel(kernel: LossKernel, name: str = "kernel", *, square: bool = True) -> LossKernel:
+def check_kernel(kernel: Any, name: str = "kernel", *, square: bool = True) -> Any:
     """A LossKernel usable by an analysis: ≥ 2 draws and (if ``square``) not rectangular."""
     if kernel.num_draws < 2:
         raise ValueError(
@@ -393,7 +402,7 @@ class CheckedKernel:
         name: the argument's name, for messages.
     """
 
-    def __init__(self, n: int, *, name: str, source: Optional[LossKernel] = None,
+    def __init__(self, n: int, *, name: str, source: Any = None,
                  covariance: Optional[np.ndarray] = None, variance: Optional[np.ndarray] = None,
                  labels: Optional[np.ndarray] = None):
         self.n, self.name, self.source, self.labels = n, name, source, labels
@@ -446,7 +455,7 @@ def checked_kernel(kernel: Any, name: str = "kernel", *, square: bool = True) ->
     """
     if isinstance(kernel, CheckedKernel):
         return kernel
-    if isinstance(kernel, LossKernel):
+    if _is_loss_kernel(kernel):
         check_kernel(kernel, name, square=square)
         n = kernel.num_samples
         variance = _variances(as_vector(kernel.variance, f"{name}.variance", n), f"{name}.variance")
@@ -470,7 +479,7 @@ def _check_finite_tensor(tensor: torch.Tensor, name: str) -> None:
 
 def num_samples_of(kernel: Any, name: str = "kernel") -> int:
     """n for a LossKernel, a CheckedKernel or a square matrix."""
-    if isinstance(kernel, (LossKernel, CheckedKernel)):
+    if _is_kernel(kernel):
         return kernel.num_samples
     return as_matrix(kernel, name).shape[0]
 
@@ -498,7 +507,7 @@ def kernel_variance(kernel: Any, name: str = "kernel") -> np.ndarray:
 
 def kernel_labels(kernel: Any, labels: Any, n: int, name: str = "labels", *, integer: bool = False) -> np.ndarray:
     """``labels`` if given, else the kernel's own labels; ValueError if neither exists."""
-    if labels is None and isinstance(kernel, (LossKernel, CheckedKernel)) and kernel.labels is not None:
+    if labels is None and _is_kernel(kernel) and kernel.labels is not None:
         labels = kernel.labels
     if labels is None:
         raise ValueError(
@@ -674,7 +683,7 @@ IMAGE_CHANNELS = (1, 3, 4)
 
 def _image_array(images: Any, name: str) -> np.ndarray:
     """numpy or torch images → a numpy array without a float64 copy (half floats → float32)."""
-    if isinstance(images, LossKernel):
+    if _is_loss_kernel(images):
         raise TypeError(f"{name} must be an image array, got a LossKernel")
     if isinstance(images, torch.Tensor):
         t = images.detach().cpu()

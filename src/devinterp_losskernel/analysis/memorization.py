@@ -71,7 +71,7 @@ PREDICTIVE_LABEL_ISSUE_SCORES = ("posterior self-confidence", "posterior margin"
 def posterior_predictive_scores(probs: Any, labels: Any, which: Any = None) -> Dict[str, np.ndarray]:
     """Label-issue scores from the posterior predictive p̄(c | x) = E_w[p_w(c | x)], the
     softmax probabilities averaged over the same SGLD draws as the kernel
-    (:func:`~devinterp_losskernel.tasks.memorization.sample_kernel_and_predictive`), larger =
+    (:func:`~losskernel_examples.memorization.sample_kernel_and_predictive`), larger =
     more likely mislabelled, [n] each:
 
     - ``"posterior self-confidence"``: 1 − p̄(y | x) for the given label y, i.e.
@@ -156,7 +156,7 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
       (1 − its variance rank), because memorized samples correlate with each other whatever
       their labels. Needs the full kernel and ``labels``.
     - with ``posterior_probs`` ([n, C] softmax probabilities averaged over the same draws,
-      from :func:`~devinterp_losskernel.tasks.memorization.sample_kernel_and_predictive`):
+      from :func:`~losskernel_examples.memorization.sample_kernel_and_predictive`):
       the scores of :func:`posterior_predictive_scores` (``"posterior self-confidence"``
       1 − E_w[p_w(y | x)], ``"posterior margin"``, ``"normalised posterior self-confidence"``).
       They are added to the default ``which`` when ``posterior_probs`` is given.
@@ -218,7 +218,7 @@ def _which_scores(kernel: LossKernel, labels: Any, which: Any, posterior_probs: 
     predictive = [name for name in which if name in PREDICTIVE_LABEL_ISSUE_SCORES]
     if predictive and posterior_probs is None:
         raise ValueError(f"the scores {predictive} need posterior_probs (the posterior predictive [n, C]; "
-                         "see tasks.memorization.sample_kernel_and_predictive)")
+                         "see losskernel_examples.memorization.sample_kernel_and_predictive (examples/))")
     if "mean shift" in which and kernel.init_loss is None:
         raise ValueError("the 'mean shift' score needs kernel.init_loss (the probe losses at w*)")
     if "neighbour label agreement" in which and (kernel.is_diagonal or kernel.is_rectangular):

@@ -1,0 +1,248 @@
+"""Minibatch mode, devinterp 1.x: per-sample loss variances of the whole training set from the
+losses the sampler already computes (issue 19; a first slice — see the note at the end).
+
+devinterp evaluates the minibatch's per-sample losses ℓ(x_i; w_t) at every SGLD step and
+averages them for the gradient. :class:`MinibatchVariance` is both devinterp's ``evaluate``
+(it returns that mean, so the chain is the one ``evaluate=lambda m, b: loss_fn(m, b).mean()``
+gives, bit for bit) and a callback: at each draw it folds the per-sample losses of the steps
+since the previous draw — every post-burn-in step, whatever ``num_steps_bw_draws`` — into
+per-sample moments keyed by each sample's index in the training set
+(:class:`~devinterp_losskernel.sample_moments.SampleMoments`), one set per chain. No extra
+forward pass. The one line a user adds: the training data carries each sample's index
+(:class:`WithIndices`); samples are never identified by hashing their inputs.
+
+    recorder = MinibatchVariance(num_train=len(train_set))
+    loader = DataLoader(WithIndices(train_set), batch_size=64, shuffle=True)
+    results = estimate_learning_coeff_with_summary(model, loader, evaluate=recorder.evaluate,
+                                                   callbacks=[recorder], ...)
+    results["minibatch/singular_fluctuation"], results["minibatch/variance"]  # ν, Var_w[ℓ(x_i)] [N]
+
+What it measures: Var over the chain's states w_t of ℓ(x_i; w_t) at the steps where x_i was in the
+minibatch. devinterp evaluates minibatches in train mode: with active dropout or train-mode
+BatchNorm a sample's loss carries noise or depends on its batch-mates, so such models are
+refused. ν = β/2 · Σ_i Var_w[ℓ(x_i; w)], β = nβ/N, is Watanabe's singular fluctuation when ℓ is
+a negative log-likelihood (for an MSE loss with Gaussian noise of variance σ², divide by 2σ²:
+``loss_scale=``).
+
+Not yet here (issue 19 stays open): the devinterp 2 path (``micro_callback``), the ``llc()``
+twin's default ν, ``estimate_loss_kernel(mode="minibatch")``, a ``LossKernel`` of mode
+"minibatch" for the analyses, and the study against the exact diagonal mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .probe import LossFn, check_loss_fn, default_loss_fn
+from .rng import leaves_rng_untouched
+from .sample_moments import SampleMoments, merge_moments
+
+__all__ = ["MinibatchVariance", "WithIndices"]
+
+RESULT_PREFIX = "minibatch/"
+
+
+class WithIndices(Dataset):
+    """``dataset`` whose items come with their index: item i is ``(i, dataset[i])``, so a
+    DataLoader's batch is ``(indices [B], batch)``."""
+
+    def __init__(self, dataset):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"dataset must be a map-style dataset (with __getitem__ and __len__), "
+                            f"got {type(dataset).__name__}")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return index, self.dataset[index]
+
+
+_LIVE_RECORDERS: "weakref.WeakValueDictionary[int, MinibatchVariance]" = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
+
+
+def _live_evaluate(token: int) -> "_RecorderEvaluate":
+    recorder = _LIVE_RECORDERS.get(token)
+    if recorder is None:
+        raise RuntimeError("MinibatchVariance.evaluate was sent to another process (devinterp's cores > 1), where "
+                           "its recorder does not exist: use cores=1")
+    return _RecorderEvaluate(recorder)
+
+
+class _RecorderEvaluate:
+    """``recorder.evaluate`` as devinterp 1.x needs it: devinterp cloudpickles ``evaluate`` and
+    loads it back even with ``cores=1``; a plain bound method would come back as a copy that
+    records into a copy of the recorder. This handle pickles as a reference to the live one."""
+
+    def __init__(self, recorder: "MinibatchVariance"):
+        self.recorder = recorder
+
+    def __call__(self, model: nn.Module, batch):
+        return self.recorder._evaluate(model, batch)
+
+    def __reduce__(self):
+        return _live_evaluate, (self.recorder._token,)
+
+
+def _stochastic_modules(model: nn.Module) -> List[str]:
+    """Modules whose train-mode forward makes a sample's loss noisy or batch-dependent."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append(f"{name or 'model'} ({type(module).__name__}, p={module.p})")
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            found.append(f"{name or 'model'} ({type(module).__name__})")
+    return found
+
+
+class MinibatchVariance:
+    """devinterp 1.x ``evaluate`` and callback in one: per-sample loss moments of all N
+    training samples from the SGLD minibatches (see the module docstring).
+
+    Args:
+        num_train: N, the training-set size (the indices that :class:`WithIndices` gives).
+        loss_fn: per-sample loss ``(model, batch) -> Tensor[B]``; by default cross-entropy for
+            ``(inputs, targets)`` batches. The SGLD minibatch loss is its mean.
+        loss_scale: ν is reported for ℓ / ``loss_scale`` (e.g. 2σ² for an MSE loss with
+            Gaussian noise of variance σ²), so that it is Watanabe's singular fluctuation.
+    """
+
+    def __init__(self, num_train: int, loss_fn: Optional[LossFn] = None, *, loss_scale: float = 1.0):
+        if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 2:
+            raise ValueError(f"num_train must be the training-set size, an int >= 2, got {num_train!r}")
+        check_loss_fn(loss_fn)
+        if not (isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool)
+                and math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
+        self.num_train = num_train
+        self.loss_fn = loss_fn or default_loss_fn
+        self.loss_scale = float(loss_scale)
+        self.chains: Dict[int, SampleMoments] = {}
+        self.nbeta: Optional[float] = None
+        self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._checked_models: set = set()
+        self._token = next(_TOKENS)
+        _LIVE_RECORDERS[self._token] = self
+
+    @property
+    def evaluate(self) -> _RecorderEvaluate:
+        """devinterp's ``evaluate(model, (indices, batch)) -> (mean loss, {})``, recording each
+        sample's loss under its index."""
+        return _RecorderEvaluate(self)
+
+    # -- devinterp's evaluate -------------------------------------------------------------------
+    def _evaluate(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The SGLD minibatch loss (the mean of ``loss_fn``), recording each sample's loss."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
+                and batch[0].dim() == 1 and not batch[0].is_floating_point()):
+            raise ValueError("the training loader must yield (indices, batch): wrap its dataset as "
+                             "DataLoader(WithIndices(train_set), ...) so that each sample's loss is kept under its index")
+        indices, inner = batch
+        self._check_model(model)
+        losses = self.loss_fn(model, inner)
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (len(indices),):
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"loss_fn must return per-sample losses [{len(indices)}], got {got}")
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= self.num_train):
+            raise ValueError(f"the loader's sample indices must lie in [0, num_train={self.num_train}), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]: is num_train the training-set size?")
+        self._pending.append((indices.detach(), losses.detach()))
+        return losses.mean(), {}
+
+    def _check_model(self, model: nn.Module) -> None:
+        if id(model) in self._checked_models:
+            return
+        noisy = _stochastic_modules(model)
+        if noisy:
+            raise ValueError(
+                "the minibatch losses are not draws of ℓ(x; w) for this model: devinterp evaluates minibatches in "
+                f"train mode, where {', '.join(noisy[:3])} make a sample's loss noisy or depend on its batch-mates. "
+                "Use a probe mode (LossKernelCallback(..., mode='diagonal'): eval-mode probe passes) instead")
+        self._checked_models.add(id(model))
+
+    # -- devinterp's callback ---------------------------------------------------------------------
+    @leaves_rng_untouched
+    def __call__(self, *, chain: int = 0, draw: int = 0, num_steps_bw_draws: int = 1, optimizer=None,
+                 **_ignored) -> None:
+        """At each draw: fold the losses of the steps since the previous draw. At draw 0 the
+        pending records also hold the burn-in steps (and devinterp's init-loss batches): only the
+        last ``num_steps_bw_draws`` — the draw's own interval — are post-burn-in."""
+        if self.nbeta is None and optimizer is not None and optimizer.param_groups:
+            nbeta = optimizer.param_groups[0].get("nbeta")
+            self.nbeta = float(nbeta) if isinstance(nbeta, (int, float)) else None
+        pending, self._pending = self._pending, []
+        if int(draw) == 0:
+            pending = pending[-int(num_steps_bw_draws):]
+        if not pending:
+            return
+        moments = self.chains.get(int(chain)) or SampleMoments.zeros(self.num_train, pending[0][1].device)
+        indices = torch.cat([i.to(pending[0][1].device) for i, _ in pending])
+        losses = torch.cat([loss for _, loss in pending])
+        self.chains[int(chain)] = moments.update(indices, losses)
+
+    def finalize(self, *args, **kwargs) -> None:
+        """Nothing is held back: every draw's interval is folded when the draw arrives."""
+
+    # -- results -----------------------------------------------------------------------------
+    def moments(self) -> SampleMoments:
+        """All chains' moments merged (Chan), float64 [N]."""
+        if not self.chains:
+            raise ValueError("no draws yet: pass the recorder as callbacks=[recorder] and evaluate=recorder.evaluate")
+        merged = None
+        for chain in sorted(self.chains):
+            merged = self.chains[chain] if merged is None else merge_moments(merged, self.chains[chain])
+        return merged
+
+    def singular_fluctuation(self, moments: Optional[SampleMoments] = None) -> float:
+        """ν = β/2 · Σ_i Var_w[ℓ(x_i)/loss_scale], β = nβ/N; samples seen fewer than twice are
+        filled with the mean variance of the others (N / N_seen extrapolation)."""
+        if self.nbeta is None:
+            raise ValueError("nbeta is unknown: the sampler's optimizer did not carry it")
+        variance = (moments or self.moments()).variance() / self.loss_scale ** 2
+        seen = ~torch.isnan(variance)
+        if not bool(seen.any()):
+            return float("nan")
+        beta = self.nbeta / self.num_train
+        return float(beta / 2 * self.num_train * variance[seen].mean())
+
+    def get_results(self) -> Dict[str, Any]:
+        """devinterp 1.x dialect: ``minibatch/variance`` and ``/mean`` [N], ``/visits`` [N],
+        ``/singular_fluctuation`` ν and its standard error over chains (jackknife),
+        ``/unseen`` (samples with fewer than 2 visits)."""
+        moments = self.moments()
+        results = {"variance": moments.variance().cpu().numpy(), "mean": moments.loss_mean().cpu().numpy(),
+                   "visits": moments.count.cpu().numpy(), "unseen": int((moments.count < 2).sum())}
+        if self.nbeta is not None:
+            results["singular_fluctuation"] = self.singular_fluctuation(moments)
+            results["singular_fluctuation_se"] = self._jackknife_se()
+        return {RESULT_PREFIX + key: value for key, value in results.items()}
+
+    def _jackknife_se(self) -> float:
+        """Standard error of ν from leaving one chain out at a time (NaN with one chain)."""
+        chains = sorted(self.chains)
+        if len(chains) < 2:
+            return float("nan")
+        estimates = []
+        for left_out in chains:
+            merged = None
+            for chain in chains:
+                if chain != left_out:
+                    merged = self.chains[chain] if merged is None else merge_moments(merged, self.chains[chain])
+            estimates.append(self.singular_fluctuation(merged))
+        c = len(estimates)
+        mean = sum(estimates) / c
+        return math.sqrt((c - 1) / c * sum((e - mean) ** 2 for e in estimates))
+
+    def __getstate__(self):
+        raise TypeError("MinibatchVariance cannot be sent to worker processes (devinterp's cores > 1): each "
+                        "worker would record into its own copy. Use cores=1.")
+

@@ -94,3 +94,21 @@ def test_models_with_train_mode_noise_are_refused_and_a_plain_loader_is_named():
         recorder.evaluate(nn.Linear(6, 3), (torch.randn(4, 6), torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ValueError, match="num_train"):
         MinibatchVariance(num_train=0)
+
+
+def test_the_kernel_of_mode_minibatch_carries_visits_and_survives_a_save(tmp_path):
+    from devinterp_losskernel import LossKernel
+    from devinterp_losskernel.analysis import memorization_scores
+
+    model, data = _problem()
+    recorder = MinibatchVariance(num_train=N)
+    results = _run(model, DataLoader(WithIndices(data), batch_size=8, shuffle=True), recorder.evaluate, [recorder])
+    kernel = recorder.kernel
+    assert kernel.metadata["mode"] == "minibatch" and kernel.is_diagonal
+    assert torch.equal(kernel.visits, torch.as_tensor(results["minibatch/visits"]))
+    assert kernel.num_draws == CHAINS * DRAWS * EVERY == sum(kernel.draws_per_chain.values())
+    assert kernel.metadata["singular_fluctuation"] == results["minibatch/singular_fluctuation"]
+    again = LossKernel.load(kernel.save(tmp_path / "mb.pt"))
+    assert torch.equal(again.visits, kernel.visits) and again.metadata["mode"] == "minibatch"
+    if kernel.metadata["unseen"] == 0:
+        np.testing.assert_array_equal(memorization_scores(kernel), kernel.variance.numpy())

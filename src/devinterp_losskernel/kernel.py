@@ -97,6 +97,10 @@ class LossKernel:
         sample_ids: [n] identifiers of the probe samples, when known (list or tensor).
         labels: [n] labels of the probe samples, when known (tensor).
         metadata: sampler hyperparameters, devinterp version, LLC results of the run, ….
+        visits: [n] int64 — how many loss values each sample's mean and variance come from,
+            for a minibatch-mode kernel (``metadata["mode"] == "minibatch"``: the losses of the
+            SGLD minibatches, a different number per sample; variance NaN where fewer than 2);
+            None when every sample was evaluated at every draw (``num_draws`` values each).
     """
 
     _LOSS_KERNEL = True  # how validation.py recognises a kernel without importing this module
@@ -113,6 +117,7 @@ class LossKernel:
     labels: Optional[torch.Tensor] = None
     metadata: dict = field(default_factory=dict)
     columns: Optional[torch.Tensor] = None
+    visits: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         n = self.mean.shape[0]
@@ -128,6 +133,10 @@ class LossKernel:
                 raise ValueError(f"init_loss must have shape ({n},), got {tuple(self.init_loss.shape)}")
         if self.labels is not None:
             self.labels = as_labels(self.labels, n)
+        if self.visits is not None:
+            self.visits = torch.as_tensor(self.visits)
+            if tuple(self.visits.shape) != (n,):
+                raise ValueError(f"visits must have shape ({n},), got {tuple(self.visits.shape)}")
         if self.sample_ids is not None and len(self.sample_ids) != n:
             raise ValueError(f"sample_ids must have length {n}, got {len(self.sample_ids)}")
         self._correlation: Optional[torch.Tensor] = None
@@ -203,7 +212,7 @@ class LossKernel:
             draws_per_chain=dict(self.draws_per_chain),
             rejected_per_chain=dict(self.rejected_per_chain),
             sample_ids=move(self.sample_ids), labels=move(self.labels),
-            metadata=dict(self.metadata),
+            metadata=dict(self.metadata), visits=move(self.visits),
         )
 
     # -- persistence ------------------------------------------------------------------------
@@ -236,6 +245,7 @@ class LossKernel:
             "rejected_per_chain": {int(c): int(v) for c, v in k.rejected_per_chain.items()},
             "sample_ids": sample_ids,
             "labels": k.labels,
+            "visits": k.visits,
             "metadata": to_storable(k.metadata),
         }
         return save_verified(payload, path)
@@ -268,7 +278,7 @@ class LossKernel:
             draws_per_chain=payload["draws_per_chain"],
             rejected_per_chain=payload["rejected_per_chain"],
             sample_ids=payload["sample_ids"], labels=payload["labels"],
-            metadata=metadata,
+            metadata=metadata, visits=payload.get("visits"),
         )
 
     def to_xarray(self):
@@ -301,6 +311,8 @@ class LossKernel:
         data_vars = {"mean": (("sample",), k.mean.numpy()), "variance": (("sample",), k.variance.numpy())}
         if k.init_loss is not None:
             data_vars["init_loss"] = (("sample",), k.init_loss.numpy())
+        if k.visits is not None:
+            data_vars["visits"] = (("sample",), k.visits.numpy())
         if k.labels is not None:
             coords["label"] = ("sample", k.labels.numpy())
         if k.covariance is not None:
@@ -368,7 +380,7 @@ class LossKernel:
                    num_draws=fields["num_draws"], init_loss=tensor("init_loss"), rows=as_index(fields["rows"]),
                    columns=as_index(fields["columns"]), draws_per_chain=fields["draws_per_chain"],
                    rejected_per_chain=fields["rejected_per_chain"], sample_ids=ids, labels=labels,
-                   metadata=fields["metadata"])
+                   metadata=fields["metadata"], visits=tensor("visits"))
 
     def __repr__(self) -> str:
         shape = "diagonal " + str(self.num_samples) if self.covariance is None else \

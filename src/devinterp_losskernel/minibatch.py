@@ -127,6 +127,8 @@ class MinibatchVariance:
         self.loss_fn = loss_fn or default_loss_fn
         self.loss_scale = float(loss_scale)
         self.chains: Dict[int, SampleMoments] = {}
+        self.steps_per_chain: Dict[int, int] = {}  # minibatches folded, per chain
+        self.hyperparameters: Dict[str, float] = {}
         self.nbeta: Optional[float] = None
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self._checked_models: set = set()
@@ -177,8 +179,10 @@ class MinibatchVariance:
         pending records also hold the burn-in steps (and devinterp's init-loss batches): only the
         last ``num_steps_bw_draws`` — the draw's own interval — are post-burn-in."""
         if self.nbeta is None and optimizer is not None and optimizer.param_groups:
-            nbeta = optimizer.param_groups[0].get("nbeta")
-            self.nbeta = float(nbeta) if isinstance(nbeta, (int, float)) else None
+            group = optimizer.param_groups[0]
+            self.hyperparameters = {k: float(group[k]) for k in ("lr", "nbeta", "localization")
+                                    if isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool)}
+            self.nbeta = self.hyperparameters.get("nbeta")
         pending, self._pending = self._pending, []
         if int(draw) == 0:
             pending = pending[-int(num_steps_bw_draws):]
@@ -188,6 +192,7 @@ class MinibatchVariance:
         indices = torch.cat([i.to(pending[0][1].device) for i, _ in pending])
         losses = torch.cat([loss for _, loss in pending])
         self.chains[int(chain)] = moments.update(indices, losses)
+        self.steps_per_chain[int(chain)] = self.steps_per_chain.get(int(chain), 0) + len(pending)
 
     def finalize(self, *args, **kwargs) -> None:
         """Nothing is held back: every draw's interval is folded when the draw arrives."""
@@ -213,6 +218,24 @@ class MinibatchVariance:
             return float("nan")
         beta = self.nbeta / self.num_train
         return float(beta / 2 * self.num_train * variance[seen].mean())
+
+    @property
+    def kernel(self):
+        """The :class:`~devinterp_losskernel.LossKernel` of mode "minibatch": mean and variance
+        of every training sample's loss [N] (NaN where seen fewer than twice), ``visits`` [N],
+        no covariances; ``metadata`` holds ν, its standard error and the number of unseen samples."""
+        from .kernel import LossKernel
+
+        moments = self.moments()
+        metadata = {"mode": "minibatch", "sampler": dict(self.hyperparameters), "num_train": self.num_train,
+                    "loss_scale": self.loss_scale, "unseen": int((moments.count < 2).sum()),
+                    "method": "per-sample moments of the SGLD minibatch losses after burn-in (no extra forward)"}
+        if self.nbeta is not None:
+            metadata["singular_fluctuation"] = self.singular_fluctuation(moments)
+            metadata["singular_fluctuation_se"] = self._jackknife_se()
+        return LossKernel(covariance=None, mean=moments.loss_mean().cpu(), variance=moments.variance().cpu(),
+                          num_draws=sum(self.steps_per_chain.values()), draws_per_chain=dict(self.steps_per_chain),
+                          visits=moments.count.cpu(), metadata=metadata)
 
     def get_results(self) -> Dict[str, Any]:
         """devinterp 1.x dialect: ``minibatch/variance`` and ``/mean`` [N], ``/visits`` [N],

@@ -12,7 +12,8 @@ forward pass. The one line a user adds: the training data carries each sample's 
 (:class:`WithIndices`); samples are never identified by hashing their inputs.
 
     recorder = MinibatchVariance(num_train=len(train_set))
-    loader = DataLoader(WithIndices(train_set), batch_size=64, shuffle=True)
+    indexed = WithIndices(train_set)                  # the one added line: each item is (index, sample)
+    loader = DataLoader(indexed, batch_size=64, sampler=RandomSampler(indexed, replacement=True))
     results = estimate_learning_coeff_with_summary(model, loader, evaluate=recorder.evaluate,
                                                    callbacks=[recorder], ...)
     results["minibatch/singular_fluctuation"], results["minibatch/variance"]  # ν, Var_w[ℓ(x_i)] [N]
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -130,6 +132,7 @@ class MinibatchVariance:
         self.steps_per_chain: Dict[int, int] = {}  # minibatches folded, per chain
         self.hyperparameters: Dict[str, float] = {}
         self.nbeta: Optional[float] = None
+        self.sampler_kind: Optional[str] = None  # how the loader draws minibatches, once seen
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self._checked_models: set = set()
         self._token = next(_TOKENS)
@@ -174,7 +177,7 @@ class MinibatchVariance:
     # -- devinterp's callback ---------------------------------------------------------------------
     @leaves_rng_untouched
     def __call__(self, *, chain: int = 0, draw: int = 0, num_steps_bw_draws: int = 1, optimizer=None,
-                 **_ignored) -> None:
+                 loader=None, **_ignored) -> None:
         """At each draw: fold the losses of the steps since the previous draw. At draw 0 the
         pending records also hold the burn-in steps (and devinterp's init-loss batches): only the
         last ``num_steps_bw_draws`` — the draw's own interval — are post-burn-in."""
@@ -183,6 +186,7 @@ class MinibatchVariance:
             self.hyperparameters = {k: float(group[k]) for k in ("lr", "nbeta", "localization")
                                     if isinstance(group.get(k), (int, float)) and not isinstance(group.get(k), bool)}
             self.nbeta = self.hyperparameters.get("nbeta")
+        self._check_sampler(loader)
         pending, self._pending = self._pending, []
         if int(draw) == 0:
             pending = pending[-int(num_steps_bw_draws):]
@@ -193,6 +197,22 @@ class MinibatchVariance:
         losses = torch.cat([loss for _, loss in pending])
         self.chains[int(chain)] = moments.update(indices, losses)
         self.steps_per_chain[int(chain)] = self.steps_per_chain.get(int(chain), 0) + len(pending)
+
+    def _check_sampler(self, loader) -> None:
+        """Warn once about epoch-wise shuffling: a sample is evaluated just before a step that uses
+        it, never just after, so its visits follow its own recent gradient steps — measured, ν came
+        out 9% high at 103 visits a sample (benchmarks/RESULTS.md, minibatch study)."""
+        if self.sampler_kind is not None or loader is None:
+            return
+        sampler = getattr(loader, "sampler", None)
+        with_replacement = isinstance(sampler, torch.utils.data.RandomSampler) and sampler.replacement
+        self.sampler_kind = "with replacement" if with_replacement else type(sampler).__name__
+        if not with_replacement:
+            warnings.warn(
+                f"MinibatchVariance: the training loader draws its minibatches with a {type(sampler).__name__}, not "
+                "with replacement; epoch-wise shuffling biases the per-sample variances up (ν +9% in the repository's "
+                "study). For ν, pass DataLoader(WithIndices(train_set), batch_size=m, sampler=RandomSampler("
+                "indexed, replacement=True))", RuntimeWarning, stacklevel=3)
 
     def finalize(self, *args, **kwargs) -> None:
         """Nothing is held back: every draw's interval is folded when the draw arrives."""
@@ -228,6 +248,7 @@ class MinibatchVariance:
 
         moments = self.moments()
         metadata = {"mode": "minibatch", "sampler": dict(self.hyperparameters), "num_train": self.num_train,
+                    "minibatch_sampler": self.sampler_kind,
                     "loss_scale": self.loss_scale, "unseen": int((moments.count < 2).sum()),
                     "method": "per-sample moments of the SGLD minibatch losses after burn-in (no extra forward)"}
         if self.nbeta is not None:

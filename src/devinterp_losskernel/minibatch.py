@@ -43,7 +43,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .probe import LossFn, check_loss_fn, default_loss_fn
-from .rng import leaves_rng_untouched
 from .sample_moments import SampleMoments, merge_moments
 
 __all__ = ["MinibatchVariance", "WithIndices"]
@@ -134,6 +133,8 @@ class MinibatchVariance:
         self.nbeta: Optional[float] = None
         self.sampler_kind: Optional[str] = None  # how the loader draws minibatches, once seen
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._buffered: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}  # folded in blocks
+        self.fold_every = max(4 * num_train, 4096)  # losses buffered per chain before an O(N) update
         self._checked_models: set = set()
         self._token = next(_TOKENS)
         _LIVE_RECORDERS[self._token] = self
@@ -174,8 +175,7 @@ class MinibatchVariance:
                 "Use a probe mode (LossKernelCallback(..., mode='diagonal'): eval-mode probe passes) instead")
         self._checked_models.add(id(model))
 
-    # -- devinterp's callback ---------------------------------------------------------------------
-    @leaves_rng_untouched
+    # -- devinterp's callback (tensor bookkeeping only: draws on no random generator) ---------------
     def __call__(self, *, chain: int = 0, draw: int = 0, num_steps_bw_draws: int = 1, optimizer=None,
                  loader=None, **_ignored) -> None:
         """At each draw: fold the losses of the steps since the previous draw. At draw 0 the
@@ -192,11 +192,23 @@ class MinibatchVariance:
             pending = pending[-int(num_steps_bw_draws):]
         if not pending:
             return
-        moments = self.chains.get(int(chain)) or SampleMoments.zeros(self.num_train, pending[0][1].device)
-        indices = torch.cat([i.to(pending[0][1].device) for i, _ in pending])
-        losses = torch.cat([loss for _, loss in pending])
-        self.chains[int(chain)] = moments.update(indices, losses)
+        buffer = self._buffered.setdefault(int(chain), [])
+        buffer.extend(pending)
         self.steps_per_chain[int(chain)] = self.steps_per_chain.get(int(chain), 0) + len(pending)
+        if sum(len(i) for i, _ in buffer) >= self.fold_every:
+            self._fold(int(chain))
+
+    def _fold(self, chain: int) -> None:
+        """Fold a chain's buffered minibatches into its moments in one update (amortises the
+        O(N) work of an update over many steps)."""
+        buffer = self._buffered.pop(chain, [])
+        if not buffer:
+            return
+        device = buffer[0][1].device
+        moments = self.chains.get(chain) or SampleMoments.zeros(self.num_train, device)
+        indices = torch.cat([i.to(device) for i, _ in buffer])
+        losses = torch.cat([loss for _, loss in buffer])
+        self.chains[chain] = moments.update(indices, losses)
 
     def _check_sampler(self, loader) -> None:
         """Warn once about epoch-wise shuffling: a sample is evaluated just before a step that uses
@@ -220,6 +232,8 @@ class MinibatchVariance:
     # -- results -----------------------------------------------------------------------------
     def moments(self) -> SampleMoments:
         """All chains' moments merged (Chan), float64 [N]."""
+        for chain in list(self._buffered):
+            self._fold(chain)
         if not self.chains:
             raise ValueError("no draws yet: pass the recorder as callbacks=[recorder] and evaluate=recorder.evaluate")
         merged = None
@@ -272,6 +286,7 @@ class MinibatchVariance:
 
     def _jackknife_se(self) -> float:
         """Standard error of ν from leaving one chain out at a time (NaN with one chain)."""
+        self.moments()  # folds what is buffered
         chains = sorted(self.chains)
         if len(chains) < 2:
             return float("nan")

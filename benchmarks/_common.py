@@ -17,7 +17,6 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 

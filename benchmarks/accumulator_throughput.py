@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from devinterp_losskernel import KernelAccumulator
+from devinterp_losskernel.accumulator import estimate_kernel_memory
+
 import _common  # noqa: F401  (puts src/ on sys.path)
 from _common import (
     PeakRSS,
-    cuda_peak_bytes,
-    cuda_reset_peak,
     add_common_arguments,
     append_results,
     apply_common_arguments,
+    cuda_peak_bytes,
+    cuda_reset_peak,
     print_table,
     release_freed_memory,
     synchronize,
     time_until,
 )
-
-import torch
-
-from devinterp_losskernel import KernelAccumulator, estimate_kernel_memory
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

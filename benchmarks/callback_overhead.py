@@ -25,6 +25,14 @@ from __future__ import annotations
 import argparse
 import warnings
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from devinterp_losskernel import LossKernelCallback
+from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
+
 import _common  # noqa: F401  (puts src/ on sys.path)
 from _common import (
     Timer,
@@ -33,14 +41,6 @@ from _common import (
     apply_common_arguments,
     print_table,
 )
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from devinterp_losskernel import LossKernelCallback
-from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
 
 
 def ints(text: str):

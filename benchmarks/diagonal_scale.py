@@ -22,18 +22,19 @@ from __future__ import annotations
 import argparse
 import warnings
 
-import _common  # noqa: F401  (puts src/ on sys.path)
-from _common import PeakRSS, Timer, add_common_arguments, append_results, apply_common_arguments, mib, print_table
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from devinterp_losskernel import LossKernelCallback, SLTSummary, estimate_kernel_memory
+from devinterp_losskernel import LossKernelCallback, SLTSummary
+from devinterp_losskernel.accumulator import estimate_kernel_memory
 from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
 from losskernel_examples.fashion_mnist import load_fashion_mnist
+
+import _common  # noqa: F401  (puts src/ on sys.path)
+from _common import PeakRSS, Timer, add_common_arguments, append_results, apply_common_arguments, mib, print_table
 
 
 def evaluate(model, batch):

@@ -233,7 +233,7 @@ def register(h) -> None:  # noqa: C901  (one block of small cases)
 
     @case("explore: hostile title, texts, score name and hierarchy node names", group=G_EXPLORE)
     def _(ctx):
-        from devinterp_losskernel import Hierarchy
+        from devinterp_losskernel.hierarchy import Hierarchy
 
         tree = Hierarchy.from_parents({HOSTILE + "node": "root", "a": HOSTILE + "node", "b": "root",
                                        "c": "root", "d": "root"}, classes=["a", "b", "c", "d"])
@@ -271,7 +271,7 @@ def register(h) -> None:  # noqa: C901  (one block of small cases)
 
     # -- 4. index arrays -------------------------------------------------------------------------
     def given_lists(kernel, change):
-        from devinterp_losskernel import top_correlated
+        from devinterp_losskernel.analysis import top_correlated
 
         idx, val = top_correlated(kernel, None, 3)
         idx = change(idx.copy())
@@ -302,7 +302,7 @@ def register(h) -> None:  # noqa: C901  (one block of small cases)
     @case("explore: neighbours= 'most_other' list holding same-label samples", "neighbours", "same label",
           group=G_EXPLORE)
     def _(ctx):
-        from devinterp_losskernel import top_correlated
+        from devinterp_losskernel.analysis import top_correlated
 
         kernel = small_kernel()
         lists = {"most": top_correlated(kernel, None, 3), "most_other": top_correlated(kernel, None, 3)}
@@ -446,7 +446,7 @@ def register(h) -> None:  # noqa: C901  (one block of small cases)
 
     @case("explore: a hierarchy that lacks one of the labels", "hierarchy", group=G_EXPLORE)
     def _(ctx):
-        from devinterp_losskernel import Hierarchy
+        from devinterp_losskernel.hierarchy import Hierarchy
 
         tree = Hierarchy.from_parents({"a": "root", "b": "root", "c": "root"}, classes=["a", "b", "c"])
         page = run_explore(ctx, hierarchy=tree)

@@ -97,7 +97,7 @@ def blockwise_neighbours(losses, labels, k, block=2000):
 
 def measure_page(path, n, k, hovers, with_thumbs, pan):
     sys.path.insert(0, str(_common.REPO / "tests"))
-    from test_explore import DEEP_QUERY, chromium_driver, mouse  # the tests' browser set-up
+    from test_explore import chromium_driver, mouse  # the tests' browser set-up
 
     profile = tempfile.mkdtemp(prefix="lk-bench-")
     driver = chromium_driver(profile)

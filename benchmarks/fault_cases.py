@@ -57,13 +57,30 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler,  # noqa: E402
-                              Subset, SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
+from torch.utils.data import (  # noqa: E402
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    Subset,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 import devinterp_losskernel.distributed as dist_api  # noqa: E402
 import devinterp_losskernel.provenance as provenance  # noqa: E402
-from devinterp_losskernel import (KernelAccumulator, LossKernel, LossKernelCallback, SGLDSettings, SLTSummary,  # noqa: E402
-                                  classification_loss, estimate_loss_kernel, preset)
+from devinterp_losskernel import (  # noqa: E402
+    KernelAccumulator,
+    LossKernel,
+    LossKernelCallback,
+    SGLDSettings,
+    SLTSummary,
+    classification_loss,
+    estimate_loss_kernel,
+    preset,
+)
 from devinterp_losskernel.estimate import CHECKPOINT_NAME, chain_seeds  # noqa: E402
 
 CLASSES = ("clear error", "correct", "obscure error", "silently wrong")

@@ -32,8 +32,15 @@ import sys
 import time
 
 import _common  # noqa: F401  (puts src/ on sys.path)
-from _common import (add_common_arguments, append_results, apply_common_arguments, cuda_peak_bytes,
-                     cuda_reset_peak, print_table, time_until)
+from _common import (
+    add_common_arguments,
+    append_results,
+    apply_common_arguments,
+    cuda_peak_bytes,
+    cuda_reset_peak,
+    print_table,
+    time_until,
+)
 
 PAPER = dict(probe_images=10_000, chains=15, draws=500, burnin=100, batch=256, image=256)
 
@@ -90,7 +97,8 @@ def titled_table(headers, rows, title: str) -> str:
 def accumulator_section(device, sizes, block, budget, min_time):
     import torch
 
-    from devinterp_losskernel import KernelAccumulator, estimate_kernel_memory
+    from devinterp_losskernel import KernelAccumulator
+    from devinterp_losskernel.accumulator import estimate_kernel_memory
 
     rows, fold_seconds = [], {}
     for dtype in (torch.float64, torch.float32):

@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-import _common  # noqa: F401  (puts src/ on sys.path)
-from _common import add_common_arguments, append_results, apply_common_arguments, print_table, time_call
-
 import torch
 from torch import nn
 
 from devinterp_losskernel.probe import ProbeSet, evaluate_probe_losses
+
+import _common  # noqa: F401  (puts src/ on sys.path)
+from _common import add_common_arguments, append_results, apply_common_arguments, print_table, time_call
 
 VARIANTS = [
     ("float32", None, False),

@@ -58,6 +58,11 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp's per-chain progress bars
 
+import numpy as np
+import torch
+
+from devinterp_losskernel import LossKernelCallback
+
 import _common  # noqa: F401  (puts src/ on sys.path)
 from _common import (
     PeakRSS,
@@ -68,11 +73,6 @@ from _common import (
     directory_bytes,
     print_table,
 )
-
-import numpy as np
-import torch
-
-from devinterp_losskernel import LossKernelCallback
 
 
 def require_devinterp2():
@@ -254,9 +254,9 @@ def worker(method: str, store: str, chains: int, out: str, dtype: str) -> None:
     "peak_bytes"} as JSON. Imports happen before the measurement."""
     import json
 
-    import xarray as xr
     import devinterp.slt.bif  # noqa: F401  (transformers etc.: not part of the measurement)
     import devinterp.slt.observables  # noqa: F401
+    import xarray as xr
 
     from devinterp_losskernel import LossKernel
 

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+import torch
+
+from devinterp_losskernel import KernelAccumulator
+
 import _common  # noqa: F401  (puts src/ on sys.path)
 from _common import (
     add_common_arguments,
@@ -27,11 +32,6 @@ from _common import (
     print_table,
     release_freed_memory,
 )
-
-import numpy as np
-import torch
-
-from devinterp_losskernel import KernelAccumulator
 
 
 def ints(text: str):

@@ -11,8 +11,9 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _models import MLP, classification_data, loader_for  # noqa: E402
 from devinterp_losskernel import classification_loss, estimate_loss_kernel  # noqa: E402
+
+from _models import MLP, classification_data, loader_for  # noqa: E402
 
 SETTINGS = dict(num_chains=3, num_draws=6, num_burnin_steps=2, lr=1e-3, nbeta=30.0,
                 localization=100.0, seed=11, verbose=False,

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from devinterp_losskernel import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
+from devinterp_losskernel import KernelAccumulator, KernelMemoryError
+from devinterp_losskernel.accumulator import estimate_kernel_memory
 
 
 def reference_cov(traces: np.ndarray) -> np.ndarray:
@@ -170,7 +171,8 @@ def test_memory_estimate_scales_with_n_squared():
     assert estimate_kernel_memory(10_000) == 8 * (10_000**2 + 2 * 10_000 + 2 * 256 * 10_000) + 8 * 10_000
     assert estimate_kernel_memory(10_000, dtype=torch.float32) == pytest.approx(4 * 10_000**2, rel=0.06)
     assert estimate_kernel_memory(10_000, block_size=1) == pytest.approx(8 * 10_000**2, rel=0.001)
-    assert estimate_kernel_memory(10_000, num_rows=100) == 8 * (100 * 10_000 + 2 * 10_000 + 2 * 256 * 10_000) + 8 * 10_000
+    expected = 8 * (100 * 10_000 + 2 * 10_000 + 2 * 256 * 10_000) + 8 * 10_000
+    assert estimate_kernel_memory(10_000, num_rows=100) == expected
 
 
 # -- one declared state with an identity: nothing mixed, lost or double-counted ---------------
@@ -220,7 +222,8 @@ def test_merge_of_another_identity_names_the_field_and_both_values(other, field)
     theirs = filled(n, seed=1, **{"probe": "a" * 32, "sampler": {"lr": 1e-4, "nbeta": 2.0}, **other})
     with pytest.raises(IdentityMismatchError, match=rf"{field}: this = .*other = ") as caught:
         mine.merge(theirs)
-    assert str(getattr(theirs.identity, field) if field != "sampler" else 0.001) in str(caught.value) or field == "dtype"
+    named = str(getattr(theirs.identity, field) if field != "sampler" else 0.001)
+    assert named in str(caught.value) or field == "dtype"
     assert mine.count == 20, "a refused merge changes nothing"
 
 
@@ -293,7 +296,8 @@ def test_interleaved_operations_always_match_numpy_cov():
     rng = np.random.default_rng(2026)
     for trial in range(60):
         n = int(rng.integers(1, 9))
-        rows = None if rng.random() < 0.6 else sorted(rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False).tolist())
+        rows = (None if rng.random() < 0.6
+                else sorted(rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False).tolist()))
         dtype = torch.float64 if rng.random() < 0.7 else torch.float32
         offset = float(rng.choice([0.0, 1e4, -3.0]))
         make = lambda: KernelAccumulator(n, rows=rows, dtype=dtype, block_size=int(rng.integers(1, 9)))  # noqa: E731
@@ -350,7 +354,8 @@ def test_interleaved_operations_always_match_numpy_cov():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_diagonal_mode_equals_the_full_kernels_diagonal(rng, dtype):
     traces = 3.0 + rng.normal(size=(257, 40)) @ rng.normal(size=(40, 40)) * 1e-2
-    full, diag = KernelAccumulator(40, dtype=dtype, block_size=16), KernelAccumulator(40, mode="diagonal", dtype=dtype, block_size=16)
+    full = KernelAccumulator(40, dtype=dtype, block_size=16)
+    diag = KernelAccumulator(40, mode="diagonal", dtype=dtype, block_size=16)
     halves = [KernelAccumulator(40, mode="diagonal", dtype=dtype, block_size=5) for _ in range(2)]
     for acc in (full, diag):
         feed_random_blocks(acc, traces, rng)

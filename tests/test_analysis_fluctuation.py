@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import require_devinterp
 from devinterp_losskernel import LossKernel, estimate_loss_kernel
 from devinterp_losskernel.analysis import SingularFluctuation, probe_llc, singular_fluctuation
+
+from conftest import require_devinterp
 
 
 def make_kernel(variance, mean=None, init_loss=None, metadata=None, num_draws=100):

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve as sk_roc_curve
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from devinterp_losskernel import KernelAccumulator, LossKernel
 from devinterp_losskernel.analysis import (
@@ -132,7 +133,8 @@ def test_bad_inputs_name_the_argument():
 def test_label_issue_scores_against_a_hand_computation():
     import torch
 
-    from devinterp_losskernel import KernelAccumulator, label_issue_scores
+    from devinterp_losskernel import KernelAccumulator
+    from devinterp_losskernel.analysis import label_issue_scores
 
     rng = np.random.default_rng(3)
     n, draws = 30, 400
@@ -224,7 +226,7 @@ def test_posterior_predictive_scores_refuse_bad_input():
 
 
 def test_label_issue_scores_with_posterior_probs():
-    from devinterp_losskernel import label_issue_scores
+    from devinterp_losskernel.analysis import label_issue_scores
     from devinterp_losskernel.analysis.memorization import LABEL_ISSUE_SCORES, PREDICTIVE_LABEL_ISSUE_SCORES
 
     rng = np.random.default_rng(1)

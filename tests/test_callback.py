@@ -286,7 +286,7 @@ def test_snapshots_equal_covariance_of_trace_prefixes():
         np.testing.assert_allclose(block.numpy(), expected, rtol=1e-10, atol=1e-14)
     curve = snapshot_convergence(cb)
     assert [t for t, _ in curve] == [6, 12, 18]
-    from devinterp_losskernel import cka
+    from devinterp_losskernel.analysis import cka
     full = np.cov(traces[:, idx], rowvar=False)
     for (t, value), (_, block) in zip(curve, cb.snapshots):
         assert value == pytest.approx(cka(block.numpy(), full), rel=1e-12)
@@ -340,8 +340,15 @@ def test_cka_convergence_without_snapshots_is_explained():
 
 
 # -- nothing silently wrong: runs never mix, bad input fails before sampling -----------------
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler,  # noqa: E402
-                              SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
+from torch.utils.data import (  # noqa: E402
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from devinterp_losskernel import DivergenceGuard, KernelStorage, ProbeOptions  # noqa: E402
 
@@ -443,7 +450,8 @@ class _Shuffled(torch.utils.data.Sampler):
     (dict(sample_ids=list(range(9))), "sample_ids must have one entry per probe sample"),
     (dict(rows=[0, 10]), r"rows must be indices in \[0, 10\)"),
     (dict(rows=[0.5]), "rows must be integer sample indices"),
-    (dict(probe_train_mask=torch.ones(9, dtype=torch.bool)), r"probe_train_mask must be a bool tensor of shape \(10,\)"),
+    (dict(probe_train_mask=torch.ones(9, dtype=torch.bool)),
+     r"probe_train_mask must be a bool tensor of shape \(10,\)"),
     (dict(snapshot_every=2, snapshot_rows=[0, 12]), "snapshot_rows must be sample indices"),
     (dict(num_draws=0), "num_draws must be a positive int"),
     (dict(device="cuda:3" if not torch.cuda.is_available() else "nope"), "device must be"),

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import devinterp_major
 from devinterp_losskernel import LossKernel
 from devinterp_losskernel.cli import main
 from devinterp_losskernel.demo import DemoConfig, accuracy, digits_with_flipped_labels, flip_labels
+
+from conftest import devinterp_major
 
 
 def test_digits_relabel_exactly_the_fraction_to_another_class():

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import require_devinterp
 from devinterp_losskernel import LossKernelCallback, SLTSummary, estimate_loss_kernel
 
 from _models import MLP, ProbeRecorder, classification_data, loader_for
+from conftest import require_devinterp
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import require_devinterp
 from devinterp_losskernel import LossKernelCallback, estimate_loss_kernel
 from devinterp_losskernel.probe import lm_sequence_loss
 
 from _models import LMDataset, ProbeRecorder, TinyLM
+from conftest import require_devinterp
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +103,8 @@ def test_a_chain_devinterp2_aborts_in_the_users_own_loop_is_recorded():
     from devinterp.slt.sampler import sample_single_chain
 
     model, dataset, probe = setup()
-    cb, witness = LossKernelCallback(probe, reference_model=model, num_draws=6, divergence_window=3), ProbeRecorder(probe)
+    cb = LossKernelCallback(probe, reference_model=model, num_draws=6, divergence_window=3)
+    witness = ProbeRecorder(probe)
     calls = {"n": 0}
 
     def nan_in_chain_0(model, batch):
@@ -137,7 +138,8 @@ def test_llc_twin_gives_devinterps_llc_and_compute_bifs_kernel(tmp_path):
     import warnings
 
     from devinterp.slt.bif import compute_bif
-    from devinterp.slt.llc import compute_llc, llc as devinterp_llc
+    from devinterp.slt.llc import compute_llc
+    from devinterp.slt.llc import llc as devinterp_llc
     from devinterp.slt.sampling import sample
 
     from devinterp_losskernel import LossKernel, llc
@@ -169,7 +171,8 @@ def test_llc_twin_gives_devinterps_llc_and_compute_bifs_kernel(tmp_path):
     assert ours.draws_per_chain.values.tolist() == [10, 10, 10] and int(ours.num_draws) == 30
     assert np.isfinite(float(ours.probe_llc))
     # the probe observable is another dataset object: not taken as training data, so no ν (said why)
-    assert np.isnan(float(ours.singular_fluctuation)) and "probe_train_mask" in ours.singular_fluctuation.attrs["why_nan"]
+    assert np.isnan(float(ours.singular_fluctuation))
+    assert "probe_train_mask" in ours.singular_fluctuation.attrs["why_nan"]
     assert kernel.metadata["sampler"]["localization"] == 50.0 and kernel.metadata["sampler"]["nbeta"] == 20.0
     assert kernel.metadata["llc/mean"] == pytest.approx(float(theirs.llc_mean), rel=1e-6)
     with pytest.raises(KeyError, match="missing"):

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from conftest import require_devinterp
 from devinterp_losskernel import LossKernelCallback, as_devinterp2_dataset, devinterp2_evaluate, llc
 
 from _models import LMDataset, ProbeRecorder, TinyLM
+from conftest import require_devinterp
 
 
 def _images(n=96, seed=0):
@@ -110,7 +110,8 @@ class _CountingLM(TinyLM):
 _IDS = torch.randint(0, 13, (40, 9), generator=torch.Generator().manual_seed(0))
 _DS = LMDataset(_IDS)
 _BAD_LLC_ARGUMENTS = [
-    (dict(dataset=LMDataset(_IDS[:10]), batch_size=12), ValueError, r"batch_size=12 is larger than dataset \(10 items\)"),
+    (dict(dataset=LMDataset(_IDS[:10]), batch_size=12), ValueError,
+     r"batch_size=12 is larger than dataset \(10 items\)"),
     (dict(observables={"probe": LMDataset(_IDS[:10])}), ValueError,
      r"observables\['probe'\] has 10 sequences, but .* batch_size × batches_per_draw = 8 × 3 = 24"),
     (dict(observables={"probe": {"input_ids": _IDS}}), TypeError, r"observables\['probe'\] must be a dataset"),
@@ -126,7 +127,8 @@ _BAD_LLC_ARGUMENTS = [
     (dict(param_masks={"nope": None}), ValueError, r"param_masks names parameters the model does not have: \['nope'\]"),
     (dict(callback_kwargs=[("dtype", torch.float32)]), TypeError, r"callback_kwargs must be a dict"),
     (dict(callback_kwargs={"nope": 1}), TypeError, r"callback_kwargs has arguments LossKernelCallback does not take"),
-    (dict(callback_kwargs={"rows": [1, 1]}), ValueError, r"callback_kwargs\['rows'\] must name each probe sequence once"),
+    (dict(callback_kwargs={"rows": [1, 1]}), ValueError,
+     r"callback_kwargs\['rows'\] must name each probe sequence once"),
     (dict(callback_kwargs={"rows": [24]}), ValueError, r"callback_kwargs\['rows'\] must be probe sequence indices in "
                                                        r"\[0, 24\)"),
     (dict(device="gpu"), ValueError, r"device must be a torch device"),

@@ -4,17 +4,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _resume_run
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import require_devinterp
 from devinterp_losskernel import estimate_loss_kernel, preset
 from devinterp_losskernel.estimate import CHECKPOINT_NAME
 
 from _models import DIVERGE, MLP, classification_data, diverging_evaluate, loader_for
-from torch.utils.data import DataLoader, TensorDataset
-import _resume_run
+from conftest import require_devinterp
 
 HERE = Path(__file__).parent
 
@@ -202,7 +202,7 @@ def test_resume_with_another_model_loss_or_data_is_refused(tmp_path, change):
         kwargs["evaluate"] = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]) + 0.1
     else:
         loader = loader_for(x + 0.01, y)
-    with pytest.raises(IdentityMismatchError, match=r"(?s)other settings.*run\.\w+: checkpoint = "):
+    with pytest.raises(IdentityMismatchError, match=r"(?s)other settings.*run\.[^:\n]+: checkpoint = "):
         estimate_loss_kernel(model, loader, probe, checkpoint_dir=tmp_path, **kwargs)
 
 
@@ -215,8 +215,8 @@ def test_checkpoint_dir_that_is_a_file_and_colliding_callback_kwargs_fail_first(
     with pytest.raises(ValueError, match=r"callback_kwargs must not hold \['num_draws'\]"):
         estimate_loss_kernel(model, loader, probe, **dict(kwargs, callback_kwargs=dict(num_draws=10)))
     with pytest.raises(ValueError, match="evaluate must return the minibatch loss as a scalar"):
-        estimate_loss_kernel(model, loader, probe, **dict(kwargs, evaluate=lambda m, b: torch.nn.functional.cross_entropy(
-            m(b[0]), b[1], reduction="none")))
+        estimate_loss_kernel(model, loader, probe, **dict(
+            kwargs, evaluate=lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")))
     with pytest.raises(ValueError, match="non-finite minibatch loss at w"):
         estimate_loss_kernel(model, loader, probe, **dict(kwargs, evaluate=lambda m, b: m(b[0]).sum() * float("nan")))
 

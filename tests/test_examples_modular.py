@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_devinterp
 from devinterp_losskernel import KernelAccumulator
 from losskernel_examples.modular import (
     ADD,
@@ -26,6 +25,8 @@ from losskernel_examples.modular import (
     split_half_agreement,
     training_loader,
 )
+
+from conftest import require_devinterp
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from devinterp_losskernel import KernelAccumulator, LossKernel, correlation_from_covariance
+from devinterp_losskernel import KernelAccumulator, LossKernel
+from devinterp_losskernel.correlation import correlation_from_covariance
 
 
 def make_kernel(rng, n=6, draws=40, **fields):

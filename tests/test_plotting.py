@@ -10,8 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from devinterp_losskernel import KernelAccumulator  # noqa: E402
-from devinterp_losskernel import plotting  # noqa: E402
+from devinterp_losskernel import (
+    KernelAccumulator,  # noqa: E402
+    plotting,  # noqa: E402
+)
 from devinterp_losskernel.analysis import (  # noqa: E402
     cka_convergence,
     memorization_scores,
@@ -53,7 +55,8 @@ def test_correlation_matrix(kernel, tmp_path):
     # an explicit order (a subset) and the covariance
     fig = plotting.plot_correlation_matrix(kernel.covariance, order=[3, 1, 2], use="covariance",
                                            path=tmp_path / "K.png")
-    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), kernel.covariance.numpy()[np.ix_([3, 1, 2], [3, 1, 2])])
+    order = np.ix_([3, 1, 2], [3, 1, 2])
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), kernel.covariance.numpy()[order])
     with pytest.raises(ValueError, match="order must be in \\[0, n=40\\)"):
         plotting.plot_correlation_matrix(kernel, order=[0, 40])
     with pytest.raises(ValueError, match="labels must have one entry per probe sample: length 40"):

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from devinterp_losskernel import ProbeSet, evaluate_probe_losses, lm_sequence_loss
+from devinterp_losskernel import ProbeSet, lm_sequence_loss
+from devinterp_losskernel.probe import evaluate_probe_losses
 
 
 class BatchNormDropoutNet(nn.Module):

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from devinterp_losskernel import KernelAccumulator, LossKernel
-from devinterp_losskernel.provenance import (FileIntegrityError, KernelIdentity, checksum, load_verified,
-                                             save_verified, to_storable)
+from devinterp_losskernel.provenance import (
+    FileIntegrityError,
+    KernelIdentity,
+    checksum,
+    load_verified,
+    save_verified,
+    to_storable,
+)
 
 
 def test_identity_differences_name_fields_and_both_values():
@@ -166,7 +172,8 @@ def test_a_checkpoint_of_another_format_version_is_refused(tmp_path):
     for version, match in ((99, r"format version 99, but this devinterp-losskernel .* reads format version 2; "
                                 r".*Upgrade"),
                            (1, r"format version 1 .*older than this devinterp-losskernel .* reads")):
-        save_verified({"format": CHECKPOINT_FORMAT, "format_version": version, "arguments": {}}, tmp_path / CHECKPOINT_NAME)
+        save_verified({"format": CHECKPOINT_FORMAT, "format_version": version, "arguments": {}},
+                      tmp_path / CHECKPOINT_NAME)
         with pytest.raises(FormatVersionError, match=match):
             _Checkpoint(tmp_path, None, None, devinterp_major=2)
 
@@ -175,7 +182,8 @@ def test_a_checkpoint_dir_below_a_file_is_named(tmp_path):
     from devinterp_losskernel.estimate import _Checkpoint
 
     (tmp_path / "file").write_text("x")
-    for directory, match in ((tmp_path / "file", r"checkpoint_dir must be a folder path, got .*which is an existing file"),
-                             (tmp_path / "file" / "sub", r"checkpoint_dir must be inside a folder, .*is a regular file")):
+    cases = ((tmp_path / "file", r"checkpoint_dir must be a folder path, got .*which is an existing file"),
+             (tmp_path / "file" / "sub", r"checkpoint_dir must be inside a folder, .*is a regular file"))
+    for directory, match in cases:
         with pytest.raises(ValueError, match=match):
             _Checkpoint(directory, None, None, devinterp_major=2)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_devinterp
-from devinterp_losskernel import LossKernel, kernel_from_samples, loss_kernel
+from devinterp_losskernel import LossKernel, loss_kernel
 from devinterp_losskernel.provenance import FileIntegrityError
+from devinterp_losskernel.samples import kernel_from_samples
+
+from conftest import require_devinterp
 
 
 def trace(draws=40, n=7, seed=0):
@@ -101,8 +103,9 @@ def _tiny_run(tmp_path):
     import warnings
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from _models import LMDataset, TinyLM
     from devinterp.slt.sampling import sample
+
+    from _models import LMDataset, TinyLM
 
     torch.manual_seed(0)
     ids = torch.randint(0, 13, (80, 9))
@@ -323,8 +326,9 @@ def test_a_chain_devinterp2_aborted_is_dropped_and_its_store_is_not_called_damag
     import warnings
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from _models import LMDataset, TinyLM
     from devinterp.slt.sampling import sample
+
+    from _models import LMDataset, TinyLM
 
     torch.manual_seed(0)
     ids = torch.randint(0, 13, (80, 9))

@@ -6,7 +6,6 @@ The notebooks assert their own key numbers with bounds a broken pipeline would f
 """
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib

@@ -27,8 +27,12 @@ from devinterp_losskernel.analysis import (
 )
 from devinterp_losskernel.hierarchy import Hierarchy
 from devinterp_losskernel.kernel import as_labels as kernel_as_labels
-from devinterp_losskernel.plotting import (plot_correlation_matrix, plot_covariance_histograms, plot_memorization,
-                                           plot_top_k_grid)
+from devinterp_losskernel.plotting import (
+    plot_correlation_matrix,
+    plot_covariance_histograms,
+    plot_memorization,
+    plot_top_k_grid,
+)
 from devinterp_losskernel.validation import CheckedKernel, as_labels, checked_kernel
 
 N = 12
@@ -385,5 +389,6 @@ def test_a_kernel_on_the_gpu_gives_the_cpu_results():
     for name, score in label_issue_scores(gpu, k=3).items():
         np.testing.assert_allclose(score, label_issue_scores(kernel, k=3)[name], err_msg=name)
     gpu.covariance[1, 2] = float("nan")
-    with pytest.raises(ValueError, match=r"kernel.covariance must be finite, got 1 NaN/Inf entries \(first at \[\(1, 2\)\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"kernel.covariance must be finite, got 1 NaN/Inf entries \(first at \[\(1, 2\)\]\)"):
         top_correlated(gpu, k=3)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 

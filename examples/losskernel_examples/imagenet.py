@@ -753,9 +753,15 @@ def analyse_kernel(kernel, wnids: Sequence[str], images: torch.Tensor, hierarchy
     ``cfg.node_depth``, different family), and with ``sweep``: ``sweep_cka`` (pairwise CKA,
     Fig. 6B) and ``sweep_lifts`` (colour and node lift per γ, Fig. 6D).
     """
-    from devinterp_losskernel.analysis import (attribute_lift, color_groups, compare_kernels,
-                                               correlation_by_tree_distance, taxonomic_lift, top_correlated,
-                                               umap_embedding)
+    from devinterp_losskernel.analysis import (
+        attribute_lift,
+        color_groups,
+        compare_kernels,
+        correlation_by_tree_distance,
+        taxonomic_lift,
+        top_correlated,
+        umap_embedding,
+    )
 
     labels = np.asarray(wnids, dtype=object)
     n = len(labels)
@@ -1060,8 +1066,14 @@ def _short_names(wnids: Sequence[str]) -> np.ndarray:
 
 
 def _save_figures(kernel, analyses, images, wnids, hierarchy, folder, work_dir: Path) -> None:
-    from devinterp_losskernel.plotting import (plot_attribute_transition, plot_cka_convergence, plot_embedding,
-                                               plot_hierarchy_sorted_matrix, plot_lift_curves, plot_top_k_grid)
+    from devinterp_losskernel.plotting import (
+        plot_attribute_transition,
+        plot_cka_convergence,
+        plot_embedding,
+        plot_hierarchy_sorted_matrix,
+        plot_lift_curves,
+        plot_top_k_grid,
+    )
 
     names = _short_names(wnids)
     if analyses.get("embedding") is not None:

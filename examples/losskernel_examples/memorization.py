@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from devinterp_losskernel.presets import SGLDSettings
+
 from ._scale import sampler_kwargs
 from .fashion_mnist import FashionMNISTNotFound, load_fashion_mnist
 

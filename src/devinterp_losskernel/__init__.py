@@ -1,112 +1,87 @@
 """devinterp-losskernel: the loss kernel K(x, x') = Cov_w[ℓ(x; w), ℓ(x'; w)] under SGLD.
 
-Pipeline: probe losses (:mod:`.probe`) → streaming accumulation (:mod:`.accumulator`, its
-identity and verified files in :mod:`.provenance`) →
-the kernel result (:mod:`.kernel`), driven by the devinterp callback (:mod:`.callback`) or
-the one-call :func:`estimate_loss_kernel` (:mod:`.estimate`) → analyses (:mod:`.analysis`)
-→ figures (:mod:`.plotting`, imported on demand so that the package does not load matplotlib)
-and the interactive kernel explorer (:func:`explore`, loaded on first use; Bokeh only when it writes).
+The top level holds the pipeline's nouns: probe losses (:class:`ProbeSet` and the loss
+functions) → the streaming :class:`KernelAccumulator` → the :class:`LossKernel`, driven by
+the devinterp callback (:class:`LossKernelCallback`, its option groups, :class:`SLTSummary`),
+the one-call runners (:func:`estimate_loss_kernel`, :func:`loss_kernel`, the devinterp 2.x
+twin :func:`llc`), the SGLD settings (:class:`SGLDSettings`, :func:`preset`) and the errors.
+
+Everything after the kernel lives in its own namespace, imported on first use (PEP 562), so
+``import devinterp_losskernel`` loads neither matplotlib, Bokeh, UMAP, nltk, pandas, xarray
+nor devinterp:
+
+* :mod:`devinterp_losskernel.analysis` — the paper's analyses (``singular_fluctuation``,
+  ``memorization_scores``, ``top_correlated``, ``taxonomic_lift``, ``umap_embedding``…);
+* :mod:`devinterp_losskernel.plotting` — figures (``pip install 'devinterp-losskernel[plot]'``);
+* :mod:`devinterp_losskernel.explore` — the interactive kernel explorer,
+  ``from devinterp_losskernel.explore import explore`` (``[explore]``);
+* :mod:`devinterp_losskernel.hierarchy` — class hierarchies (WordNet, ImageNet, Fashion-MNIST).
+
+Optional dependencies and their extras: :mod:`devinterp_losskernel.extras`.
+
+>>> import devinterp_losskernel as lk
+>>> lk.LossKernel.__name__, lk.analysis.__name__
+('LossKernel', 'devinterp_losskernel.analysis')
 """
 
-from .analysis import (
-    aligned_umap_embeddings,
-    attribute_lift,
-    cka,
-    cka_convergence,
-    color_groups,
-    compare_kernels,
-    detection_auc,
-    group_covariances,
-    label_issue_scores,
-    mean_self_covariance,
-    memorization_scores,
-    pc1_separation,
-    probe_llc,
-    singular_fluctuation,
-    taxonomic_lift,
-    top_correlated,
-    umap_embedding,
-)
-from .accumulator import KernelAccumulator, KernelMemoryError, estimate_kernel_memory
+import importlib
+
+from .accumulator import KernelAccumulator, KernelMemoryError
 from .callback import LossKernelCallback
-from .summary import SLTSummary
-from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
-from .provenance import FileIntegrityError, IdentityMismatchError, KernelIdentity
-from .estimate import estimate_loss_kernel
 from .devinterp2 import as_devinterp2_dataset, devinterp2_evaluate, llc
-from .samples import kernel_from_samples, loss_kernel
-from .hierarchy import Hierarchy, fashion_mnist_hierarchy, imagenet_wnids, wordnet_imagenet
-from .kernel import LossKernel, correlation_from_covariance
+from .estimate import estimate_loss_kernel
+from .kernel import LossKernel
+from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
 from .presets import PAPER_PRESETS, SGLDSettings, preset
-from .probe import (
-    ProbeSet,
-    classification_loss,
-    default_loss_fn,
-    evaluate_probe_losses,
-    lm_sequence_loss,
-)
+from .probe import ProbeSet, classification_loss, default_loss_fn, lm_sequence_loss
+from .provenance import FileIntegrityError, IdentityMismatchError
+from .samples import loss_kernel
+from .summary import SLTSummary
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):
-    # explore (the kernel explorer) is loaded on first use; it imports Bokeh only when it writes a page
-    if name == "explore":
-        import importlib
-
-        return importlib.import_module(".explore", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
-    "aligned_umap_embeddings",
-    "attribute_lift",
-    "cka",
-    "cka_convergence",
-    "color_groups",
-    "compare_kernels",
-    "detection_auc",
-    "group_covariances",
-    "label_issue_scores",
-    "mean_self_covariance",
-    "memorization_scores",
-    "pc1_separation",
-    "probe_llc",
-    "singular_fluctuation",
-    "taxonomic_lift",
-    "top_correlated",
-    "umap_embedding",
-    "Hierarchy",
-    "fashion_mnist_hierarchy",
-    "imagenet_wnids",
-    "wordnet_imagenet",
-    "DivergenceGuard",
-    "FileIntegrityError",
-    "IdentityMismatchError",
-    "KernelAccumulator",
-    "KernelIdentity",
-    "KernelStorage",
-    "ProbeOptions",
-    "SnapshotSchedule",
-    "KernelMemoryError",
-    "LossKernel",
+    # the callback, its option groups and the SLT numbers derived beside it
     "LossKernelCallback",
+    "ProbeOptions",
+    "KernelStorage",
+    "DivergenceGuard",
+    "SnapshotSchedule",
     "SLTSummary",
-    "PAPER_PRESETS",
-    "ProbeSet",
-    "SGLDSettings",
-    "classification_loss",
-    "correlation_from_covariance",
-    "default_loss_fn",
-    "estimate_kernel_memory",
+    # the result and the accumulator behind it
+    "LossKernel",
+    "KernelAccumulator",
+    # the runners, and the devinterp 2.x twins
     "estimate_loss_kernel",
-    "evaluate_probe_losses",
-    "explore",
-    "kernel_from_samples",
+    "loss_kernel",
     "llc",
     "as_devinterp2_dataset",
     "devinterp2_evaluate",
-    "lm_sequence_loss",
-    "loss_kernel",
+    # the SGLD settings record and the paper's presets
+    "SGLDSettings",
     "preset",
+    "PAPER_PRESETS",
+    # the probe protocol
+    "ProbeSet",
+    "classification_loss",
+    "lm_sequence_loss",
+    "default_loss_fn",
+    # the errors
+    "FileIntegrityError",
+    "IdentityMismatchError",
+    "KernelMemoryError",
 ]
+
+# namespaces after the kernel, imported on first attribute access (plotting needs [plot],
+# explore [explore]); `from devinterp_losskernel import analysis` works the same way
+_SUBMODULES = ("analysis", "plotting", "explore", "hierarchy")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES))

@@ -460,7 +460,8 @@ class LossKernelCallback:
             "mode": self.storage.mode,
             "labels": None if self.labels is None else checksum(self.labels)[:16],
             "sample_ids": None if self.sample_ids is None else checksum(
-                self.sample_ids if isinstance(self.sample_ids, torch.Tensor) else [str(s) for s in self.sample_ids])[:16],
+                self.sample_ids if isinstance(self.sample_ids, torch.Tensor)
+                else [str(s) for s in self.sample_ids])[:16],
             "probe_train_mask": mask if mask is None or mask is False else checksum(mask)[:16],
             "num_train": self.num_train,
             "divergence": asdict(self.divergence),

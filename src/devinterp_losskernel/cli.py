@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .demo import DemoConfig, run_demo
+from .demo import DemoConfig, require_demo_modules, run_demo
 from .hierarchy import WordNetNotFoundError
 
 # what a bad command line raises inside the package: each message names the argument or file
@@ -232,6 +232,10 @@ def _run_demo(args, demo_parser) -> None:
         check_output_path(args.out, "--out", expect="folder", make_parents=True)
     except _USER_ERRORS as error:
         demo_parser.error(str(error))
+    try:
+        require_demo_modules()
+    except ImportError as error:  # the [demo] extra is missing: say which
+        sys.exit(f"losskernel demo: {error}")
     summary = run_demo(args.out, cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     print(f"wrote {args.out}/kernel.pt, {args.out}/summary.json, {args.out}/correlation.png, "
@@ -252,6 +256,8 @@ def main(argv=None) -> int:
             page = _run_explore(args)
         except _USER_ERRORS as error:
             explore_parser.error(str(error))
+        except ImportError as error:  # the [explore] extra is missing: say which
+            sys.exit(f"losskernel explore: {error}")
         print(f"wrote {page}")
     return 0
 

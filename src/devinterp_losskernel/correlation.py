@@ -23,6 +23,12 @@ def correlation_from_covariance(
     Returns:
         R with K's shape; entries are clamped to [-1, 1] (rounding can overshoot by an ulp),
         and R(x, x) = 1 exactly wherever Var[ℓ(x)] > 0.
+
+    >>> K = torch.tensor([[4.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> correlation_from_covariance(K, torch.diagonal(K)).tolist()    # sample 2 never varies: R = 0
+    [[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    >>> correlation_from_covariance(K[[1]], torch.diagonal(K), rows=torch.tensor([1])).tolist()
+    [[0.5, 1.0, 0.0]]
     """
     std = variance.clamp(min=0).sqrt()
     inv_std = torch.where(std > 0, 1.0 / std.clamp(min=torch.finfo(std.dtype).tiny), 0.0)

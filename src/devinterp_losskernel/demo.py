@@ -20,12 +20,22 @@ from typing import Optional
 
 import numpy as np
 import torch
-
-from .presets import SGLDSettings
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .extras import require
+from .presets import SGLDSettings
 from .rng import leaves_rng_untouched
+
+# scikit-learn (the digits), matplotlib (correlation.png), Bokeh and Pillow (explorer.html)
+DEMO_MODULES = ("sklearn", "matplotlib", "bokeh", "PIL")
+
+
+def require_demo_modules() -> None:
+    """Raise the ImportError naming the ``[demo]`` extra if one of :data:`DEMO_MODULES` is
+    missing, before any training."""
+    for module in DEMO_MODULES:
+        require(module, "demo", "losskernel demo")
 
 
 @dataclass
@@ -85,7 +95,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def digits_with_flipped_labels(cfg: DemoConfig):
     """Standardised digits [N, 64], true labels, training labels with ``flip_fraction`` flipped."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "demo", "the demo's digits").load_digits
 
     x, y = load_digits(return_X_y=True)
     rng = np.random.default_rng(cfg.seed)
@@ -114,7 +124,9 @@ def train_memorizing_mlp(x, y, cfg: DemoConfig) -> nn.Module:
 def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] = None,
              verbose: bool = True) -> dict:
     """Train, sample, and write kernel.pt, summary.json, correlation.png and explorer.html
-    (the interactive kernel explorer, :func:`~devinterp_losskernel.explore`) to ``out_dir``."""
+    (the interactive kernel explorer, :func:`~devinterp_losskernel.explore.explore`) to
+    ``out_dir``. Needs the ``[demo]`` extra."""
+    require_demo_modules()
     from .analysis import detection_auc, memorization_scores
     from .estimate import estimate_loss_kernel
     from .plotting import plot_correlation_matrix

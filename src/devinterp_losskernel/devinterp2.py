@@ -24,26 +24,33 @@ others do not enter the LLC), and the probe is evaluated in eval mode (devinterp
 its observables in the chain's train mode). For models without dropout or batch statistics
 (TransformerLens / Pythia-style LMs) the draws are identical; with active dropout devinterp's
 observable passes consume random numbers, so its chains, and its LLC, differ from ours.
+
+Beside them, by default and whatever the probe, ν and the per-sequence loss variances of the
+whole training ``dataset`` (``train_*`` variables; issue 19) from the SGLD minibatches' own
+losses — no extra forward pass: devinterp's sampler is given a view of ``dataset`` whose items
+carry their index, and :class:`MinibatchVariance2` (which a user's own ``sample_single_chain``
+loop can use too) pairs each micro-batch's losses with those indices.
 """
 
 from __future__ import annotations
 
 import numbers
 import warnings
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .callback import LossKernelCallback
-from .validation import check_selection
 from .float32_mean import StreamingFloat32Mean
-from .summary import slt_summary
+from .minibatch import MINIBATCH_METHOD, MinibatchMoments, _stochastic_modules
 from .progress import devinterp_bars
+from .summary import slt_summary
+from .validation import check_selection
 
-__all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset"]
+__all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset", "MinibatchVariance2"]
 
 
 class _MappingDataset(torch.utils.data.Dataset):
@@ -274,6 +281,296 @@ def _probe_use(observables, name: str, given: int, used: int, batch_size: int, p
     return metadata, attrs
 
 
+# -- the minibatch mode under devinterp 2 (issue 19): ν of the whole training set from the SGLD
+# minibatches' own losses, no extra forward pass -------------------------------------------------
+
+INDEX_KEY = "devinterp_losskernel_index"  # the key under which each item carries its index
+NU_MEANING = ("ν = β/2 · Σ_i Var_w[ℓ(x_i; w)] over the N training sequences, β = n_beta / N (= n_beta/2 · the mean "
+              "variance of the sequences seen at least twice); ℓ(x_i; w) is sequence i's loss, the mean over its "
+              "token positions of devinterp's per-token loss, evaluated at the post-burn-in SGLD steps whose "
+              "minibatch held it. It is Watanabe's singular fluctuation when ℓ is a negative log-likelihood (the "
+              "per-token cross-entropy of devinterp's default loss); for another loss divide by its scale")
+
+
+def _with_index(item, index):
+    if not isinstance(item, Mapping):
+        raise TypeError(f"dataset[{index}] is a {type(item).__name__}: devinterp 2's sampler needs mapping items "
+                        "({'input_ids': …}); wrap it with as_devinterp2_dataset(dataset)")
+    if INDEX_KEY in item:
+        raise ValueError(f"dataset[{index}] already has the key {INDEX_KEY!r}: pass the training dataset itself, "
+                         "not recorder.dataset, to MinibatchVariance2")
+    return {**item, INDEX_KEY: int(index)}
+
+
+def _without_index(batch):
+    return {key: value for key, value in batch.items() if key != INDEX_KEY}
+
+
+class _IndexedDataset(torch.utils.data.Dataset):
+    """``dataset`` as devinterp 2's sampler is given it: item i is ``dataset[i]`` with one more
+    key, ``INDEX_KEY: i``. The same length and the same items otherwise, so devinterp's loader
+    draws the same order from the same generator; its default collate stacks the indices into
+    a LongTensor [B] beside ``input_ids``, and the recorder's evaluate takes them out again."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return _with_index(self.dataset[index], index)
+
+    def __getitems__(self, indices):  # what the DataLoader's fetcher asks for (HF datasets batch it)
+        inner = getattr(self.dataset, "__getitems__", None)
+        items = inner(list(indices)) if inner else [self.dataset[i] for i in indices]
+        return [_with_index(item, i) for item, i in zip(items, indices)]
+
+
+def _train_mode_noise(model: torch.nn.Module) -> list:
+    """What makes a sequence's train-mode loss noisy or batch-dependent: dropout modules with
+    p > 0, BatchNorm, and an HF config's functional ``attention_dropout`` > 0."""
+    found = _stochastic_modules(model)
+    config = getattr(model, "config", None)
+    p = getattr(config, "attention_dropout", None)
+    if isinstance(p, numbers.Real) and not isinstance(p, bool) and p > 0:
+        found.append(f"config.attention_dropout={p}")
+    return found
+
+
+class MinibatchVariance2(MinibatchMoments):
+    """ν and per-sequence loss variances of the whole training set inside a user's own devinterp
+    2.x ``sample_single_chain`` loop, from the losses the sampler already computes (issue 19).
+
+    devinterp 2's ``micro_callback`` receives every micro-batch's unreduced loss at every step
+    (burn-in included) but not which training samples the batch holds. The recorder gives the
+    sampler a view of the training data whose items carry their index (``recorder.dataset``) and
+    an ``evaluate`` that takes the indices out of the batch before calling yours (so your
+    evaluate, and everything devinterp computes, is unchanged bit for bit) and keeps them for
+    the ``micro_callback`` that follows it, which pairs them with the losses. Every micro-batch
+    of every step ``>= num_burnin_steps`` is folded in (whatever ``num_steps_bw_draws`` and
+    ``gradient_accumulation_steps``) into per-sample float64 moments, one set per chain
+    (:class:`~devinterp_losskernel.sample_moments.SampleMoments`, merged by Chan's update).
+    Samples are identified by their index in ``dataset``, never by their tokens.
+
+    The one line you add, and three arguments of your call::
+
+        recorder = MinibatchVariance2(train, num_burnin_steps=B, nbeta=n_beta)  # evaluate=: yours; default LM loss
+        for chain in range(C):
+            sample_single_chain(model, recorder.dataset, recorder.evaluate, param_masks, num_burnin_steps=B,
+                                micro_callback=recorder, chain=chain, ...)
+        recorder.finalize()
+        recorder.singular_fluctuation(), recorder.variance(), recorder.visits()   # or recorder.kernel
+
+    Sequence i's loss is the mean of its row of the loss (devinterp's per-token loss [B, T−1]:
+    the mean over token positions; a per-sample loss [B] is taken as is). ν = β/2 · Σ_i
+    Var_w[ℓ(x_i)/loss_scale], β = nbeta/N, with the N − N_seen samples seen fewer than twice
+    filled by the mean of the others; it is Watanabe's singular fluctuation when ℓ / loss_scale
+    is a negative log-likelihood. Its standard error is a jackknife over chains.
+
+    devinterp evaluates the minibatches in train mode: a model with active dropout or BatchNorm
+    is refused at the first evaluate (its minibatch losses are not draws of ℓ(x; w)). A chain
+    with a non-finite loss, or (with ``num_draws``) one devinterp stopped early, is left out.
+    Minibatch order: devinterp's loader (shuffle without replacement; its default
+    ``epoch_mode="cycle"`` replays the first epoch's order), so each sample is visited at a
+    fixed period of about N / batch_size steps.
+
+    Args:
+        dataset: the training dataset given to ``sample_single_chain`` (mapping items).
+        evaluate: your devinterp ``evaluate(model, batch) -> (unreduced loss [B, …], extras)``;
+            default: devinterp's ``make_evaluate_fn()`` (per-token cross-entropy).
+        num_burnin_steps: the sampler's; steps before it are not folded.
+        nbeta: the sampler's n_beta, for ν (the variances do not need it).
+        num_draws, num_steps_bw_draws: the sampler's, to tell a chain devinterp stopped early
+            (left out at :meth:`finalize`); optional.
+        loss_scale: ν is reported for ℓ / loss_scale (e.g. 2σ² for an MSE loss with Gaussian
+            noise of variance σ²).
+    """
+
+    def __init__(self, dataset, evaluate=None, *, num_burnin_steps: int = 0, nbeta: Optional[float] = None,
+                 num_draws: Optional[int] = None, num_steps_bw_draws: int = 1, loss_scale: float = 1.0):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"dataset must be the map-style training dataset (len() and [i]), got "
+                            f"{type(dataset).__name__}")
+        if isinstance(dataset, _IndexedDataset):
+            raise ValueError("pass the training dataset itself, not another recorder's .dataset")
+        if len(dataset) < 2:
+            raise ValueError(f"the training dataset must hold at least 2 samples, got {len(dataset)}")
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(f"evaluate must be devinterp's evaluate(model, batch) -> (loss, extras), got {evaluate!r}")
+        if isinstance(num_burnin_steps, bool) or not isinstance(num_burnin_steps, numbers.Integral) \
+                or num_burnin_steps < 0:
+            raise ValueError(f"num_burnin_steps must be an int >= 0, got {num_burnin_steps!r}")
+        if num_draws is not None:
+            _positive_int(num_draws, "num_draws")
+        _positive_int(num_steps_bw_draws, "num_steps_bw_draws")
+        for value, name in ((nbeta, "nbeta"), (loss_scale, "loss_scale")):
+            if value is None and name == "nbeta":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if evaluate is None:
+            from devinterp.slt.lm_loss import make_evaluate_fn
+
+            evaluate = make_evaluate_fn()
+        self._start_moments(len(dataset), loss_scale, None if nbeta is None else float(nbeta))
+        self.dataset = _IndexedDataset(dataset)
+        self.num_burnin_steps = int(num_burnin_steps)
+        self.num_draws = None if num_draws is None else int(num_draws)
+        self.num_steps_bw_draws = int(num_steps_bw_draws)
+        self.failed_chains: Dict[int, str] = {}  # chain -> why it is left out
+        self.disabled: Optional[str] = None  # set by disable(): evaluate passes through, nothing is recorded
+        self._inner = evaluate
+        self._last_step: Dict[int, int] = {}
+        self._stash: Optional[torch.Tensor] = None
+        self._checked_models: set = set()
+
+    # -- inside devinterp's loop ----------------------------------------------------------------
+    @property
+    def evaluate(self):
+        """devinterp's ``evaluate(model, batch)``: yours, on the batch without the indices."""
+        return self._evaluate
+
+    def _evaluate(self, model, batch):
+        if self.disabled is not None:
+            return self._inner(model, _without_index(batch) if isinstance(batch, Mapping) else batch)
+        if not isinstance(batch, Mapping) or INDEX_KEY not in batch:
+            raise ValueError("MinibatchVariance2.evaluate got a batch without sample indices: pass "
+                             "dataset=recorder.dataset to sample_single_chain (the training data, each item carrying "
+                             "its index)")
+        if self._stash is not None:
+            raise RuntimeError("MinibatchVariance2: evaluate ran twice without the micro_callback in between: pass "
+                               "micro_callback=recorder to sample_single_chain")
+        self._check_model(model)
+        out = self._inner(model, _without_index(batch))
+        self._stash = batch[INDEX_KEY]  # only once evaluate has returned: a failed one leaves nothing
+        return out
+
+    def _check_model(self, model) -> None:
+        if id(model) in self._checked_models:
+            return
+        noisy = _train_mode_noise(model)
+        if noisy:
+            raise ValueError(
+                "the minibatch losses are not draws of ℓ(x; w) for this model: devinterp evaluates minibatches in "
+                f"train mode, where {', '.join(noisy[:3])} make a sample's loss noisy or depend on its batch-mates. "
+                "Set the dropout probabilities to 0, or use a probe (LossKernelCallback, mode='diagonal': eval-mode "
+                "probe passes)")
+        self._checked_models.add(id(model))
+
+    def __call__(self, *, loss, chain: int = 0, step: int = 0, micro_step: int = 0, input_ids=None,
+                 **_ignored) -> None:
+        """devinterp's ``micro_callback``: pairs this micro-batch's losses with the indices the
+        evaluate kept, and keeps them if ``step >= num_burnin_steps``. Tensor bookkeeping only:
+        draws on no random generator."""
+        indices, self._stash = self._stash, None
+        if self.disabled is not None:
+            return
+        if indices is None:
+            raise RuntimeError("MinibatchVariance2 got a micro-batch's losses but no indices: pass "
+                               "evaluate=recorder.evaluate and dataset=recorder.dataset to sample_single_chain")
+        chain, step = int(chain), int(step)
+        if step < self.num_burnin_steps or chain in self.failed_chains:
+            return
+        if not isinstance(loss, torch.Tensor) or loss.dim() == 0 or loss.shape[0] != len(indices):
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"MinibatchVariance2 needs evaluate's unreduced loss, one row per sample ([B, T−1] "
+                             f"per-token, as devinterp's make_evaluate_fn gives, or [B]); got {got} for a batch of "
+                             f"{len(indices)}")
+        values = loss.detach().to("cpu").to(torch.float64).reshape(len(indices), -1).mean(dim=1)
+        if not bool(torch.isfinite(values).all()):
+            self.drop_chain(chain, f"a non-finite minibatch loss at step {step}")
+            return
+        if int(micro_step) == 0:
+            self.steps_per_chain[chain] = self.steps_per_chain.get(chain, 0) + 1
+        self._last_step[chain] = step
+        self._add(chain, indices.to("cpu", torch.long), values)
+
+    def drop_chain(self, chain: int, reason: str, *, warn: bool = True) -> None:
+        """Leave chain ``chain`` out of every result (its losses are dropped)."""
+        chain = int(chain)
+        if chain in self.failed_chains:
+            return
+        self.failed_chains[chain] = reason
+        for held in (self.chains, self._buffer, self._buffered, self.steps_per_chain, self._last_step):
+            held.pop(chain, None)
+        if warn:
+            warnings.warn(f"MinibatchVariance2: chain {chain} is left out of the training-set variances and ν: "
+                          f"{reason}", RuntimeWarning, stacklevel=3)
+
+    def disable(self, reason: str) -> None:
+        """Record nothing more (evaluate passes batches through); results say ``reason``."""
+        self.disabled = str(reason)
+        self._stash = None
+
+    def finalize(self) -> None:
+        """At the end of the run: fold what is buffered; with ``num_draws``, leave out the
+        chains devinterp stopped before their last step."""
+        for chain in list(self._buffer):
+            self._fold(chain)
+        if self.num_draws is not None:
+            last = self.num_burnin_steps + self.num_draws * self.num_steps_bw_draws - 1
+            for chain, step in list(self._last_step.items()):
+                if step < last:
+                    self.drop_chain(chain, f"devinterp stopped it after step {step} of {last} (0-based)")
+
+    # -- results (MinibatchMoments: moments, variance, visits, ν, its SE, get_results, kernel) ------
+    _missing_nbeta = "MinibatchVariance2(…, nbeta=) was not given: ν needs the sampler's n_beta"
+
+    @property
+    def _no_losses(self) -> str:
+        return "no post-burn-in losses were recorded" + (
+            f" (left out: {self.failed_chains})" if self.failed_chains else
+            ": pass dataset=recorder.dataset, evaluate=recorder.evaluate and micro_callback=recorder")
+
+    def _kernel_metadata(self) -> Dict[str, Any]:
+        return {"failed_chains": dict(self.failed_chains)}
+
+    def to_xarray_variables(self, *, minibatch_order: str = "") -> Dict[str, Any]:
+        """The ``llc()`` twin's ``train_*`` variables (see :func:`llc`)."""
+        import xarray as xr
+
+        moments = self.moments()
+        count = moments.count.numpy()
+        unseen = int((count < 2).sum())
+        coords = {"train_sample": np.arange(self.num_train)}
+        nu_attrs = {"method": MINIBATCH_METHOD, "meaning": NU_MEANING, "samples_seen_fewer_than_twice": unseen,
+                    "chains": [int(c) for c in sorted(self.chains)],
+                    "left_out_chains": "; ".join(f"{c}: {why}" for c, why in sorted(self.failed_chains.items()))
+                    or "none", "minibatch_order": minibatch_order}
+        if self.nbeta is not None:
+            nu, se = self.singular_fluctuation(moments), self.singular_fluctuation_se()
+        else:
+            nu, se = float("nan"), float("nan")
+        if not self.chains:
+            nu_attrs["why_nan"] = "no chain's losses were kept (left out: " + nu_attrs["left_out_chains"] + ")"
+        elif unseen == self.num_train:
+            nu_attrs["why_nan"] = "no training sequence was seen twice after burn-in: run more steps"
+        return {
+            "train_mean": xr.DataArray(moments.loss_mean().numpy(), dims="train_sample", coords=coords, attrs={
+                "meaning": "each training sequence's mean loss over its post-burn-in minibatch visits (NaN unseen)",
+                "method": MINIBATCH_METHOD}),
+            "train_variance": xr.DataArray(moments.variance().numpy(), dims="train_sample", coords=coords, attrs={
+                "meaning": "Var_w of each training sequence's loss (mean over token positions) over the post-burn-in "
+                           "SGLD steps whose minibatch held it; NaN where seen fewer than twice",
+                "method": MINIBATCH_METHOD, "samples_seen_fewer_than_twice": unseen}),
+            "train_visits": xr.DataArray(count, dims="train_sample", coords=coords, attrs={
+                "meaning": "how many post-burn-in minibatch losses each training sequence's moments hold"}),
+            "train_singular_fluctuation": xr.DataArray(nu, attrs=nu_attrs),
+            "train_singular_fluctuation_se": xr.DataArray(se, attrs={
+                "meaning": "standard error of train_singular_fluctuation: a jackknife over chains (NaN with one)",
+                "method": MINIBATCH_METHOD}),
+        }
+
+
+def _train_variables_not_computed(why: str) -> Dict[str, Any]:
+    import xarray as xr
+
+    attrs = {"method": MINIBATCH_METHOD, "meaning": NU_MEANING, "why_nan": why}
+    return {"train_singular_fluctuation": xr.DataArray(float("nan"), attrs=attrs),
+            "train_singular_fluctuation_se": xr.DataArray(float("nan"), attrs={"why_nan": why})}
+
+
 def llc(
     model: torch.nn.Module,
     dataset,
@@ -310,6 +607,7 @@ def llc(
     observable: Optional[str] = None,
     callback_kwargs: Optional[Dict[str, Any]] = None,
     return_kernel: bool = False,
+    minibatch_variance: bool = True,
 ):
     """``devinterp.slt.llc.llc`` with the loss kernel of the same run.
 
@@ -323,6 +621,9 @@ def llc(
         callback_kwargs: extra :class:`~devinterp_losskernel.LossKernelCallback` arguments
             (``dtype``, ``block_size``, ``rows``, ``probe_train_mask``, …).
         return_kernel: also return the :class:`~devinterp_losskernel.LossKernel`.
+        minibatch_variance: compute ν and the per-sequence loss variances of the whole training
+            ``dataset`` from the SGLD minibatches' own losses (default; no extra forward pass);
+            ``False`` turns it off.
 
     Returns:
         An ``xarray.Dataset`` with devinterp's ``llc_mean``, ``llc_std``, ``llc_per_chain``
@@ -335,6 +636,27 @@ def llc(
         ``draws_per_chain`` (chain), ``probe_llc``, ``singular_fluctuation``,
         ``empirical_variance`` and ``num_draws``. With ``return_kernel=True``:
         ``(dataset, kernel)``.
+
+        And, whatever the probe observable (unless ``minibatch_variance=False``), the whole
+        training ``dataset``'s: ``train_variance``, ``train_mean`` and ``train_visits`` on dim
+        ``train_sample`` (sequence i of ``dataset``) and ``train_singular_fluctuation`` with
+        ``train_singular_fluctuation_se`` (a jackknife over chains). These come from the losses
+        devinterp's sampler already computes — every micro-batch of every post-burn-in step
+        (``step >= num_burnin_steps``), a sequence's loss being the mean over its token
+        positions — folded per sequence under its index in ``dataset`` (the sampler is given
+        a view of ``dataset`` whose items carry their index; devinterp draws the same batches
+        and computes the same numbers). A sequence seen fewer than twice has a NaN variance
+        (their number is in the attrs). ν = n_beta/2 · the mean variance of the seen sequences
+        (β/2 · Σ_i over all N, β = n_beta/N), Watanabe's singular fluctuation when ℓ is a
+        negative log-likelihood (devinterp's per-token cross-entropy is). devinterp evaluates
+        minibatches in train mode: for a model with active dropout or BatchNorm (GPT-2 configs
+        often have dropout 0.1) these are not computed — ``train_singular_fluctuation`` is NaN
+        with ``why_nan``, and a warning says so; the LLC and the kernel are computed as usual.
+
+        Two ν's: ``singular_fluctuation`` is the probe kernel's (exact per-draw probe passes,
+        over the probe's sequences; only when the probe observable is the training dataset or
+        ``probe_train_mask`` says which are training data); ``train_singular_fluctuation`` is
+        the minibatch estimate over the whole training set (method in its attrs).
     """
     import xarray as xr
     from devinterp.slt.config import SAMPLING_METHODS, SamplerConfig
@@ -351,6 +673,8 @@ def llc(
                          "devinterp.slt.sampling.sample(..., save_metrics=True)")
     _check_llc_arguments(model, observables, observable, param_masks, callback_kwargs, device, batch_size,
                          batches_per_draw)
+    if not isinstance(minibatch_variance, bool):
+        raise TypeError(f"minibatch_variance must be True or False, got {minibatch_variance!r}")
     if not isinstance(observables, dict) or not observables:
         raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
                          "the kernel's probe is one of them")
@@ -420,6 +744,29 @@ def llc(
                                   reference_model=model, **options)  # ℓ(x; w*) at the model's weights
     model.train(was_training)
 
+    # ν of the whole training set from the SGLD minibatches (issue 19): the sampler gets a view of
+    # `dataset` whose items carry their index, the evaluate takes it out again, on_micro folds
+    recorder, minibatch_why = None, None
+    if minibatch_variance:
+        noisy = _train_mode_noise(model)
+        if noisy:
+            minibatch_why = (
+                "not computed: devinterp evaluates the SGLD minibatches in train mode, where "
+                f"{', '.join(noisy[:3])}{' …' if len(noisy) > 3 else ''} make a sequence's loss noisy (or depend on "
+                "its batch-mates), so the minibatch losses are not draws of ℓ(x; w). Set the dropout probabilities to "
+                "0 (GPT-2: resid_pdrop, embd_pdrop, attn_pdrop) for ν of the training set, or pass "
+                "minibatch_variance=False")
+            warnings.warn(f"devinterp_losskernel.llc: train_singular_fluctuation is NaN: {minibatch_why}", UserWarning,
+                          stacklevel=2)
+        else:
+            recorder = MinibatchVariance2(dataset, make_evaluate_fn(loss_fn), num_burnin_steps=num_burnin_steps,
+                                          nbeta=n_beta, num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws)
+            recorder.hyperparameters.update(lr=float(lr), localization=float(config.localization))
+    minibatch_order = (f"devinterp's loader: shuffle={config.shuffle}, epoch_mode={config.epoch_mode!r}"
+                       + (" (the first epoch's order replayed)" if config.epoch_mode == "cycle" else "")
+                       + ", without replacement" + ("; the same batches in every chain"
+                                                    if config.match_sampling_input_ids_across_chains else ""))
+
     num_steps = calculate_num_steps(num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws,
                                     num_burnin_steps=num_burnin_steps)
     step_means = np.full((num_chains, num_steps), np.nan, dtype=np.float32)  # devinterp's loss_trace
@@ -440,12 +787,20 @@ def llc(
             micro_mean.add_missing((position - next_row[0]) * row_size)  # steps a failed chain never wrote
             micro_mean.add(row)
             next_row[0] = position + 1
+        if recorder is not None and recorder.disabled is None:
+            try:
+                recorder(loss=loss, chain=chain, step=step, micro_step=micro_step)
+            except Exception as error:  # the LLC run goes on; the training-set ν says why it is missing
+                recorder.disable(f"not computed: {type(error).__name__}: {error}")
+                warnings.warn(f"devinterp_losskernel.llc: train_singular_fluctuation is NaN: {recorder.disabled}",
+                              RuntimeWarning, stacklevel=2)
 
     dataloader_seed = init_seed if config.match_sampling_input_ids_across_chains else None
     with devinterp_bars():  # devinterp's own per-chain bars, one line a minute when written to a log
         for chain in range(num_chains):
             sample_single_chain(
-                ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=param_masks,
+                ref_model=model, dataset=dataset if recorder is None else recorder.dataset,
+                evaluate=make_evaluate_fn(loss_fn) if recorder is None else recorder.evaluate, param_masks=param_masks,
                 num_draws=num_draws, num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
                 gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
                 sampling_method_kwargs=method_kwargs, chain=chain, seed=init_seed + chain,
@@ -454,6 +809,15 @@ def llc(
                 init_noise=init_noise, shuffle=config.shuffle, epoch_mode=config.epoch_mode,
             )
     callback.finalize()
+    if recorder is None:
+        train_data = _train_variables_not_computed(minibatch_why) if minibatch_variance else {}
+    elif recorder.disabled is not None:
+        train_data = _train_variables_not_computed(recorder.disabled)
+    else:
+        recorder.finalize()  # leaves out chains devinterp stopped early
+        for chain in callback.diverged_chains:  # and those the kernel left out: ν of the kernel's chains
+            recorder.drop_chain(chain, "the loss kernel left it out (diverged)", warn=False)
+        train_data = recorder.to_xarray_variables(minibatch_order=minibatch_order)
     try:
         kernel = callback.kernel
     except ValueError as error:  # no kernel from these draws (every chain diverged): the LLC is not lost
@@ -474,7 +838,7 @@ def llc(
     if kernel is None:
         ds = xr.Dataset({"llc_mean": llc_per_chain.mean(), "llc_std": llc_per_chain.std(),
                          "llc_per_chain": llc_per_chain, "llc_scalar": llc_scalar, "loss_trace": loss_trace,
-                         "init_loss": init_loss_mean})
+                         "init_loss": init_loss_mean, **train_data})
         ds.attrs.update({"observable": name, "n_beta": float(n_beta), "loss_kernel_error": kernel_error,
                          "diverged_chains": [int(c) for c in callback.diverged_chains]})
         ds.attrs.update(used_attrs)
@@ -499,6 +863,7 @@ def llc(
         "probe_input_ids": (("sample", "token"), obs.input_ids.cpu().numpy()),
         "draws_per_chain": (("chain",), np.array([k.draws_per_chain.get(c, 0) for c in range(num_chains)])),
         "num_draws": k.num_draws,
+        **train_data,
     }
     for key in ("probe_llc", "singular_fluctuation", "empirical_variance"):  # NaN where not known
         data[key] = float(kernel.metadata.get(key, np.nan))
@@ -519,8 +884,8 @@ def _init_loss(config, model, dataset, device, per_token) -> np.ndarray:
     """devinterp 2's init loss, as ``sample()`` computes it (``_write_init_loss``): per chain,
     the float32 mean per-token loss over ``num_init_loss_batches`` × grad-accumulation batches
     of a loader seeded as the chain's, the model in train mode. Returns [chain, token_pos]."""
-    from torch.utils.data import DataLoader
     from devinterp.slt.sampler import _make_feed, is_transformer_lens_model, set_seed
+    from torch.utils.data import DataLoader
 
     num_batches = config.gradient_accumulation_steps * config.num_init_loss_batches
     orig_device = next(model.parameters()).device

@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader
 from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .presets import SGLDSettings
+from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
 from .progress import devinterp_bars
+from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 from .rng import leaves_rng_untouched
 from .summary import slt_summary, snapshot_convergence
-from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
-from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 from .validation import check_output_path
 
 __all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
@@ -154,7 +154,8 @@ def estimate_loss_kernel(
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be callable (model, batch) -> loss, got {evaluate!r}")
     if sampling_method is not None and not callable(sampling_method):
-        raise TypeError(f"sampling_method must be devinterp's SGLD or SGMCMC.sgld (a callable), got {sampling_method!r}")
+        raise TypeError(f"sampling_method must be devinterp's SGLD or SGMCMC.sgld (a callable), "
+                        f"got {sampling_method!r}")
     major = devinterp_major()
     sampling_method = _default_sampling_method(major) if sampling_method is None else sampling_method
     device = _check_device(device) if device is not None else _model_device(model)
@@ -232,7 +233,8 @@ def _sgld_record(sgld: Optional[SGLDSettings], by_name: Dict[str, Any], loader) 
                         f"it takes by name are {sorted(names)}")
     missing = sorted({"num_chains", "num_draws", "num_burnin_steps", "lr", "nbeta", "localization"} - set(by_name))
     if missing:
-        raise TypeError(f"estimate_loss_kernel needs the SGLD settings {missing} (by name, or as sgld=SGLDSettings(...))")
+        raise TypeError(f"estimate_loss_kernel needs the SGLD settings {missing} "
+                        "(by name, or as sgld=SGLDSettings(...))")
     return SGLDSettings(batch_size=batch_size, **by_name)
 
 

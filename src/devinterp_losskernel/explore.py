@@ -26,7 +26,12 @@ user string (a label name, a title, a text…) can end a ``<script>`` element or
 comment in it. Every argument is checked before the expensive work (neighbour lists, UMAP);
 the page is written atomically (a temp file in the same folder, then ``os.replace``).
 
-Bokeh is imported only here, so ``import devinterp_losskernel`` does not load it.
+Bokeh is imported only here, so ``import devinterp_losskernel`` does not load it. The page
+needs the ``[explore]`` extra (Bokeh, matplotlib for the colours, Pillow for thumbnails):
+``pip install 'devinterp-losskernel[explore]'``; :func:`explore` names it when one is missing.
+
+    >>> from devinterp_losskernel.explore import explore
+    >>> page = explore(kernel, images=images, labels=labels, path="kernel.html")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
+
+from .extras import require
 
 __all__ = ["ExplorerPage", "explore", "read_explorer", "script_json"]
 
@@ -304,7 +311,7 @@ def _check_hierarchy(hierarchy: Any, uniques: List[int]) -> None:
     from .hierarchy import Hierarchy
 
     if not isinstance(hierarchy, Hierarchy):
-        raise TypeError(f"hierarchy must be a devinterp_losskernel.Hierarchy, got {type(hierarchy).__name__}")
+        raise TypeError(f"hierarchy must be a devinterp_losskernel.hierarchy.Hierarchy, got {type(hierarchy).__name__}")
     hierarchy.nodes_of(np.asarray(uniques))  # ValueError naming the labels it has no node for
 
 
@@ -389,7 +396,8 @@ def _texts(texts: Any, n: int) -> list:
     try:
         texts = texts.tolist() if hasattr(texts, "tolist") else list(texts)
     except TypeError:
-        raise TypeError(f"texts must be a sequence with one entry per probe sample, got {type(texts).__name__}") from None
+        raise TypeError(f"texts must be a sequence with one entry per probe sample, "
+                        f"got {type(texts).__name__}") from None
     if len(texts) != n:
         raise ValueError(f"texts must have one entry per probe sample ({n}), got {len(texts)}")
     out = []
@@ -447,8 +455,8 @@ def _palette(m: int) -> list:
     out = []
     for i in range(m):
         h = (i * 0.618033988749895) % 1.0
-        l, s = (0.45, 0.75) if i % 2 == 0 else (0.62, 0.65)
-        out.append("#%02x%02x%02x" % tuple(int(round(c * 255)) for c in colorsys.hls_to_rgb(h, l, s)))
+        lightness, s = (0.45, 0.75) if i % 2 == 0 else (0.62, 0.65)
+        out.append("#%02x%02x%02x" % tuple(int(round(c * 255)) for c in colorsys.hls_to_rgb(h, lightness, s)))
     return out
 
 
@@ -512,7 +520,8 @@ def _label_colourings(label_arr: np.ndarray, names_of: Dict[int, str], hierarchy
     return colourings
 
 
-def _colourings(numbers_: _KernelNumbers, label_arr, names_of, hierarchy, scores: Dict[str, np.ndarray]) -> Dict[str, tuple]:
+def _colourings(numbers_: _KernelNumbers, label_arr, names_of, hierarchy,
+                scores: Dict[str, np.ndarray]) -> Dict[str, tuple]:
     """{key: (title, colours [n], legend)} in the order the menu lists them."""
     colourings = {} if label_arr is None else _label_colourings(label_arr, names_of, hierarchy)
     numeric = [("variance", "K(x,x)", numbers_.variance), ("mean_loss", "mean loss over draws", numbers_.mean),
@@ -712,7 +721,7 @@ def explore(
         labels: [n] integer labels; default ``kernel.labels``. ``label_names``: a list
             (label i → ``label_names[i]``, for 0 ≤ i < len) or a mapping {label: name}; every
             label must have a name. With a ``hierarchy``, names default to its node names.
-        hierarchy: a :class:`~devinterp_losskernel.Hierarchy` with a node for every label —
+        hierarchy: a :class:`~devinterp_losskernel.hierarchy.Hierarchy` with a node for every label —
             the WordNet path on hover, the "hierarchy position" colouring
             (:meth:`Hierarchy.position_colors`), and search by any node on the path.
         scores: {name: [n] numbers} to colour by (memorization, task, loss, a 0/1 flag …):
@@ -736,6 +745,7 @@ def explore(
     Returns:
         :class:`ExplorerPage`, the path as a ``str`` that Jupyter displays inline.
     """
+    _require_page_modules(images)
     out = _output_path(path)
     _check_options(k=k, title=title, color_by=color_by, lowest=lowest, thumbnail_size=thumbnail_size,
                    thumbnail_format=thumbnail_format, random_state=random_state, image_layout=image_layout,
@@ -769,6 +779,13 @@ def explore(
     columns = _page_columns(coords, label_arr, label_text, paths, thumbs, text_col, numbers_, colourings, first)
     _write_page(out, _render(columns, data))
     return ExplorerPage(out)
+
+
+def _require_page_modules(images: Any) -> None:
+    """Bokeh (the page), matplotlib (its colours) and, for images, Pillow — the ``[explore]``
+    extra — before any work."""
+    for module in ("bokeh", "matplotlib") + (("PIL",) if images is not None else ()):
+        require(module, "explore", "explore()")
 
 
 def _page_data(n, k, lists, unavailable, colourings, first, title, seed, label_text, paths, **flags) -> dict:
@@ -1030,7 +1047,9 @@ LK.nbrs = {};
 for (const name in data.neighbours){
   LK.nbrs[name] = {idx:decode(data.neighbours[name].indices), r:decode(data.neighbours[name].r)};
 }
-function esc(s){ return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c])); }
+function esc(s){
+  return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
+}
 LK.neighbours = function(i){  // null when the page holds no list for this view (never another list)
   const variant = LK.mode + (LK.hideSame && data.has_labels ? "_other" : "");
   const v = LK.nbrs[variant];
@@ -1062,7 +1081,8 @@ LK.render = function(){
     + '<div>'+(LK.mode == "most" ? "most" : "least")+' correlated'
     + (LK.hideSame ? ', other labels only' : '')+':</div>'
     + (listed ? '' : '<div class="lk-none">this page holds no such list'
-                     + (data.unavailable && data.unavailable[LK.mode + "_other"] ? ': '+esc(data.unavailable[LK.mode + "_other"]) : '')
+                     + (data.unavailable && data.unavailable[LK.mode + "_other"]
+                        ? ': '+esc(data.unavailable[LK.mode + "_other"]) : '')
                      + '</div>')
     + '<div style="clear:both"></div>';
   strip.innerHTML = nb.map(o => '<div class="lk-card" data-index="'+o.index+'" data-r="'+o.r+'">'
@@ -1094,11 +1114,12 @@ LK.colourBy = function(key){
       + col + '"></span>' + esc(name) + '</span>').join("")
       + (items.length > shown.length ? '<div>… and '+(items.length - shown.length)+' more</div>' : '');
   } else {
-    leg.innerHTML = '<div class="lk-bar" style="background:linear-gradient(to right,'+c.legend.stops.join(",")+')"></div>'
+    leg.innerHTML = '<div class="lk-bar" style="background:linear-gradient(to right,'
+      + c.legend.stops.join(",") + ')"></div>'
       + '<div class="lk-bar-labels"><span>'+Number(c.legend.min).toPrecision(3)+'</span><span>'
       + esc(c.title) + '</span><span>'+Number(c.legend.max).toPrecision(3)+'</span></div>'
-      + (c.legend.missing ? '<div class="lk-legend-item"><span class="lk-swatch" style="background:#bbbbbb"></span>no value (NaN/Inf): '
-                            + Number(c.legend.missing) + '</div>' : '');
+      + (c.legend.missing ? '<div class="lk-legend-item"><span class="lk-swatch" style="background:#bbbbbb"></span>'
+                            + 'no value (NaN/Inf): ' + Number(c.legend.missing) + '</div>' : '');
   }
 };
 LK.search = function(query){
@@ -1127,7 +1148,8 @@ LK.screenPoint = function(i){  // page coordinates of sample i (for tests)
 };
 LK.webgl = function(){ const v = Bokeh.index.find_one(LK.plot); return !!(v && v.canvas_view && v.canvas_view.webgl); };
 function init(){
-  if (!(window.Bokeh && Bokeh.documents && Bokeh.documents.length && Bokeh.documents[0].get_model_by_name("lk-points"))){
+  if (!(window.Bokeh && Bokeh.documents && Bokeh.documents.length
+        && Bokeh.documents[0].get_model_by_name("lk-points"))){
     return setTimeout(init, 20);
   }
   LK.doc = Bokeh.documents[0];
@@ -1156,14 +1178,3 @@ if (document.readyState == "loading") document.addEventListener("DOMContentLoade
 })();
 """
 
-
-class _CallableModule(type(json)):
-    """``devinterp_losskernel.explore`` is both this module and the function: importing the
-    submodule makes it the package attribute, so the module itself calls :func:`explore`."""
-
-    __call__ = staticmethod(explore)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

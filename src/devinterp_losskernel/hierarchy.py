@@ -62,6 +62,8 @@ from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from .extras import require
+
 __all__ = [
     "DEBIAN_WORDNET_DIR",
     "FASHION_MNIST_CLASSES",
@@ -630,8 +632,9 @@ class Hierarchy:
     def position_colors(self, labels: Any, cmap: str = "hsv") -> np.ndarray:
         """An RGBA colour per label from its position in :meth:`leaf_order` (paper, Fig. 1A:
         nearby categories get similar hues), float64 [m, 4]. ``cmap`` is a matplotlib
-        colormap name; a cyclic one (``"hsv"``, ``"twilight"``) suits the ordering."""
-        from matplotlib import colormaps
+        colormap name; a cyclic one (``"hsv"``, ``"twilight"``) suits the ordering (matplotlib:
+        the ``[plot]`` extra)."""
+        colormaps = require("matplotlib", "plot", "Hierarchy.position_colors").colormaps
 
         try:
             colormap = colormaps[cmap]

@@ -12,8 +12,16 @@ import numpy as np
 import torch
 
 from .correlation import correlation_from_covariance
-from .provenance import (check_format_version, from_typed_json, load_verified, package_version,
-                         save_verified, to_storable, to_typed_json)
+from .extras import require
+from .provenance import (
+    check_format_version,
+    from_typed_json,
+    load_verified,
+    package_version,
+    save_verified,
+    to_storable,
+    to_typed_json,
+)
 
 __all__ = ["LossKernel", "as_labels", "correlation_from_covariance"]
 
@@ -101,6 +109,24 @@ class LossKernel:
             for a minibatch-mode kernel (``metadata["mode"] == "minibatch"``: the losses of the
             SGLD minibatches, a different number per sample; variance NaN where fewer than 2);
             None when every sample was evaluated at every draw (``num_draws`` values each).
+
+    Example (three draws of four samples; in a run the callback or
+    :func:`~devinterp_losskernel.estimate_loss_kernel` makes the kernel):
+
+    >>> import torch
+    >>> from devinterp_losskernel import loss_kernel
+    >>> losses = torch.tensor([[1.0, 2.0, 6.0, 5.0],       # [draws, n]: sample 1 moves with
+    ...                        [2.0, 4.0, 4.0, 5.0],       # sample 0, sample 2 against it,
+    ...                        [3.0, 6.0, 2.0, 5.0]])      # sample 3 not at all
+    >>> kernel = loss_kernel(losses)
+    >>> kernel
+    LossKernel(4×4, num_draws=3, chains=1, trace=9, dtype=torch.float64, device=cpu)
+    >>> kernel.mean.tolist(), kernel.variance.tolist()
+    ([2.0, 4.0, 4.0, 5.0], [1.0, 4.0, 4.0, 0.0])
+    >>> kernel.correlation[0].tolist()                       # R = 0 where a variance is 0
+    [1.0, 1.0, -1.0, 0.0]
+    >>> kernel.save("kernel.pt"); LossKernel.load("kernel.pt").trace   # doctest: +SKIP
+    9.0
     """
 
     _LOSS_KERNEL = True  # how validation.py recognises a kernel without importing this module
@@ -299,8 +325,9 @@ class LossKernel:
         text, so the dataset writes to zarr and to netCDF alike. The attribute ``losskernel``
         holds every non-array field (metadata, rejected_per_chain, rows, …) as typed JSON,
         with its format version: :meth:`from_xarray` rebuilds the same kernel, every metadata
-        type included, from this dataset or from one read back from zarr or netCDF."""
-        import xarray as xr
+        type included, from this dataset or from one read back from zarr or netCDF. Needs the
+        ``[xarray]`` extra (devinterp 2.x brings it)."""
+        xr = require("xarray", "xarray", "LossKernel.to_xarray")
 
         k = self.cpu()
         n = k.num_samples
@@ -353,7 +380,7 @@ class LossKernel:
         same metadata, types included (None, bool, int, NaN/±Inf floats, str, tuples, lists,
         nested and int-keyed dicts). A dataset of a newer export format is refused, saying
         which version of devinterp-losskernel wrote it."""
-        import xarray as xr
+        xr = require("xarray", "xarray", "LossKernel.from_xarray")
 
         if not isinstance(dataset, xr.Dataset):
             raise TypeError(f"dataset must be an xarray.Dataset from LossKernel.to_xarray(), got "
@@ -381,6 +408,24 @@ class LossKernel:
                    columns=as_index(fields["columns"]), draws_per_chain=fields["draws_per_chain"],
                    rejected_per_chain=fields["rejected_per_chain"], sample_ids=ids, labels=labels,
                    metadata=fields["metadata"], visits=tensor("visits"))
+
+    @classmethod
+    def from_samples(cls, samples, observable: str = "probe", **kwargs) -> "LossKernel":
+        """The exact kernel of a finished devinterp 2.x run (``sample()``, or ``llc()`` /
+        ``bif()`` with ``output_path=``) from its stored per-draw losses of ``observable``,
+        read one chunk of draws at a time (memory n², whatever the number of draws).
+
+        Args:
+            samples: what devinterp's ``sample()`` returned (an xarray DataTree), an
+                ``xarray.Dataset`` of it, or the path of its zarr store.
+            observable: the observable's name, as given to ``sample(observables={name: …})``.
+            **kwargs: ``reduction="mean"|"sum"``, ``chains``, ``draws``, ``failed_chains``,
+                ``dtype``, ``rows``, ``mode``, …: see
+                :func:`devinterp_losskernel.samples.kernel_from_samples`, which does the work.
+        """
+        from .samples import kernel_from_samples  # here: samples.py imports this module
+
+        return kernel_from_samples(samples, observable, **kwargs)
 
     def __repr__(self) -> str:
         shape = "diagonal " + str(self.num_samples) if self.covariance is None else \

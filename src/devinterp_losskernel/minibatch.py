@@ -45,9 +45,10 @@ from torch.utils.data import Dataset
 from .probe import LossFn, check_loss_fn, default_loss_fn
 from .sample_moments import SampleMoments, merge_moments
 
-__all__ = ["MinibatchVariance", "WithIndices"]
+__all__ = ["MinibatchMoments", "MinibatchVariance", "WithIndices"]
 
 RESULT_PREFIX = "minibatch/"
+MINIBATCH_METHOD = "minibatch: losses of the SGLD minibatches after burn-in, no extra forward pass"
 
 
 class WithIndices(Dataset):
@@ -105,7 +106,123 @@ def _stochastic_modules(model: nn.Module) -> List[str]:
     return found
 
 
-class MinibatchVariance:
+class MinibatchMoments:
+    """Per-chain per-sample moments of N training samples' minibatch losses, and what is derived
+    from them: the merged moments, ν with a jackknife standard error over chains, devinterp 1.x
+    style results and a ``LossKernel`` of mode "minibatch". The recorders for devinterp 1.x
+    (:class:`MinibatchVariance`) and 2.x (``devinterp2.MinibatchVariance2``) feed it."""
+
+    _missing_nbeta = "nbeta is unknown: the sampler's optimizer did not carry it"
+    _no_losses = "no draws yet: pass the recorder as callbacks=[recorder] and evaluate=recorder.evaluate"
+
+    def _start_moments(self, num_train: int, loss_scale: float, nbeta: Optional[float] = None) -> None:
+        self.num_train = num_train
+        self.loss_scale = float(loss_scale)
+        self.nbeta = nbeta
+        self.hyperparameters: Dict[str, float] = {} if nbeta is None else {"nbeta": float(nbeta)}
+        self.chains: Dict[int, SampleMoments] = {}
+        self.steps_per_chain: Dict[int, int] = {}  # post-burn-in steps folded, per chain
+        self.fold_every = max(4 * num_train, 4096)  # losses buffered per chain before an O(N) update
+        self._buffer: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._buffered: Dict[int, int] = {}
+
+    def _add(self, chain: int, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        """Buffer one minibatch's losses of ``chain``; fold when enough are buffered."""
+        self._buffer.setdefault(chain, []).append((indices, losses))
+        self._buffered[chain] = self._buffered.get(chain, 0) + len(indices)
+        if self._buffered[chain] >= self.fold_every:
+            self._fold(chain)
+
+    def _fold(self, chain: int) -> None:
+        """One O(N) update for a chain's buffered minibatches (amortised over many steps)."""
+        buffer = self._buffer.pop(chain, [])
+        self._buffered.pop(chain, None)
+        if not buffer:
+            return
+        device = buffer[0][1].device
+        moments = self.chains.get(chain) or SampleMoments.zeros(self.num_train, device)
+        self.chains[chain] = moments.update(torch.cat([i.to(device) for i, _ in buffer]),
+                                            torch.cat([v for _, v in buffer]))
+
+    # -- results -------------------------------------------------------------------------------
+    def moments(self, chains=None) -> SampleMoments:
+        """The chains' moments merged (Chan), float64 [N]; all zero when none was recorded."""
+        for chain in list(self._buffer):
+            self._fold(chain)
+        merged = None
+        for chain in sorted(self.chains) if chains is None else chains:
+            merged = self.chains[chain] if merged is None else merge_moments(merged, self.chains[chain])
+        return merged if merged is not None else SampleMoments.zeros(self.num_train)
+
+    def variance(self) -> torch.Tensor:
+        """Var_w[ℓ(x_i)] [N], float64 (of ℓ, not ℓ / loss_scale); NaN where seen fewer than twice."""
+        return self.moments().variance()
+
+    def visits(self) -> torch.Tensor:
+        """How many losses each sample's moments hold [N], int64."""
+        return self.moments().count
+
+    def singular_fluctuation(self, moments: Optional[SampleMoments] = None) -> float:
+        """ν = β/2 · Σ_i Var_w[ℓ(x_i)/loss_scale], β = nβ/N; the samples seen fewer than twice are
+        filled with the mean variance of the others (N / N_seen extrapolation); NaN if none was."""
+        if self.nbeta is None:
+            raise ValueError(self._missing_nbeta)
+        variance = (moments if moments is not None else self.moments()).variance() / self.loss_scale ** 2
+        seen = ~torch.isnan(variance)
+        if not bool(seen.any()):
+            return float("nan")
+        return float(self.nbeta / self.num_train / 2 * self.num_train * variance[seen].mean())
+
+    def singular_fluctuation_se(self) -> float:
+        """Standard error of ν, a jackknife over chains (leave one out; NaN with fewer than two)."""
+        self.moments()  # folds what is buffered
+        chains = sorted(self.chains)
+        if len(chains) < 2:
+            return float("nan")
+        estimates = [self.singular_fluctuation(self.moments([c for c in chains if c != out])) for out in chains]
+        c, mean = len(estimates), sum(estimates) / len(estimates)
+        return math.sqrt((c - 1) / c * sum((e - mean) ** 2 for e in estimates))
+
+    def get_results(self) -> Dict[str, Any]:
+        """devinterp 1.x dialect: ``minibatch/variance`` and ``/mean`` [N], ``/visits`` [N],
+        ``/unseen`` (samples seen fewer than twice), ``/singular_fluctuation`` ν and
+        ``/singular_fluctuation_se`` (when nβ is known)."""
+        if not self.chains and not self._buffer:  # said beside devinterp's results, which are not lost to it
+            return {RESULT_PREFIX + "error": self._no_losses}
+        moments = self.moments()
+        results = {"variance": moments.variance().cpu().numpy(), "mean": moments.loss_mean().cpu().numpy(),
+                   "visits": moments.count.cpu().numpy(), "unseen": int((moments.count < 2).sum())}
+        if self.nbeta is not None:
+            results["singular_fluctuation"] = self.singular_fluctuation(moments)
+            results["singular_fluctuation_se"] = self.singular_fluctuation_se()
+        return {RESULT_PREFIX + key: value for key, value in results.items()}
+
+    def _kernel_metadata(self) -> Dict[str, Any]:
+        """What a recorder adds to its kernel's metadata."""
+        return {}
+
+    @property
+    def kernel(self):
+        """The :class:`~devinterp_losskernel.LossKernel` of mode "minibatch": mean and variance
+        of every training sample's loss [N] (NaN where seen fewer than twice), ``visits`` [N],
+        no covariances; ``metadata`` holds ν, its standard error and the number of unseen samples."""
+        from .kernel import LossKernel
+
+        moments = self.moments()
+        if not self.chains:
+            raise ValueError(self._no_losses)
+        metadata = {"mode": "minibatch", "sampler": dict(self.hyperparameters), "num_train": self.num_train,
+                    "loss_scale": self.loss_scale, "unseen": int((moments.count < 2).sum()),
+                    "method": MINIBATCH_METHOD, **self._kernel_metadata()}
+        if self.nbeta is not None:
+            metadata["singular_fluctuation"] = self.singular_fluctuation(moments)
+            metadata["singular_fluctuation_se"] = self.singular_fluctuation_se()
+        return LossKernel(covariance=None, mean=moments.loss_mean().cpu(), variance=moments.variance().cpu(),
+                          num_draws=sum(self.steps_per_chain.values()), draws_per_chain=dict(self.steps_per_chain),
+                          visits=moments.count.cpu(), metadata=metadata)
+
+
+class MinibatchVariance(MinibatchMoments):
     """devinterp 1.x ``evaluate`` and callback in one: per-sample loss moments of all N
     training samples from the SGLD minibatches (see the module docstring).
 
@@ -124,17 +241,10 @@ class MinibatchVariance:
         if not (isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool)
                 and math.isfinite(loss_scale) and loss_scale > 0):
             raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
-        self.num_train = num_train
+        self._start_moments(num_train, loss_scale)
         self.loss_fn = loss_fn or default_loss_fn
-        self.loss_scale = float(loss_scale)
-        self.chains: Dict[int, SampleMoments] = {}
-        self.steps_per_chain: Dict[int, int] = {}  # minibatches folded, per chain
-        self.hyperparameters: Dict[str, float] = {}
-        self.nbeta: Optional[float] = None
         self.sampler_kind: Optional[str] = None  # how the loader draws minibatches, once seen
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        self._buffered: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}  # folded in blocks
-        self.fold_every = max(4 * num_train, 4096)  # losses buffered per chain before an O(N) update
         self._checked_models: set = set()
         self._token = next(_TOKENS)
         _LIVE_RECORDERS[self._token] = self
@@ -151,7 +261,8 @@ class MinibatchVariance:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor)
                 and batch[0].dim() == 1 and not batch[0].is_floating_point()):
             raise ValueError("the training loader must yield (indices, batch): wrap its dataset as "
-                             "DataLoader(WithIndices(train_set), ...) so that each sample's loss is kept under its index")
+                             "DataLoader(WithIndices(train_set), ...) so that each sample's loss is kept "
+                             "under its index")
         indices, inner = batch
         self._check_model(model)
         losses = self.loss_fn(model, inner)
@@ -192,23 +303,10 @@ class MinibatchVariance:
             pending = pending[-int(num_steps_bw_draws):]
         if not pending:
             return
-        buffer = self._buffered.setdefault(int(chain), [])
-        buffer.extend(pending)
-        self.steps_per_chain[int(chain)] = self.steps_per_chain.get(int(chain), 0) + len(pending)
-        if sum(len(i) for i, _ in buffer) >= self.fold_every:
-            self._fold(int(chain))
-
-    def _fold(self, chain: int) -> None:
-        """Fold a chain's buffered minibatches into its moments in one update (amortises the
-        O(N) work of an update over many steps)."""
-        buffer = self._buffered.pop(chain, [])
-        if not buffer:
-            return
-        device = buffer[0][1].device
-        moments = self.chains.get(chain) or SampleMoments.zeros(self.num_train, device)
-        indices = torch.cat([i.to(device) for i, _ in buffer])
-        losses = torch.cat([loss for _, loss in buffer])
-        self.chains[chain] = moments.update(indices, losses)
+        chain = int(chain)
+        for indices, losses in pending:
+            self._add(chain, indices, losses)
+        self.steps_per_chain[chain] = self.steps_per_chain.get(chain, 0) + len(pending)
 
     def _check_sampler(self, loader) -> None:
         """Warn once about epoch-wise shuffling: a sample is evaluated just before a step that uses
@@ -229,77 +327,8 @@ class MinibatchVariance:
     def finalize(self, *args, **kwargs) -> None:
         """Nothing is held back: every draw's interval is folded when the draw arrives."""
 
-    # -- results -----------------------------------------------------------------------------
-    def moments(self) -> SampleMoments:
-        """All chains' moments merged (Chan), float64 [N]."""
-        for chain in list(self._buffered):
-            self._fold(chain)
-        if not self.chains:
-            raise ValueError("no draws yet: pass the recorder as callbacks=[recorder] and evaluate=recorder.evaluate")
-        merged = None
-        for chain in sorted(self.chains):
-            merged = self.chains[chain] if merged is None else merge_moments(merged, self.chains[chain])
-        return merged
-
-    def singular_fluctuation(self, moments: Optional[SampleMoments] = None) -> float:
-        """ν = β/2 · Σ_i Var_w[ℓ(x_i)/loss_scale], β = nβ/N; samples seen fewer than twice are
-        filled with the mean variance of the others (N / N_seen extrapolation)."""
-        if self.nbeta is None:
-            raise ValueError("nbeta is unknown: the sampler's optimizer did not carry it")
-        variance = (moments or self.moments()).variance() / self.loss_scale ** 2
-        seen = ~torch.isnan(variance)
-        if not bool(seen.any()):
-            return float("nan")
-        beta = self.nbeta / self.num_train
-        return float(beta / 2 * self.num_train * variance[seen].mean())
-
-    @property
-    def kernel(self):
-        """The :class:`~devinterp_losskernel.LossKernel` of mode "minibatch": mean and variance
-        of every training sample's loss [N] (NaN where seen fewer than twice), ``visits`` [N],
-        no covariances; ``metadata`` holds ν, its standard error and the number of unseen samples."""
-        from .kernel import LossKernel
-
-        moments = self.moments()
-        metadata = {"mode": "minibatch", "sampler": dict(self.hyperparameters), "num_train": self.num_train,
-                    "minibatch_sampler": self.sampler_kind,
-                    "loss_scale": self.loss_scale, "unseen": int((moments.count < 2).sum()),
-                    "method": "per-sample moments of the SGLD minibatch losses after burn-in (no extra forward)"}
-        if self.nbeta is not None:
-            metadata["singular_fluctuation"] = self.singular_fluctuation(moments)
-            metadata["singular_fluctuation_se"] = self._jackknife_se()
-        return LossKernel(covariance=None, mean=moments.loss_mean().cpu(), variance=moments.variance().cpu(),
-                          num_draws=sum(self.steps_per_chain.values()), draws_per_chain=dict(self.steps_per_chain),
-                          visits=moments.count.cpu(), metadata=metadata)
-
-    def get_results(self) -> Dict[str, Any]:
-        """devinterp 1.x dialect: ``minibatch/variance`` and ``/mean`` [N], ``/visits`` [N],
-        ``/singular_fluctuation`` ν and its standard error over chains (jackknife),
-        ``/unseen`` (samples with fewer than 2 visits)."""
-        moments = self.moments()
-        results = {"variance": moments.variance().cpu().numpy(), "mean": moments.loss_mean().cpu().numpy(),
-                   "visits": moments.count.cpu().numpy(), "unseen": int((moments.count < 2).sum())}
-        if self.nbeta is not None:
-            results["singular_fluctuation"] = self.singular_fluctuation(moments)
-            results["singular_fluctuation_se"] = self._jackknife_se()
-        return {RESULT_PREFIX + key: value for key, value in results.items()}
-
-    def _jackknife_se(self) -> float:
-        """Standard error of ν from leaving one chain out at a time (NaN with one chain)."""
-        self.moments()  # folds what is buffered
-        chains = sorted(self.chains)
-        if len(chains) < 2:
-            return float("nan")
-        estimates = []
-        for left_out in chains:
-            merged = None
-            for chain in chains:
-                if chain != left_out:
-                    merged = self.chains[chain] if merged is None else merge_moments(merged, self.chains[chain])
-            estimates.append(self.singular_fluctuation(merged))
-        c = len(estimates)
-        mean = sum(estimates) / c
-        return math.sqrt((c - 1) / c * sum((e - mean) ** 2 for e in estimates))
+    def _kernel_metadata(self) -> Dict[str, Any]:
+        return {"minibatch_sampler": self.sampler_kind}
 
     def __getstate__(self):
         raise TypeError("MinibatchVariance cannot be sent to worker processes (devinterp's cores > 1): each "

@@ -72,7 +72,8 @@ class KernelStorage:
             try:
                 device = torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
+                raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', "
+                                 f"got {self.device!r}") from None
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device must be available: got device={str(self.device)!r}, but "
                                  "torch.cuda.is_available() is False here; use device='cpu' or None")
@@ -137,14 +138,17 @@ def _snapshot_schedule(snapshot_every):
         return snapshot_every
     if _is_int(snapshot_every):
         if snapshot_every < 1:
-            raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, got {snapshot_every!r}")
+            raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, "
+                             f"got {snapshot_every!r}")
         return int(snapshot_every), None
     try:
         counts = [int(c) for c in snapshot_every]
     except (TypeError, ValueError):
-        raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, got {snapshot_every!r}") from None
+        raise ValueError(f"snapshot_every must be a positive int or a sequence of draw counts, "
+                         f"got {snapshot_every!r}") from None
     if not counts or min(counts) < 2:
-        raise ValueError(f"snapshot_every's draw counts must be at least 2 (a covariance needs 2 draws), got {counts!r}")
+        raise ValueError(f"snapshot_every's draw counts must be at least 2 (a covariance needs 2 draws), "
+                         f"got {counts!r}")
     return None, frozenset(counts)
 
 
@@ -197,8 +201,8 @@ def groups_from(groups: Dict[str, Any], flat: Dict[str, Any]) -> Dict[str, Any]:
         if given is not None and not isinstance(given, cls):
             raise TypeError(f"{name} must be a {cls.__name__}, got {type(given).__name__}")
         if given is not None and changes:
-            raise TypeError(f"pass either {name}={cls.__name__}(...) or its flat arguments "
-                            f"{sorted(k for k, (g, _) in _FLAT_ARGUMENTS.items() if g == name and k in flat)}, not both")
+            both = sorted(k for k, (g, _) in _FLAT_ARGUMENTS.items() if g == name and k in flat)
+            raise TypeError(f"pass either {name}={cls.__name__}(...) or its flat arguments {both}, not both")
         out[name] = given if given is not None else cls(**changes)
     return out
 

@@ -2,7 +2,8 @@
 
 Every function builds a :class:`matplotlib.figure.Figure` directly (no pyplot, so no global
 figure registry, no backend needed, nothing is shown), returns it, and saves it as a PNG when
-``path`` is given. In Jupyter a returned Figure displays as the cell's value.
+``path`` is given. In Jupyter a returned Figure displays as the cell's value. matplotlib is
+the ``[plot]`` extra: ``pip install 'devinterp-losskernel[plot]'``.
 
     >>> fig = plot_correlation_matrix(kernel, labels=kernel.labels, path="R.png")  # doctest: +SKIP
 """
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from .analysis.memorization import _auc, _roc, _scores_and_mask
+from .analysis.separation import PC1Separation, group_covariances
+from .extras import missing_extra, pandas_for
 from .validation import (
     KERNEL_USES,
     as_array,
@@ -24,8 +27,11 @@ from .validation import (
     check_index,
     checked_kernel,
 )
-from .analysis.memorization import _auc, _roc, _scores_and_mask
-from .analysis.separation import PC1Separation, group_covariances
+
+try:
+    from matplotlib.figure import Figure
+except ImportError as error:  # the [plot] extra
+    raise missing_extra(error, "plot", "devinterp_losskernel.plotting") from error
 
 __all__ = [
     "plot_cka_convergence",
@@ -787,9 +793,9 @@ def plot_lift_curves(
         lift: the DataFrame ``taxonomic_lift`` returns (rows d, columns d′).
         min_queries: skip query depths with fewer queries (uses ``lift.attrs["num_queries"]``).
     """
-    import pandas as pd
     from matplotlib import colormaps
 
+    pd = pandas_for("plot_lift_curves")
     if not isinstance(lift, pd.DataFrame) or lift.empty:
         raise ValueError("lift must be the non-empty DataFrame returned by taxonomic_lift")
     counts = lift.attrs.get("num_queries")

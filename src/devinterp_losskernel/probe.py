@@ -21,8 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import (DataLoader, Dataset, RandomSampler, SubsetRandomSampler, TensorDataset,
-                              WeightedRandomSampler)
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from .rng import leaves_rng_untouched
 
@@ -397,9 +403,11 @@ class ProbeSet:
             got = torch.cat(sums) if sums else torch.zeros(0, self._reference_sums.shape[1], dtype=torch.float64)
             if got.shape != self._reference_sums.shape or not torch.allclose(
                     got, self._reference_sums, rtol=0.0, atol=0.0, equal_nan=True):
+                what = ("other samples or another order" if got.shape == self._reference_sums.shape
+                        else f"{got.shape[0]} samples instead of {self._reference_sums.shape[0]}")
                 raise ValueError(
                     "probe must yield the same samples in the same order every draw, but this pass "
-                    f"yielded {'other samples or another order' if got.shape == self._reference_sums.shape else f'{got.shape[0]} samples instead of {self._reference_sums.shape[0]}'} "
+                    f"yielded {what} "
                     "than the passes checked when the callback was made (a sampler that changes its "
                     "order between epochs, a random transform?). Pass a DataLoader with a fixed order")
         if keep:

@@ -1,7 +1,7 @@
 """The loss kernel of a finished run: from devinterp 2's stored samples, or from any trace.
 
-- :func:`kernel_from_samples` (also :meth:`LossKernel.from_samples
-  <devinterp_losskernel.LossKernel.from_samples>`): a devinterp 2.x ``sample()`` / ``llc()`` /
+- :func:`kernel_from_samples`, the work behind :meth:`LossKernel.from_samples
+  <devinterp_losskernel.LossKernel.from_samples>`: a devinterp 2.x ``sample()`` / ``llc()`` /
   ``bif()`` run with ``output_path=`` stores every draw's per-token losses of each observable
   in a zarr array ``loss_<obs>`` [chain, draw, sequence, token_pos]. This reads it one chunk
   of draws at a time (the store's own chunking, ``min(50, num_draws)`` draws) and folds each
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator
+from .extras import require
 from .kernel import LossKernel, as_labels
 from .provenance import FileIntegrityError, checksum
 from .validation import check_selection
@@ -129,6 +130,14 @@ def loss_kernel(
             samples.
         init_loss, sample_ids, labels, metadata: passed to the :class:`LossKernel`; their
             lengths are checked against n before any draw is folded in.
+
+    >>> import numpy as np
+    >>> losses = np.random.default_rng(0).normal(size=(50, 4))      # [draws, n]
+    >>> k = loss_kernel(losses)
+    >>> np.allclose(k.covariance.numpy(), np.cov(losses, rowvar=False))
+    True
+    >>> loss_kernel(losses.reshape(2, 25, 4)).draws_per_chain        # [chains, draws, n]
+    {0: 25, 1: 25}
     """
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
@@ -199,8 +208,8 @@ def _open(samples) -> Tuple[Any, Optional[str]]:
     """(the xarray Dataset holding the run's arrays, opened lazily; the path of its zarr store
     or None) from a DataTree from ``sample()``, a Dataset, or the path of the zarr store. A path
     that is missing, a file, not a zarr store, or a store that cannot be opened is refused by
-    name."""
-    import xarray as xr
+    name. Needs the ``[xarray]`` extra (xarray, zarr; devinterp 2.x brings both)."""
+    xr = require("xarray", "xarray", "LossKernel.from_samples")
 
     if isinstance(samples, (str, os.PathLike)) and not isinstance(samples, bytes):
         path = Path(samples).expanduser()
@@ -214,6 +223,7 @@ def _open(samples) -> Tuple[Any, Optional[str]]:
             raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
                              f"got {str(path)!r}, which has no zarr.json: not a zarr store (or its top-level "
                              "metadata was deleted)")
+        require("zarr", "xarray", "LossKernel.from_samples on a zarr store")
         try:
             return xr.open_datatree(str(path), engine="zarr", consolidated=False).dataset, str(path)
         except Exception as error:  # zarr.json damaged, an array's metadata missing, …
@@ -488,16 +498,3 @@ def _sampler_config(ds) -> Dict[str, Any]:
     except (KeyError, TypeError):
         return {}
 
-
-def _from_samples(cls, samples, observable: str = "probe", **kwargs) -> LossKernel:
-    """The exact kernel of a finished devinterp 2.x run (``sample()``, or ``llc()`` /
-    ``bif()`` with ``output_path=``) from its stored per-draw losses of ``observable``,
-    read one chunk of draws at a time (memory n², whatever the number of draws). Keyword
-    arguments (``reduction="mean"|"sum"``, ``chains``, ``dtype``, ``rows``, ``mode``, …):
-    see :func:`devinterp_losskernel.samples.kernel_from_samples`."""
-    return kernel_from_samples(samples, observable, **kwargs)
-
-
-# LossKernel.from_samples is attached here, so that kernel.py never imports this module
-# (which imports kernel.py): the arrows of the pipeline run one way.
-LossKernel.from_samples = classmethod(_from_samples)

@@ -6,7 +6,7 @@ CKA(K̂_t[S, S], K̂[S, S]) against the number of draws t shows how fast the ker
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 

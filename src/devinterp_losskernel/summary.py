@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .analysis import cka_convergence, probe_llc, singular_fluctuation
 from .callback import RESULT_PREFIX, LossKernelCallback
 from .kernel import LossKernel
 
@@ -30,6 +29,8 @@ def slt_summary(callback: LossKernelCallback, kernel: Optional[LossKernel] = Non
     """The SLT numbers of the callback's run that sit beside devinterp's LLC, where known:
     ``probe_llc`` (needs ℓ(x; w*)), ``singular_fluctuation``, ``empirical_variance`` and
     ``singular_fluctuation_method`` (needs num_train and training samples in the probe)."""
+    from .analysis.fluctuation import probe_llc, singular_fluctuation  # here: the top level stays light
+
     kernel = kernel if kernel is not None else callback.kernel
     nbeta = callback.hyperparameters.get("nbeta")
     summary: Dict[str, Any] = {}
@@ -51,6 +52,8 @@ def snapshot_convergence(callback: LossKernelCallback, use: str = "covariance") 
     """[(t, CKA(K̂_t, K̂))] over the callback's snapshots, on the snapshot samples S (paper,
     Fig. 6A); ``use="correlation"`` compares R̂. Plot with
     :func:`~devinterp_losskernel.plotting.plot_cka_convergence`."""
+    from .analysis.cka import cka_convergence
+
     callback.end_chain()
     if not callback.snapshots:
         raise ValueError("no snapshots: pass snapshot_every= to LossKernelCallback "

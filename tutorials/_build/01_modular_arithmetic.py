@@ -41,8 +41,8 @@ import torch
 
 from matplotlib.figure import Figure
 
-from devinterp_losskernel import estimate_loss_kernel, group_covariances, pc1_separation
-from devinterp_losskernel.analysis import umap_embedding
+from devinterp_losskernel import estimate_loss_kernel
+from devinterp_losskernel.analysis import group_covariances, pc1_separation, umap_embedding
 from devinterp_losskernel.plotting import plot_covariance_histograms, plot_embedding, plot_pc1_separation
 from losskernel_examples.modular import (
     ADD, DIV, SCALES, TASK_NAMES, accuracy, load_checkpoint, modular_probe, pool_kernels,
@@ -227,7 +227,7 @@ click it to list its 15 most (or least) correlated inputs with their R and lines
 the map. Colour by the 0 / b flag to find the satellite; search "division".
 '''),
 ("code", '''
-from devinterp_losskernel import explore
+from devinterp_losskernel.explore import explore
 
 explore(kernel, embedding=emb, texts=list(zip(a_of.tolist(), b_of.tolist())), labels=task,
         label_names=TASK_NAMES, scores={"0 / b (a = 0 division)": a_zero.astype(int), "b": b_of},

@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from devinterp_losskernel import detection_auc, label_issue_scores, memorization_scores
-from devinterp_losskernel.analysis import kernel_knn_graph, mean_self_covariance, umap_embedding
+from devinterp_losskernel.analysis import (detection_auc, kernel_knn_graph, label_issue_scores, mean_self_covariance,
+                                           memorization_scores, umap_embedding)
 from devinterp_losskernel.plotting import plot_embedding, plot_memorization
 from losskernel_examples.fashion_mnist import CLASS_NAMES
 from losskernel_examples.memorization import (
@@ -311,7 +311,7 @@ image for its thumbnail, training label, K(x,x) and mean loss; click it for its 
 correlated images with their R; colour by "relabelled" to see the mislabelled images, or by K(x,x).
 '''),
 ("code", '''
-from devinterp_losskernel import explore
+from devinterp_losskernel.explore import explore
 
 explore(kernel, embedding=emb, images=data.images, labels=data.y_train.numpy(), label_names=list(names),
         scores={"relabelled": flipped.astype(int), "loss-kernel variance K(x,x)": variance},

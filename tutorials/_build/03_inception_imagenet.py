@@ -80,8 +80,7 @@ SCALE = os.environ.get("LOSSKERNEL_TUTORIAL_SCALE", "paper" if DEVICE == "cuda" 
 if SCALE == "full":
     SCALE = "paper" if DEVICE == "cuda" else "cpu"
 
-from devinterp_losskernel import cka
-from devinterp_losskernel.analysis import (attribute_lift, color_groups, compare_kernels,
+from devinterp_losskernel.analysis import (attribute_lift, cka, color_groups, compare_kernels,
                                            correlation_by_tree_distance, taxonomic_lift,
                                            top_correlated, umap_embedding)
 from devinterp_losskernel.hierarchy import imagenet_class_names, imagenet_wnids, wordnet_imagenet
@@ -277,7 +276,7 @@ hover an image for its thumbnail, class, WordNet path, K(x,x) and mean loss; cli
 by WordNet position or class; search a WordNet node ("dog", "vehicle") to ring its images.
 '''),
 ("code", '''
-from devinterp_losskernel import explore
+from devinterp_losskernel.explore import explore
 
 class_index = np.searchsorted(classes, wnids)        # integer labels: classes[i] is hierarchy class i
 explore(kernel, embedding=emb, images=images, labels=class_index, hierarchy=hierarchy,

@@ -312,7 +312,7 @@ most (or least) correlated images with R and lines to them, optionally hiding it
 colour by WordNet position, class or K(x,x); search "footwear" or "clothing".
 '''),
 ("code", '''
-from devinterp_losskernel import explore
+from devinterp_losskernel.explore import explore
 
 explore(kernel, embedding=emb, images=images, labels=labels, hierarchy=hierarchy,
         label_names=CLASS_NAMES, color_by="hierarchy", path="fashion_mnist_explorer.html")

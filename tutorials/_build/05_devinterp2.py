@@ -9,7 +9,8 @@ import importlib.util, os, subprocess, sys
 
 REPO = "https://github.com/timaeus-research/devinterp-losskernel"
 if importlib.util.find_spec("devinterp_losskernel") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO}", "devinterp>=2,<3"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"devinterp-losskernel[all] @ git+{REPO}",
+                           "devinterp>=2,<3"])
 '''
 
 cells = [
@@ -303,7 +304,8 @@ assert auc_one_call > 0.8
 
 - `kernel.to_xarray()`, `kernel.save("kernel.pt")`, and the analyses in
   `devinterp_losskernel.analysis` (neighbours, task separation, CKA, UMAP of 1 − R).
-- `devinterp_losskernel.explore(kernel, images=…)` writes an interactive page of the kernel.
+- `explore(kernel, images=…)` (`from devinterp_losskernel.explore import explore`) writes an
+  interactive page of the kernel.
 - The other tutorials use devinterp 1.3's `estimate_learning_coeff_with_summary`; the kernel
   and its analyses are the same under both majors.
 '''),

@@ -14,7 +14,7 @@ import importlib.util, os, subprocess, sys
 REPO = "https://github.com/timaeus-research/devinterp-losskernel"
 to_install = []
 if importlib.util.find_spec("devinterp_losskernel") is None:
-    to_install += [f"devinterp-losskernel @ git+{REPO}", "devinterp>=1.3,<2"]
+    to_install += [f"devinterp-losskernel[all] @ git+{REPO}", "devinterp>=1.3,<2"]
 if importlib.util.find_spec("losskernel_examples") is None:
     to_install += [f"losskernel-examples @ git+{REPO}#subdirectory=examples"]
 if to_install:

@@ -17,7 +17,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from devinterp_losskernel.analysis import detection_auc, memorization_scores

@@ -11,13 +11,16 @@ compare kernels sampled at different localizations γ (Fig. 6B, :func:`compare_k
 from __future__ import annotations
 
 import numbers
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Mapping, Sequence, Tuple
 
 import numpy as np
-import pandas as pd
 
+from ..extras import pandas_for as _pandas
 from ..kernel import LossKernel
 from ..validation import kernel_matrix
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["cka", "cka_convergence", "compare_kernels"]
 
@@ -49,6 +52,13 @@ def cka(K: Any, L: Any, *, use: str = "covariance") -> float:
             or ``"correlation"`` (R̂).
     Returns:
         CKA ∈ [−1, 1]; in [0, 1] for PSD kernels; 1 iff K_c ∝ L_c with a positive factor.
+
+    >>> import numpy as np
+    >>> K = np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+    >>> round(cka(K, 3 * K + 1), 12)                  # blind to scale and to a constant
+    1.0
+    >>> round(cka(K, np.eye(3)), 3)
+    0.894
     """
     return _alignment(_centred(K, use, "K"), _centred(L, use, "L"), "L")
 
@@ -97,6 +107,7 @@ def compare_kernels(kernels: Mapping[Any, Any], *, use: str = "covariance") -> p
     Returns:
         A symmetric DataFrame [m, m] indexed by the labels (in the given order), 1 on the diagonal.
     """
+    pd = _pandas("compare_kernels")
     if not isinstance(kernels, Mapping) or not kernels:
         raise ValueError("kernels must be a non-empty dict {label: LossKernel or matrix}")
     names = list(kernels)

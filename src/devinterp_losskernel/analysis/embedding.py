@@ -169,7 +169,8 @@ def _check_n_neighbors(n_neighbors: Any, n: int, label_arr: Optional[np.ndarray]
         why = ""
         if label_arr is not None:
             values, counts = np.unique(label_arr, return_counts=True)
-            why = (f" (labels: the largest label, {py_scalar(values[np.argmax(counts)])!r}, holds {counts.max()} of the "
+            largest = py_scalar(values[np.argmax(counts)])
+            why = (f" (labels: the largest label, {largest!r}, holds {counts.max()} of the "
                    f"{n} samples, so its samples have only {available} different-label candidates)")
         raise ValueError(
             f"n_neighbors must be at most {available + 1} here: UMAP counts the point itself, and "

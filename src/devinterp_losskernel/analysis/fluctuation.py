@@ -115,6 +115,15 @@ def singular_fluctuation(
 
     Returns:
         A :class:`SingularFluctuation` (``nu``, ``V``, ``beta``, ``stderr``, …).
+
+    Example (four training samples, all in the probe, so V̂ = tr K̂ = 1 + 4 + 4 + 0):
+
+    >>> import torch
+    >>> from devinterp_losskernel import loss_kernel
+    >>> kernel = loss_kernel(torch.tensor([[1.0, 2.0, 6.0, 5.0], [2.0, 4.0, 4.0, 5.0], [3.0, 6.0, 2.0, 5.0]]))
+    >>> f = singular_fluctuation(kernel, nbeta=10.0, num_train=4)
+    >>> f.V, f.beta, f.nu, f.method                     # β = nβ/n = 2.5, ν = βV/2
+    (9.0, 2.5, 11.25, 'exact')
     """
     variance = kernel_variance(kernel)
     n_probe = variance.shape[0]

@@ -34,15 +34,26 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import numpy as np
-import pandas as pd
 
+from ..extras import pandas_for as _pandas
 from ..hierarchy import Hierarchy
-from ..validation import (KERNEL_USES, CheckedKernel, as_array, as_labels, check_finite, check_k, checked_kernel,
-                          kernel_labels)
+from ..validation import (
+    KERNEL_USES,
+    CheckedKernel,
+    as_array,
+    as_labels,
+    check_finite,
+    check_k,
+    checked_kernel,
+    kernel_labels,
+)
 from .neighbours import _neighbour_weights
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "AttributeLift",
@@ -120,6 +131,7 @@ def taxonomic_lift(
         ValueError: labels of the wrong length, a label missing from the hierarchy,
             k too large, a bad ``use``/``base_rate``.
     """
+    pd = _pandas("taxonomic_lift")
     if base_rate not in _BASE_RATES:
         raise ValueError(f"base_rate must be one of {_BASE_RATES}, got {base_rate!r}")
     hierarchy = _check_hierarchy(hierarchy)
@@ -186,6 +198,7 @@ def correlation_by_tree_distance(kernel: Any, labels: Any, hierarchy: Hierarchy,
         DataFrame indexed by ``tree_distance`` with columns ``mean``, ``std`` and
         ``num_pairs`` (unordered pairs i < j).
     """
+    pd = _pandas("correlation_by_tree_distance")
     hierarchy = _check_hierarchy(hierarchy)
     checked = checked_kernel(kernel)
     n = checked.n
@@ -257,6 +270,7 @@ def attribute_lift(
     Returns:
         :class:`AttributeLift`.
     """
+    pd = _pandas("attribute_lift")
     if not isinstance(lowest, (bool, np.bool_)):
         raise ValueError(f"lowest must be True or False, got {lowest!r}")
     checked = checked_kernel(kernel)

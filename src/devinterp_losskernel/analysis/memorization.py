@@ -14,8 +14,18 @@ from typing import Any, Dict, Tuple, Union
 import numpy as np
 
 from ..kernel import LossKernel
-from ..validation import (CheckedKernel, as_array, as_labels, as_mask, as_vector, check_k, checked_kernel,
-                          kernel_labels, kernel_variance, py_scalar)
+from ..validation import (
+    CheckedKernel,
+    as_array,
+    as_labels,
+    as_mask,
+    as_vector,
+    check_k,
+    checked_kernel,
+    kernel_labels,
+    kernel_variance,
+    py_scalar,
+)
 from .neighbours import _neighbour_weights
 
 __all__ = ["LABEL_ISSUE_SCORES", "PREDICTIVE_LABEL_ISSUE_SCORES", "detection_auc", "label_issue_scores",
@@ -189,7 +199,8 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
     if "posterior mean loss" in which:
         out["posterior mean loss"] = as_vector(kernel.mean, "kernel.mean", n).copy()
     if "mean shift" in which:
-        out["mean shift"] = as_vector(kernel.mean, "kernel.mean", n) - as_vector(kernel.init_loss, "kernel.init_loss", n)
+        mean, at_w_star = as_vector(kernel.mean, "kernel.mean", n), as_vector(kernel.init_loss, "kernel.init_loss", n)
+        out["mean shift"] = mean - at_w_star
     if "variance" in which:
         out["variance"] = checked.variance.copy()
     if "neighbour label agreement" in which:

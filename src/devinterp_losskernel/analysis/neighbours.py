@@ -60,6 +60,16 @@ def top_correlated(
         (indices, values): int64 and float64 arrays, sorted from the most to the least
         extreme; ties go to the smaller index, with a :class:`TiedNeighboursWarning` naming
         the queries whose list a tie decided (e.g. zero-variance samples, R = 0 with all).
+
+    Example (sample 1 moves with sample 0, sample 2 against it, sample 3 not at all):
+
+    >>> import torch
+    >>> from devinterp_losskernel import loss_kernel
+    >>> kernel = loss_kernel(torch.tensor([[1.0, 2.0, 6.0, 5.0], [2.0, 4.0, 4.0, 5.0], [3.0, 6.0, 2.0, 5.0]]))
+    >>> top_correlated(kernel, index=0, k=2)
+    (array([1, 3]), array([1., 0.]))
+    >>> top_correlated(kernel, index=0, k=1, lowest=True)
+    (array([2]), array([-1.]))
     """
     for flag, value in (("exclude_same_label", exclude_same_label), ("lowest", lowest)):
         if not isinstance(value, (bool, np.bool_)):

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import numpy as np
-import pandas as pd
 
+from ..extras import pandas_for as _pandas
 from ..validation import KERNEL_USES, as_labels, as_two_groups, checked_kernel, py_scalar
 from .memorization import _auc
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["GroupCovariances", "PC1Separation", "group_covariances", "pc1_separation"]
 
@@ -171,6 +174,7 @@ def group_covariances(kernel: Any, groups: Any, *, use: str = "covariance") -> G
         A :class:`GroupCovariances` with the values per pair (for histograms, see
         :func:`~devinterp_losskernel.plotting.plot_covariance_histograms`) and a summary table.
     """
+    pd = _pandas("group_covariances")
     checked = checked_kernel(kernel)
     n = checked.n
     labels = as_labels(groups, n, "groups")

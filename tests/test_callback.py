@@ -555,8 +555,17 @@ def test_drop_last_and_non_finite_probes_are_refused_before_sampling():
     with pytest.raises(ValueError, match="drop_last=True"):
         LossKernelCallback(DataLoader(TensorDataset(x, y), batch_size=4, drop_last=True))
     x[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf in the inputs of 1 samples .*indices \[3\]"):
+        LossKernelCallback((x, y))  # found from the probe itself: no reference_model needed
+
+    class NonFiniteAtWStar(torch.nn.Module):  # finite inputs, non-finite losses: caught at w*
+        def forward(self, inputs):
+            out = MLP()(inputs)
+            return out.masked_fill(torch.arange(len(inputs))[:, None] == 3, float("nan"))
+
+    x[3, 0] = 0.0
     with pytest.raises(ValueError, match=r"probe losses at w\* .* not finite .*indices \[3\]"):
-        LossKernelCallback((x, y), reference_model=MLP())
+        LossKernelCallback((x, y), reference_model=NonFiniteAtWStar())
 
 
 @pytest.mark.parametrize("loss_fn", [torch.nn.functional.cross_entropy, torch.nn.CrossEntropyLoss(reduction="none")])

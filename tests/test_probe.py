@@ -196,3 +196,11 @@ def test_a_list_of_batches_is_refused_as_a_probe_but_a_list_of_samples_is_not():
     with pytest.raises(ValueError, match="list of batches"):
         ProbeSet([(x[:10], y[:10]), (x[10:], y[10:])])
     assert ProbeSet([(x[i], y[i]) for i in range(20)], batch_size=7).fingerprint()[0] == 20
+
+
+def test_a_probe_with_non_finite_inputs_is_refused_before_any_sampling():
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    x[4, 2] = float("nan")
+    x[9, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or Inf in the inputs of 2 samples \(e.g. probe indices \[4, 9\]\)"):
+        ProbeSet((x, y)).check_stable()

@@ -376,6 +376,13 @@ class ProbeSet:
                     f"differed ({first[0]} samples, fingerprint {first[1][:12]}…, then {second[0]}, "
                     f"{second[1][:12]}…): a shuffling sampler or a random transform? Pass a "
                     "DataLoader with shuffle=False and no random augmentation, or the tensors themselves")
+            bad = ~torch.isfinite(sums).all(dim=1)
+            if bool(bad.any()):  # their losses would be NaN at every draw: found now, not after sampling
+                where = torch.nonzero(bad).flatten()[:5].tolist()
+                raise ValueError(
+                    f"probe has NaN or Inf in the inputs of {int(bad.sum())} samples (e.g. probe indices {where}): "
+                    "their losses would be non-finite at every draw, and the chains cut off as diverged after "
+                    "sampling. Clean or drop those samples")
             self._checked = (first[0], first[1])
             self._reference_sums = sums
         return self._checked

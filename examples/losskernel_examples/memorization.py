@@ -224,13 +224,9 @@ def relabel(labels: Any, fraction: float, num_classes: Optional[int] = None, see
     num_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
     if num_classes < 2 or labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, num_classes) with num_classes >= 2, got num_classes={num_classes}")
-    rng = np.random.default_rng(seed)
-    n = labels.shape[0]
-    flipped = np.zeros(n, dtype=bool)
-    flipped[rng.choice(n, int(round(fraction * n)), replace=False)] = True
-    noisy = labels.astype(np.int64).copy()
-    noisy[flipped] = (noisy[flipped] + rng.integers(1, num_classes, int(flipped.sum()))) % num_classes
-    return noisy, flipped
+    from devinterp_losskernel.demo import flip_labels  # the same draws; the demo keeps the one copy
+
+    return flip_labels(labels, fraction, num_classes, seed)
 
 
 def pool_images(pixels: np.ndarray, pool: int) -> np.ndarray:

@@ -46,7 +46,7 @@ def matmul_rate(n: int, block: int, dtype, device, min_time: float) -> float:
     a = torch.randn(block, n, dtype=dtype, device=device)
     out = torch.empty(n, n, dtype=dtype, device=device)
     torch.mm(a.T, a, out=out)  # warm-up
-    calls, seconds = time_until(lambda: torch.mm(a.T, a, out=out), min_time=min_time,
+    calls, seconds = time_until(lambda: torch.mm(a.T, a, out=out), min_time=min_time,  # noqa: F821
                                 device=device)
     del a, out
     return 2.0 * n * n * block * calls / seconds / 1e9
@@ -68,7 +68,7 @@ def measure_accumulator(n: int, block: int, dtype, device, min_time: float) -> d
     with PeakRSS() as mem:
         acc = KernelAccumulator(n, block_size=block, dtype=dtype, device=device)
         acc.update(pool)  # warm-up: first block (allocations, page faults)
-        calls, seconds = time_until(lambda: acc.update(pool), min_time=min_time, device=device)
+        calls, seconds = time_until(lambda: acc.update(pool), min_time=min_time, device=device)  # noqa: F821
         acc.flush()
         synchronize(device)
     peak = cuda_peak_bytes(device, base)

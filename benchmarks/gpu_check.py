@@ -120,13 +120,13 @@ def accumulator_section(device, sizes, block, budget, min_time):
             try:
                 acc = KernelAccumulator(n, block_size=block, dtype=dtype, device=device)
                 pool = torch.randn(block, n, device=device, dtype=torch.float32)
-                per_block = timed(lambda: acc.update(pool), device, min_time=min_time)
+                per_block = timed(lambda: acc.update(pool), device, min_time=min_time)  # noqa: F821
                 peak = peak_gib(device, base)
                 del acc
                 empty_cache(device)
                 a = torch.randn(block, n, device=device, dtype=dtype)
                 out = torch.empty(n, n, device=device, dtype=dtype)
-                per_mm = timed(lambda: torch.mm(a.T, a, out=out), device, min_time=min_time)
+                per_mm = timed(lambda: torch.mm(a.T, a, out=out), device, min_time=min_time)  # noqa: F821
                 del a, out, pool
             except torch.cuda.OutOfMemoryError as error:
                 rows.append([name, n, block, f"out of memory: {str(error).splitlines()[0][:60]}",
@@ -176,7 +176,7 @@ def probe_section(device, num_images, batch_size, image, budget, min_time):
         data = images.contiguous(memory_format=fmt)
         probe = ProbeSet((data, labels), batch_size=batch_size)
         cuda_reset_peak(device)
-        seconds = timed(lambda: evaluate_probe_losses(model, probe, autocast_dtype=autocast),
+        seconds = timed(lambda: evaluate_probe_losses(model, probe, autocast_dtype=autocast),  # noqa: F821
                         device, min_time=min_time, min_calls=2)
         rates[label] = num_images / seconds
         rows.append([label, batch_size, f"{num_images / seconds:,.0f}",
@@ -243,11 +243,11 @@ def sgld_section(device, batch_size, image, budget, min_time):
         optimizer, which = make_sgld(model, lr=5e-5, nbeta=20.0, localization=4000.0)
 
         def step():
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)  # noqa: F821
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss = F.cross_entropy(model(data).float(), y)
+                loss = F.cross_entropy(model(data).float(), y)  # noqa: F821
             loss.backward()
-            optimizer.step()
+            optimizer.step()  # noqa: F821
 
         cuda_reset_peak(device)
         seconds = timed(step, device, min_time=min_time, min_calls=5, warmup=2)

@@ -86,10 +86,10 @@ def main(argv=None):
         release_freed_memory()
         stored_times, stream_times, stored_peaks, stream_peaks = [], [], [], []
         for _ in range(args.repeat):
-            reference, t_stored, p_stored = measure(lambda: stored_numpy_cov(pool))
+            reference, t_stored, p_stored = measure(lambda: stored_numpy_cov(pool))  # noqa: F821
             stored_times.append(t_stored)
             stored_peaks.append(p_stored)
-            ours, t_stream, p_stream = measure(lambda: streaming(pool, args.block_size))
+            ours, t_stream, p_stream = measure(lambda: streaming(pool, args.block_size))  # noqa: F821
             stream_times.append(t_stream)
             stream_peaks.append(p_stream)
         diff = float(np.abs(ours - reference).max())

@@ -333,7 +333,7 @@ def split_depth(hierarchy, labels: Any = range(10)) -> int:
     where the tree first splits them (WordNet: depth 5, commodity ⊃ clothing / covering ⊃
     footwear / instrumentality ⊃ bag; the hand-written fallback: depth 1)."""
     labels = list(labels)
-    for depth in range(0, min(hierarchy.depth(hierarchy.node_of(l)) for l in labels) + 1):
+    for depth in range(0, min(hierarchy.depth(hierarchy.node_of(label)) for label in labels) + 1):
         if len(set(hierarchy.ancestors_at_depth(labels, depth).tolist())) > 1:
             return depth
     raise ValueError("the labels all share every ancestor down to the shallowest label")
@@ -348,8 +348,8 @@ def top_level_groups(hierarchy, labels: Any, depth: Optional[int] = None) -> np.
     nodes = hierarchy.ancestors_at_depth(labels, depth)
     readable = {}
     for node in set(nodes.tolist()):
-        members = {CLASS_NAMES[int(l)] for l in np.unique(labels[nodes == node])
-                   if isinstance(l, (int, np.integer))}
+        members = {CLASS_NAMES[int(label)] for label in np.unique(labels[nodes == node])
+                   if isinstance(label, (int, np.integer))}
         if members and members <= {"Sandal", "Sneaker", "Ankle boot"}:
             readable[node] = "footwear"
         elif members and members <= {"Bag"}:

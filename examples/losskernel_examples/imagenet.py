@@ -691,7 +691,8 @@ def sample_kernel(model: nn.Module, loader: DataLoader, probe: Tuple[torch.Tenso
     overridden by ``sampler_changes``, e.g. ``localization=``), through
     :func:`~devinterp_losskernel.estimate_loss_kernel` with :func:`imagenet_loss_fn` and
     :func:`imagenet_evaluate`. ``probe_in_training_set``: whether the probe images are among
-    the loader's (for the singular fluctuation; ImageNet's validation images are not). With ``snapshots``, ``kernel.metadata["cka_convergence"]``
+    the loader's (for the singular fluctuation; ImageNet's validation images are not). With
+    ``snapshots``, ``kernel.metadata["cka_convergence"]``
     holds CKA(K̂_t, K̂) at ``cfg.cka_snapshots`` draw counts t (the last one all draws)."""
     from devinterp_losskernel.estimate import estimate_loss_kernel
 

@@ -718,7 +718,9 @@ def run_memorization(scale: Union[str, MemorizationConfig, None] = None, *, devi
         overrides: :class:`MemorizationConfig` fields to change.
     """
     cfg = get_config(scale, **overrides)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     say = print if verbose else (lambda *a, **k: None)
     data = memorization_data(cfg, root=root, allow_download=allow_download, verbose=verbose)
     say(f"{data.dataset}: {len(data.x)} training images, {int(data.flipped.sum())} relabelled")
@@ -741,7 +743,8 @@ def run_memorization(scale: Union[str, MemorizationConfig, None] = None, *, devi
         "loss at w*": lambda: loss_at_w_star(model, x, y),
         "per-sample gradient norm": lambda: per_sample_grad_norm(model, x, y),
         "EK-FAC self-influence (Kronfluence)": lambda: ekfac_self_influence(model, data.x, data.y_train),
-        "TracInCP self-influence (captum)": lambda: tracin_self_influence(model, trained.checkpoints, data.x, data.y_train),
+        "TracInCP self-influence (captum)":
+            lambda: tracin_self_influence(model, trained.checkpoints, data.x, data.y_train),
     }
     for name in baselines:
         if name not in computers:

@@ -172,7 +172,8 @@ def modular_probe(data: ModularData, num_probe: int, seed: int = 0) -> torch.Ten
     for t in (ADD, DIV):
         members = torch.nonzero(data.task == t).squeeze(1)
         if num_probe // 2 > len(members):
-            raise ValueError(f"num_probe/2 = {num_probe // 2} exceeds the {len(members)} inputs of task {TASK_NAMES[t]}")
+            raise ValueError(f"num_probe/2 = {num_probe // 2} exceeds the {len(members)} inputs "
+                             f"of task {TASK_NAMES[t]}")
         picked.append(members[torch.randperm(len(members), generator=generator)[: num_probe // 2]].sort().values)
     return torch.cat(picked)
 

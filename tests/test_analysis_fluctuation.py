@@ -168,3 +168,42 @@ def test_regular_model_has_nu_and_llc_equal_to_half_the_dimension():
     assert llc == pytest.approx(exact_llc, rel=0.15)
     # the probe is the full batch, so devinterp's LLC of the same draws is the same number
     assert kernel.metadata["llc/mean"] == pytest.approx(llc, rel=0.01)
+
+
+def test_an_mse_loss_needs_its_scale_for_watanabes_nu_and_unseen_samples_are_extrapolated_over():
+    """ℓ = (y − x·w)² with noise variance σ² is 2σ² · NLL + const: from exact posterior draws of
+    exp(−nβ/n · Σ ℓ) (no SGLD), ν/loss_scale is the regular model's d/2; ν/loss_scale² would be d."""
+    rng = np.random.default_rng(0)
+    n, d, sigma2, draws = 1000, 4, 0.25, 4000
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + rng.normal(scale=np.sqrt(sigma2), size=n)
+    w_hat = np.linalg.lstsq(x, y, rcond=None)[0]
+    precision = 2.0 * x.T @ x  # exp(−Σ (y − x·w)²): nβ = n, so β = 1 in MSE units
+    w = w_hat + rng.normal(size=(draws, d)) @ np.linalg.cholesky(np.linalg.inv(precision)).T
+    losses = (y - w @ x.T) ** 2  # [draws, n]
+    variance = losses.var(axis=0, ddof=1)
+    raw = singular_fluctuation(make_kernel(variance), nbeta=float(n), num_train=n)
+    scaled = singular_fluctuation(make_kernel(variance), nbeta=float(n), num_train=n, loss_scale=2 * sigma2)
+    assert scaled.nu == pytest.approx(raw.nu / (2 * sigma2), rel=1e-12) and scaled.V == raw.V
+    assert scaled.nu == pytest.approx(d / 2, rel=0.1) and scaled.loss_scale == 0.5
+    assert "Watanabe" in scaled.meaning and "loss_scale" in scaled.meaning
+    # recorded in the metadata, it is the default
+    kernel = make_kernel(variance, metadata={"sampler": {"nbeta": float(n)}, "settings": {"num_train": n},
+                                             "loss_scale": 2 * sigma2})
+    assert singular_fluctuation(kernel).nu == scaled.nu
+    with pytest.raises(ValueError, match="loss_scale must be a positive finite number"):
+        singular_fluctuation(kernel, loss_scale=-1.0)
+
+    # a minibatch-mode kernel: samples seen fewer than twice have no variance; ν extrapolates over them
+    visits = np.where(np.arange(n) % 10 == 0, 1, 5)
+    holes = np.where(visits < 2, np.nan, variance)
+    minibatch = LossKernel(covariance=None, mean=torch.zeros(n, dtype=torch.float64),
+                           variance=torch.as_tensor(holes), num_draws=draws, visits=torch.as_tensor(visits),
+                           metadata={"mode": "minibatch", "sampler": {"nbeta": float(n)}, "num_train": n})
+    f = singular_fluctuation(minibatch)
+    assert f.unseen == n // 10 and f.num_probe_train == n - n // 10 and f.method == "extrapolated"
+    assert f.nu == pytest.approx(float(n) / n / 2 * n * np.nanmean(holes), rel=1e-12)
+    with pytest.raises(ValueError, match="must be finite"):  # NaN only where a sample was seen fewer than twice
+        singular_fluctuation(LossKernel(covariance=None, mean=torch.zeros(n, dtype=torch.float64),
+                                        variance=torch.as_tensor(np.where(visits < 2, variance, np.nan)),
+                                        num_draws=draws, visits=torch.as_tensor(visits), metadata=minibatch.metadata))

@@ -111,8 +111,9 @@ def test_bad_inputs_name_the_argument():
         detection_auc(np.arange(3.0), [True, True, True])
     with pytest.raises(ValueError, match="is_positive must be boolean"):
         detection_auc(np.arange(3.0), [0, 2, 1])
-    with pytest.raises(ValueError, match="scores must not contain NaN"):
-        detection_auc([np.nan, 1.0], [True, False])
+    with pytest.warns(RuntimeWarning, match="1 of 2 samples have no score"), \
+            pytest.raises(ValueError, match="after leaving out the 1 samples without a score"):
+        detection_auc([np.nan, 1.0], [True, False])  # a NaN score is left out, here leaving one class
     with pytest.raises(ValueError, match="groups must have one entry per probe sample: length 20"):
         mean_self_covariance(kernel, is_pos[:-1])
     with pytest.raises(ValueError, match="groups must be given"):

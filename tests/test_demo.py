@@ -81,3 +81,34 @@ def test_demo_rejects_bad_options_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_quick_demo_ends_with_the_health_report(quick_demo):
+    """The summary, the kernel's metadata and the explorer page carry the run's health report,
+    and the page opens on the memorization score, not on the labels its map mixes by design."""
+    from devinterp_losskernel.explore import read_explorer
+
+    _, out = quick_demo
+    summary = json.loads((out / "summary.json").read_text())
+    report = summary["health report"]
+    assert list(summary)[-1] == "health report"
+    assert set(report) == {"ok", "judgeable", "problems", "notes", "numbers"}
+    assert report["numbers"]["probe_loss_draws"] == pytest.approx(summary["mean probe loss/over draws"])
+    assert LossKernel.load(out / "kernel.pt").metadata["diagnostics"]["ok"] == report["ok"]
+    page = read_explorer(out / "explorer.html")
+    assert page["health"]["ok"] == report["ok"] and page["health"]["problems"] == report["problems"]
+    assert page["initial"] == "score0" and "same-label" in page["about"]
+
+
+def test_demo_command_prints_the_health_report_last(monkeypatch, tmp_path, capsys):
+    import devinterp_losskernel.cli as cli
+
+    report = {"ok": False, "judgeable": True, "problems": ["poor mixing: take more draws (num_draws)"],
+              "notes": [], "numbers": {"ess_per_chain_min": 3.0}}
+    monkeypatch.setattr(cli, "run_demo", lambda out, cfg: {"config": {}, "llc": 1.0, "health report": report})
+    monkeypatch.setattr(cli, "require_demo_modules", lambda: None)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-3:] == ["health report: PROBLEMS", "  problem: poor mixing: take more draws (num_draws)",
+                            "  numbers: ess_per_chain_min=3"]
+    assert '"health report"' not in "\n".join(printed)  # shown as sentences, not as JSON

@@ -177,7 +177,8 @@ def test_llc_twin_gives_devinterps_llc_and_compute_bifs_kernel(tmp_path):
     assert kernel.metadata["llc/mean"] == pytest.approx(float(theirs.llc_mean), rel=1e-6)
     with pytest.raises(KeyError, match="missing"):
         llc(model, dataset, observables, observable="missing", **lm_run_args())
-    with pytest.raises(ValueError, match="output_path"):
+    (tmp_path / "x.zarr").mkdir()  # output_path is taken (issue 20), but an existing store is not overwritten
+    with pytest.raises(FileExistsError, match="output_path"):
         llc(model, dataset, observables, output_path=str(tmp_path / "x.zarr"), **lm_run_args())
 
 
@@ -390,3 +391,45 @@ def test_llc_twin_keeps_devinterps_llc_when_no_kernel_can_be_made():
     assert kernel is None and "diverged" in ours.attrs["loss_kernel_error"]
     for name in ("llc_mean", "llc_per_chain", "llc_scalar", "loss_trace", "init_loss"):
         np.testing.assert_array_equal(np.asarray(ours[name].values), np.asarray(theirs[name].values), err_msg=name)
+
+
+def test_llc_twin_writes_devinterps_store_with_output_path_and_save_metrics(tmp_path):
+    """Issue 20: every sample() argument passes through; with output_path the twin writes the
+    store devinterp's llc(..., output_path=) writes, bit for bit, and the LLC is devinterp's."""
+    import warnings
+
+    import xarray as xr
+    from devinterp.slt.llc import compute_llc
+    from devinterp.slt.llc import llc as devinterp_llc
+
+    from devinterp_losskernel import llc
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 13, (64, 9))
+    model, dataset = TinyLM(), LMDataset(ids)
+    observables = {"other set": (LMDataset(ids[32:]), 2), "probe": LMDataset(ids[:32])}
+    args = lm_run_args(save_metrics=True, gradient_accumulation_steps=2)
+    args.update(num_chains=2, num_draws=6, batches_per_draw=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = devinterp_llc(model, dataset, observables, output_path=str(tmp_path / "theirs.zarr"), **args)
+        ours = llc(model, dataset, observables, observable="probe", output_path=str(tmp_path / "ours.zarr"), **args)
+    for name in ("llc_mean", "llc_std", "llc_per_chain", "loss_trace", "init_loss", "llc_scalar"):
+        np.testing.assert_array_equal(np.asarray(ours[name].values), np.asarray(theirs[name].values), err_msg=name)
+    mine = xr.open_datatree(str(tmp_path / "ours.zarr"), engine="zarr", consolidated=False)
+    devs = xr.open_datatree(str(tmp_path / "theirs.zarr"), engine="zarr", consolidated=False)
+    assert sorted(mine.dataset.data_vars) == sorted(devs.dataset.data_vars)
+    assert any(str(v).startswith("metrics_") for v in devs.dataset.data_vars)
+    assert mine.attrs == devs.attrs and mine.attrs["completed"] == 1 and "metrics_numel" in mine.attrs
+    for var in devs.dataset.data_vars:
+        assert mine[var].dims == devs[var].dims, var
+        np.testing.assert_array_equal(mine[var].values, devs[var].values, err_msg=var)
+    assert float(compute_llc(mine).llc_mean) == float(theirs.llc_mean)
+    # the store's probe draws are the kernel's draws: the kernel of the stored run is ours
+    from devinterp_losskernel import LossKernel
+
+    stored = LossKernel.from_samples(mine, "probe")
+    scale = float(np.abs(ours.covariance.values).max())
+    np.testing.assert_allclose(ours.covariance.values, stored.covariance.numpy(), rtol=0, atol=1e-6 * scale)
+    with pytest.raises(TypeError, match="save_metrics"):
+        llc(model, dataset, observables, save_metrics="yes", **lm_run_args())

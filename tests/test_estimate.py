@@ -258,3 +258,135 @@ def test_the_sgld_settings_come_as_one_record_or_by_name_not_both():
                              nbta=1.0, localization=1.0)
     with pytest.raises(ValueError, match="localization must be set"):
         estimate_loss_kernel(model, loader, x[:10], preset("inception_gamma_sweep"))
+
+
+# -- mode="minibatch": no probe, the SGLD minibatches' own losses (issue 19) -----------------------
+MB = dict(num_chains=2, num_draws=6, num_burnin_steps=2, num_steps_bw_draws=2, lr=1e-3, nbeta=10.0,
+          localization=100.0, seed=3)
+N_MB, BS_MB = 40, 8
+
+
+def _indexed_data():
+    """x[:, 0] is the sample's index, so a logging loss_fn knows which samples a batch holds."""
+    x, y = classification_data(N_MB)
+    x[:, 0] = torch.arange(N_MB, dtype=x.dtype)
+    return x, y
+
+
+class LoggingLoss:
+    """Per-sample cross-entropy that logs every SGLD-step call (grad on; the w* batches run under no_grad)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, batch):
+        x, y = batch
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        if torch.is_grad_enabled():
+            self.calls.append((x[:, 0].long().tolist(), losses.detach().double().tolist()))
+        return losses
+
+
+def test_minibatch_mode_is_every_post_burn_in_step_of_every_chain_beside_devinterps_llc():
+    from devinterp_losskernel.analysis import (
+        detection_auc,
+        label_issue_scores,
+        memorization_scores,
+        singular_fluctuation,
+    )
+
+    x, y = _indexed_data()
+    torch.manual_seed(0)
+    model, log = MLP(), LoggingLoss()
+    before = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning, match="no score"):  # few visits: some samples have no variance
+        kernel = estimate_loss_kernel(model, loader_for(x, y, batch_size=BS_MB), None, mode="minibatch",
+                                      loss_fn=log, labels=y, verbose=False, **MB)
+        auc = detection_auc(memorization_scores(kernel), np.arange(N_MB) % 5 == 0)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert kernel.metadata["mode"] == "minibatch" and kernel.is_diagonal and kernel.init_loss is None
+
+    # the float64 reference: per chain, its steps after burn-in (chains run one after another)
+    steps = len(log.calls) // MB["num_chains"]
+    values = [[] for _ in range(N_MB)]
+    for chain in range(MB["num_chains"]):
+        for indices, losses in log.calls[chain * steps + MB["num_burnin_steps"]:(chain + 1) * steps]:
+            for i, v in zip(indices, losses):
+                values[i].append(v)
+    reference = np.array([np.var(v, ddof=1) if len(v) > 1 else np.nan for v in values])
+    np.testing.assert_allclose(kernel.variance.numpy(), reference, rtol=1e-10, equal_nan=True)
+    assert kernel.visits.tolist() == [len(v) for v in values]
+    assert int(kernel.visits.sum()) == MB["num_chains"] * (steps - MB["num_burnin_steps"]) * BS_MB
+    assert kernel.metadata["unseen"] == int(np.isnan(reference).sum()) > 0
+    assert kernel.draws_per_chain == {0: steps - MB["num_burnin_steps"], 1: steps - MB["num_burnin_steps"]}
+
+    # ν: the recorder's and the analysis's agree (one rule: the seen samples, extrapolated to all N)
+    nu = MB["nbeta"] / 2 * np.nanmean(reference)
+    assert kernel.metadata["singular_fluctuation"] == pytest.approx(nu, rel=1e-10)
+    f = singular_fluctuation(kernel)
+    assert f.nu == pytest.approx(nu, rel=1e-10) and f.unseen == kernel.metadata["unseen"]
+    assert f.method == "extrapolated" and "Watanabe" in kernel.metadata["singular_fluctuation_meaning"]
+    assert np.isfinite(kernel.metadata["singular_fluctuation_se"])
+    assert np.isfinite(kernel.metadata["llc/mean"]) and len(kernel.metadata["llc/per_chain"]) == 2
+    assert kernel.metadata["settings"]["num_train"] == N_MB and "replacement" in kernel.metadata["minibatch_sampler"]
+    assert kernel.metadata["allow_train_mode_noise"] is False and kernel.metadata["loss_scale"] == 1.0
+
+    # the analyses take it unchanged: NaN where there is no variance, AUC over the others
+    scores = memorization_scores(kernel)
+    assert np.array_equal(np.isnan(scores), np.isnan(reference)) and 0 <= auc <= 1
+    issues = label_issue_scores(kernel)
+    assert set(issues) == {"posterior mean loss", "variance"}
+    assert np.array_equal(np.isnan(issues["posterior mean loss"]), kernel.visits.numpy() == 0)
+    pytest.importorskip("xarray")
+    ds = kernel.to_xarray()
+    assert ds.visits.values.tolist() == kernel.visits.tolist() and np.isnan(ds.variance.values).sum() > 0
+
+
+def test_minibatch_mode_draws_its_own_batches_with_replacement_from_its_own_generator():
+    from devinterp_losskernel.minibatch import loader_with_replacement
+
+    x, y = _indexed_data()
+    loader = loader_for(x, y, batch_size=BS_MB)
+    before = torch.get_rng_state()
+    first = [b for _, b in zip(range(20), loader_with_replacement(loader, seed=5))]
+    again = [b for _, b in zip(range(20), loader_with_replacement(loader, seed=5))]
+    assert torch.equal(torch.get_rng_state(), before)
+    indices = torch.cat([i for i, _ in first])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    assert torch.equal(first[0][1][0][:, 0].long(), first[0][0])  # (indices, the loader's own batch)
+    assert any(len(set(i.tolist())) < len(i) for i, _ in first) or len(set(indices.tolist())) < len(indices)
+
+
+@pytest.mark.parametrize("model, kwargs, match", [
+    (MLP(), dict(probe="x"), "probe must be None for mode='minibatch'"),
+    (MLP(), dict(evaluate=lambda m, b: 0), "evaluate is not used with mode='minibatch'"),
+    (MLP(), dict(callback_kwargs={}), "callback_kwargs is not used"),
+    (MLP(), dict(loss_scale=0.0), "loss_scale must be a positive finite number"),
+    (MLP(), dict(labels=[0, 1]), "labels"),
+    (MLP(dropout=0.1), {}, r"Dropout, p=0.1.*allow_train_mode_noise=True"),
+    (MLP(batchnorm=True), {}, "BatchNorm1d: batch statistics"),
+    (torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.MultiheadAttention(3, 1, dropout=0.2)), {},
+     r"MultiheadAttention, dropout=0.2"),
+    (MLP(), dict(allow_train_mode_noise="yes"), "allow_train_mode_noise must be True or False"),
+])
+def test_minibatch_mode_refuses_before_sampling(model, kwargs, match):
+    x, y = _indexed_data()
+    probe = kwargs.pop("probe", None)
+    log = LoggingLoss()
+    with pytest.raises((ValueError, TypeError), match=match):
+        estimate_loss_kernel(model, loader_for(x, y, batch_size=BS_MB), probe, mode="minibatch", loss_fn=log,
+                             **kwargs, **MB)
+    assert log.calls == []  # nothing was sampled
+
+
+def test_minibatch_mode_on_a_noisy_model_needs_the_opt_in_and_records_it():
+    x, y = _indexed_data()
+    torch.manual_seed(0)
+    kernel = estimate_loss_kernel(MLP(dropout=0.1), loader_for(x, y, batch_size=BS_MB), None, mode="minibatch",
+                                  allow_train_mode_noise=True, loss_scale=2.0, verbose=False, **MB)
+    assert kernel.metadata["allow_train_mode_noise"] is True and "Dropout" in kernel.metadata["train_mode_noise"]
+    assert kernel.metadata["loss_scale"] == 2.0
+    with pytest.raises(ValueError, match="allow_train_mode_noise is for mode='minibatch' only"):
+        estimate_loss_kernel(MLP(), loader_for(x, y), (x, y), allow_train_mode_noise=True, **MB)
+    with pytest.raises(ValueError, match="probe must be given for mode='full'"):
+        estimate_loss_kernel(MLP(), loader_for(x, y), None, **MB)

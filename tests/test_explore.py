@@ -123,7 +123,8 @@ def test_points_colours_and_thumbnails(page, kernel, coords, images):
 
     keys = [c["key"] for c in data["colourings"]]
     assert keys == ["label", "hierarchy", "variance", "mean_loss", "init_loss", "score0", "score1"]
-    assert points["color"] == points["c_label"]  # the first colouring is shown
+    assert points["color"] == points["c_score0"]  # the page opens on the first score given
+    assert data["initial"] == "score0"
     # one colour per label, different labels different colours; the legend lists them all
     by_label = {lab: {c for c, l2 in zip(points["c_label"], labels) if l2 == lab} for lab in range(4)}
     assert all(len(v) == 1 for v in by_label.values()) and len(set.union(*by_label.values())) == 4
@@ -499,7 +500,7 @@ def hostile_page(tmp_path, name="hostile.html"):
     return small_page(tmp_path, name, n=n, title=HOSTILE, hierarchy=hostile_tree(),
                       label_names=[HOSTILE + "dog", "cat", "car", "bus"],
                       texts=[HOSTILE + str(i) for i in range(n)],
-                      scores={HOSTILE + "score": np.arange(n) % 3})
+                      scores={HOSTILE + "score": np.arange(n) % 3}, color_by="label")
 
 
 def test_script_json_escapes_what_could_end_a_script():
@@ -831,3 +832,72 @@ def test_in_chromium_hostile_strings_show_as_text(browser, tmp_path):
         page = small_page(tmp_path, "one.html", kernel=one)
     open_page(browser, page)
     assert browser.execute_script("return document.getElementById('lk-hide-same').disabled")
+
+
+# -- the page's face: how the map was made, what the run found, the health report ---------------
+
+def _with_report(kernel, report):
+    import copy
+
+    kernel = copy.copy(kernel)
+    kernel.metadata = {**kernel.metadata, "diagnostics": report}
+    return kernel
+
+
+BAD_REPORT = {"ok": False, "judgeable": True, "numbers": {"ess_per_chain_min": 4.0},
+              "problems": ["poor mixing: 4 effective draws in the worst chain. Take more draws (num_draws) <b>"],
+              "notes": ["R̂: split-half reliability 0.95"]}
+
+
+@pytest.mark.parametrize("kwargs, initial", [
+    (dict(), "variance"),  # default map, labels: colours by label would mix by design, so K(x,x)
+    (dict(scores={"memorization": np.arange(40.0)}), "score0"),  # what the caller measured
+    (dict(embedding=np.zeros((40, 2)) + np.arange(40)[:, None]), "label"),  # their own map: labels
+    (dict(color_by="init_loss"), "init_loss"),  # asked for
+])
+def test_the_page_opens_on_what_the_run_found(tmp_path, kwargs, initial):
+    pytest.importorskip("umap")
+    kernel = synthetic_kernel(n=40, seed=3)
+    kwargs = {"embedding": None, **kwargs}
+    data = read_explorer(explore(kernel, k=3, path=tmp_path / "p.html", **kwargs))
+    assert data["initial"] == initial
+    assert data["points"]["color"] == data["points"][f"c_{initial}"]
+
+
+def test_the_page_says_how_the_map_was_made(tmp_path):
+    pytest.importorskip("umap")
+    kernel = synthetic_kernel(n=40, seed=3)
+    umap_page = read_explorer(explore(kernel, k=3, path=tmp_path / "u.html"))
+    assert "same-label inputs removed" in umap_page["about"] and "mix by design" in umap_page["about"]
+    given = read_explorer(small_page(tmp_path, "g.html"))
+    assert given["about"].startswith("Map: the coordinates given")
+    text = Path(explore(kernel, k=3, path=tmp_path / "u2.html")).read_text(encoding="utf-8")
+    assert 'id="lk-about"' in text and "mix by design" in text
+
+
+def test_the_health_report_is_on_the_page_when_the_kernel_has_one(tmp_path):
+    from devinterp_losskernel.diagnostics import HealthReport
+
+    plain = read_explorer(small_page(tmp_path, "plain.html"))
+    assert plain["health"] is None
+    page = small_page(tmp_path, "bad.html", kernel=_with_report(synthetic_kernel(n=40, seed=7), BAD_REPORT))
+    data = read_explorer(page)
+    assert data["health"]["ok"] is False and data["health"]["problems"] == BAD_REPORT["problems"]
+    text = Path(page).read_text(encoding="utf-8")
+    assert 'id="lk-health" class="lk-bad"' in text and "1 problem" in text
+    assert "&lt;b&gt;" in text and "(num_draws) <b>" not in text  # report text is escaped
+    good = HealthReport(ok=True, notes=["R̂ reproducible"], numbers={"x": 1.0})  # a HealthReport object too
+    text = Path(small_page(tmp_path, "good.html", kernel=_with_report(synthetic_kernel(n=40, seed=7), good))
+                ).read_text(encoding="utf-8")
+    assert 'class="lk-ok"><b>Health report: OK</b>' in text
+
+
+def test_in_chromium_the_health_report_and_the_map_note_show(browser, tmp_path):
+    page = small_page(tmp_path, "health.html", kernel=_with_report(synthetic_kernel(n=40, seed=7), BAD_REPORT),
+                      scores={"memorization": np.arange(40.0)})
+    open_page(browser, page)
+    health = browser.find_element("id", "lk-health")
+    assert health.is_displayed() and "Health report: 1 problem" in health.text and "num_draws) <b>" in health.text
+    assert browser.find_element("id", "lk-about").text.startswith("Map: the coordinates given")
+    assert browser.execute_script("return document.getElementById('lk-color').value") == "score0"
+    keep(browser, tmp_path, "explorer_health.png")

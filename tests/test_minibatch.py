@@ -112,3 +112,24 @@ def test_the_kernel_of_mode_minibatch_carries_visits_and_survives_a_save(tmp_pat
     assert torch.equal(again.visits, kernel.visits) and again.metadata["mode"] == "minibatch"
     if kernel.metadata["unseen"] == 0:
         np.testing.assert_array_equal(memorization_scores(kernel), kernel.variance.numpy())
+
+
+def test_the_opt_in_records_a_noisy_model_and_loss_scale_divides_nu():
+    from devinterp_losskernel.analysis import singular_fluctuation
+
+    _, data = _problem()
+    torch.manual_seed(1)
+    noisy = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+    recorder = MinibatchVariance(num_train=N, loss_scale=4.0, allow_train_mode_noise=True)
+    loader = DataLoader(WithIndices(data), batch_size=8, sampler=torch.utils.data.RandomSampler(
+        WithIndices(data), replacement=True, generator=torch.Generator().manual_seed(0)))
+    results = _run(noisy, loader, recorder.evaluate, [recorder])
+    nu = 10.0 / 2 * np.nanmean(results["minibatch/variance"]) / 4.0  # β/2 · N · mean / loss_scale, β = nβ/N
+    assert results["minibatch/singular_fluctuation"] == pytest.approx(nu, rel=1e-10)
+    assert results["minibatch/allow_train_mode_noise"] is True and "Dropout" in results["minibatch/train_mode_noise"]
+    assert results["minibatch/loss_scale"] == 4.0 and "Watanabe" in results["minibatch/singular_fluctuation_meaning"]
+    kernel = recorder.kernel
+    assert kernel.metadata["allow_train_mode_noise"] is True and kernel.metadata["loss_scale"] == 4.0
+    assert singular_fluctuation(kernel).nu == pytest.approx(nu, rel=1e-10)  # the analysis reads the same scale
+    with pytest.raises(TypeError, match="allow_train_mode_noise"):
+        MinibatchVariance(num_train=N, allow_train_mode_noise="yes")

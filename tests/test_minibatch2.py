@@ -125,7 +125,8 @@ def test_users_loop_recorder_is_every_post_burn_in_micro_batch_and_the_chain_is_
 def test_recorder_refuses_train_mode_noise_and_a_missing_piece():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from devinterp_losskernel.devinterp2 import MinibatchVariance2, _train_mode_noise
+    from devinterp_losskernel.devinterp2 import MinibatchVariance2
+    from devinterp_losskernel.validation import train_mode_noise as _train_mode_noise
 
     ids = unique_ids(16)
     dataset = LMDataset(ids)
@@ -149,6 +150,37 @@ def test_recorder_refuses_train_mode_noise_and_a_missing_piece():
         fresh.singular_fluctuation()
     with pytest.raises(ValueError, match="at least 2"):
         MinibatchVariance2(LMDataset(ids[:1]))
+    with pytest.raises(ValueError, match="loss_scale must be a positive finite number"):
+        MinibatchVariance2(dataset, loss_scale=-1.0)
+    with pytest.raises(TypeError, match="allow_train_mode_noise must be True or False"):
+        MinibatchVariance2(dataset, allow_train_mode_noise=1)
+
+    # the opt-in records instead of refusing, and says what it found
+    allowed = MinibatchVariance2(dataset, nbeta=2.0, allow_train_mode_noise=True)
+    allowed.evaluate(DropoutLM(), batch)
+    assert allowed.allow_train_mode_noise and "Dropout" in allowed._noise_record()["train_mode_noise"]
+
+
+def test_functional_dropout_and_batch_statistics_are_found():
+    from devinterp_losskernel.validation import check_train_mode_noise, train_mode_noise
+
+    encoder = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.1)
+    found = train_mode_noise(encoder)
+    assert any("MultiheadAttention, dropout=0.1" in f for f in found) and any("Dropout, p=0.1" in f for f in found)
+    assert train_mode_noise(torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)) == []
+    attention = torch.nn.MultiheadAttention(8, 2, dropout=0.3)
+    assert train_mode_noise(attention) == ["model (MultiheadAttention, dropout=0.3)"]
+    untracked = torch.nn.BatchNorm1d(4, track_running_stats=False)
+    assert train_mode_noise(untracked) == ["model (BatchNorm1d: batch statistics in train mode)"]
+    assert train_mode_noise(torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Dropout(0.0))) == []
+
+    class Configured(torch.nn.Linear):  # an HF-style model whose attention drops out functionally
+        config = type("Config", (), {"attention_dropout": 0.1})()
+
+    assert train_mode_noise(Configured(2, 2)) == ["config.attention_dropout=0.1"]
+    with pytest.raises(ValueError, match=r"here: .*MultiheadAttention, dropout=0.3.*allow_train_mode_noise=True"):
+        check_train_mode_noise(torch.nn.MultiheadAttention(8, 2, dropout=0.3), where="here")
+    assert check_train_mode_noise(torch.nn.MultiheadAttention(8, 2, dropout=0.3), True, where="here")
 
 
 def test_the_index_view_keeps_devinterps_batches_and_fetches_through_getitems():
@@ -299,3 +331,12 @@ def test_llc_twin_with_dropout_gives_nan_nu_with_the_reason_and_the_llc():
     assert float(off.llc_mean) == float(ours.llc_mean)
     with pytest.raises(TypeError, match="minibatch_variance"):
         llc(model, dataset, {"probe": dataset}, minibatch_variance="yes", **args)
+
+    # the opt-in computes it anyway and says so; loss_scale divides ν (an MSE loss: 2σ²)
+    allowed = llc(model, dataset, {"probe": dataset}, allow_train_mode_noise=True, loss_scale=4.0, **args)
+    nu = allowed.train_singular_fluctuation
+    assert float(nu) == pytest.approx(20.0 / 2 * np.nanmean(allowed.train_variance.values) / 4.0, rel=1e-10)
+    assert nu.attrs["allow_train_mode_noise"] is True and "Dropout" in nu.attrs["train_mode_noise"]
+    assert nu.attrs["loss_scale"] == 4.0 and float(allowed.llc_mean) == float(ours.llc_mean)
+    with pytest.raises(ValueError, match="loss_scale must be a positive finite number"):
+        llc(model, dataset, {"probe": dataset}, loss_scale=float("inf"), **args)

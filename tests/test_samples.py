@@ -350,3 +350,43 @@ def test_a_chain_devinterp2_aborted_is_dropped_and_its_store_is_not_called_damag
     assert kept.draws_per_chain == {0: 12, 1: written} and kept.rejected_per_chain == {1: 12 - written}
     rows = np.concatenate([stored[0], stored[1, :written]])
     np.testing.assert_allclose(kept.covariance.numpy(), np.cov(rows, rowvar=False), rtol=1e-10, atol=1e-14)
+
+
+# -- compute_bif's options, chunk by chunk (a synthetic store: needs xarray only) -------------------
+def _bif_store(chains=2, draws=7, seed=3):
+    xr = pytest.importorskip("xarray")
+    g = np.random.default_rng(seed)
+    arrays = {}
+    for key, n in (("b", 3), ("a", 2)):
+        losses = (4.0 + 0.05 * g.standard_normal((chains, draws, n, 4))).astype(np.float32)
+        arrays[f"loss_{key}"] = (("chain", "draw", f"batch_{key}", "token_pos"), losses)
+        arrays[f"input_ids_{key}"] = ((f"batch_{key}", "token"), g.integers(0, 50, (n, 5)))
+    return xr.Dataset(arrays)
+
+
+@pytest.mark.parametrize("reduce", ["stack", "mean"])
+def test_from_samples_with_bif_options_reads_chunks_into_the_token_kernel(reduce):
+    ds = _bif_store()
+    k = kernel_from_samples(ds, correlation_method="token", loss_keys="all", reduce_chain_dimension_method=reduce,
+                            batch_index_range_1=[4, 0], draws_per_read=3)
+    x = np.concatenate([ds["loss_a"].values, ds["loss_b"].values], axis=2).astype(np.float64)  # "all": sorted ids
+    x = x.mean(axis=0) if reduce == "mean" else x.reshape(-1, 5, 4)
+    full = np.cov(x.reshape(len(x), -1), rowvar=False)
+    rows = np.r_[np.arange(16, 20), np.arange(0, 4)]
+    np.testing.assert_allclose(k.covariance.numpy(), full[rows], rtol=1e-10, atol=1e-15)
+    assert k.num_draws == len(x) and k.token_positions[rows].tolist()[:2] == [[4, 1], [4, 2]]
+    np.testing.assert_array_equal(k.input_ids.numpy(), np.concatenate([ds["input_ids_a"].values,
+                                                                       ds["input_ids_b"].values]))
+
+
+def test_from_samples_with_bif_options_averages_only_the_chains_that_reached_a_draw():
+    ds = _bif_store()
+    values = ds["loss_a"].values.copy()
+    values[1, 5:] = np.nan  # chain 1 aborted after 5 draws: devinterp leaves NaN in its store
+    ds["loss_a"] = (ds["loss_a"].dims, values)
+    ds["loss_b"] = (ds["loss_b"].dims, np.where(np.isnan(values[..., :1, :1]), np.nan, ds["loss_b"].values))
+    k = kernel_from_samples(ds, "a", correlation_method="sequence", reduce_chain_dimension_method="mean")
+    want = np.cov(np.nanmean(values.astype(np.float64), axis=0).mean(axis=-1), rowvar=False)
+    np.testing.assert_allclose(k.covariance.numpy(), want, rtol=1e-10)
+    with pytest.raises(ValueError, match="devinterp's compute_bif gives NaN"):
+        kernel_from_samples(ds, "a", correlation_method="sequence")

@@ -189,7 +189,8 @@ def estimate_kernel_memory(
 ) -> int:
     """Bytes the accumulator allocates: co-moment [q, n] (``mode="full"``; q = n unless
     ``num_rows`` is given), [q, q] (``"combined"``) or none (``"diagonal"``), plus the
-    mean, diagonal and shift [n], a [block_size, n] buffer and the centred-block workspace.
+    mean, diagonal and shift [n], a [block_size, n] buffer and the centred-block workspace
+    (``"diagonal"``: one [n] row, each draw folded as it comes).
     Folding a block adds nothing q×n; ``compute()`` returns a new q×n covariance and
     ``LossKernel.correlation`` one more q×n, so budget 2–3× this to also read the results.
 
@@ -199,7 +200,17 @@ def estimate_kernel_memory(
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = num_samples if num_rows is None else num_rows
     comoment = {"full": rows * num_samples, "combined": rows * rows, "diagonal": 0}[mode]
-    return itemsize * (comoment + 2 * num_samples + 2 * block_size * num_samples) + 8 * num_samples
+    block = _block_rows(block_size, mode)
+    return itemsize * (comoment + 2 * num_samples + 2 * block * num_samples) + 8 * num_samples
+
+
+def _block_rows(block_size: int, mode: str) -> int:
+    """Draws buffered before a fold. A block of B draws pays for its matrix product with one q×n
+    product instead of B; the diagonal mode has none to save (its fold is O(n) per draw either
+    way), so it buffers nothing and folds every draw as it comes (Welford, in place): no [B, n]
+    buffer and no [B, n] centred block and square (a block of 256 float64 draws held ~6 KB a
+    sample at its peak, for 24 B of state; benchmarks/RESULTS.md, "Diagonal mode's working memory")."""
+    return 0 if mode == "diagonal" else block_size
 
 
 class KernelAccumulator:
@@ -292,7 +303,7 @@ class KernelAccumulator:
         self._own_source = new_run_id()
         self.sources: FrozenSet[str] = frozenset()
         self._moments = Moments.zeros(num_samples, m2_shape, self.device, dtype)
-        self._buffer = torch.empty(block_size, num_samples, device=self.device, dtype=dtype)
+        self._buffer = torch.empty(_block_rows(block_size, mode), num_samples, device=self.device, dtype=dtype)
         self._buffered = 0
 
     # -- validation -------------------------------------------------------------------------
@@ -350,14 +361,27 @@ class KernelAccumulator:
             self._moments.shift = block[0].to(torch.float64, copy=True)
         self.sources = self.sources | {self._own_source}
         shifted = (block.to(torch.float64) - self._moments.shift).to(self.dtype)
+        if len(self._buffer) == 0:  # the diagonal mode: each draw folded as it comes
+            for row in shifted:
+                self._fold_draw(row)
+            return
         start = 0
         while start < shifted.shape[0]:
-            take = min(self.block_size - self._buffered, shifted.shape[0] - start)
+            take = min(len(self._buffer) - self._buffered, shifted.shape[0] - start)
             self._buffer[self._buffered : self._buffered + take] = shifted[start : start + take]
             self._buffered += take
             start += take
-            if self._buffered == self.block_size:
+            if self._buffered == len(self._buffer):
                 self.flush()
+
+    def _fold_draw(self, row: torch.Tensor) -> None:
+        """Welford's update of (N, μ, diag M2) by one draw ``row`` [n] (shifted), in place: two
+        [n] temporaries, no buffer."""
+        m = self._moments
+        m.count += 1
+        delta = row - m.mean
+        m.mean.add_(delta, alpha=1.0 / m.count)
+        m.m2_diag.addcmul_(delta, row.sub_(m.mean))
 
     def flush(self) -> None:
         """Fold the buffered draws into (N, μ, M2) with one matrix product."""

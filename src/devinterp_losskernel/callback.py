@@ -43,6 +43,7 @@ from torch import nn
 
 from .accumulator import KernelAccumulator, validate_rows
 from .chains import ChainGuard, ChainRecord
+from .diagnostics import HealthRecorder, report_summary, with_trace
 from .kernel import LossKernel, as_labels
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule, _is_int, groups_from
 from .probe import LossFn, ProbeSet, _model_device, check_loss_fn, default_loss_kind, evaluate_probe_losses
@@ -64,11 +65,20 @@ def _save_accumulator(accumulator):
     return None if accumulator is None else accumulator.state_dict()
 
 
+def _save_health(recorder):
+    return None if recorder is None else recorder.state_dict()
+
+
+def _load_health(saved):
+    return None if saved is None else HealthRecorder.from_state_dict(saved)
+
+
 @dataclass
 class _Run(DeclaredState):
     accumulator: Optional[KernelAccumulator] = state(None, save=_save_accumulator, load=lambda saved: None)
     init_loss: Optional[torch.Tensor] = state(None)  # ℓ(x; w*), [n] float64 on the CPU
     hyperparameters: Dict[str, Any] = state(factory=dict, load=dict)  # the sampler's settings
+    health: Optional[HealthRecorder] = state(None, save=_save_health, load=_load_health)  # split-half moments
     last_call: Optional[Tuple[int, Optional[int]]] = state(None, saved=False)
     last_model: Any = state(None, saved=False)  # weakref to the model of the last call
     ref_model: Any = state(None, saved=False)  # weakref to devinterp's ref_model of this run
@@ -138,8 +148,12 @@ class LossKernelCallback:
     across ranks); ``callback.get_results()`` gives devinterp-1.x style ``loss_kernel/*``
     entries; ``callback.snapshots`` is [(num_draws, K̂_t[S, S])] and
     ``callback.cka_convergence()`` the curve CKA(K̂_t[S, S], K̂[S, S]) against t,
-    S = ``callback.snapshot_indices``. ``state_dict()`` / ``load_state_dict()`` save and
-    restore everything the callback holds (checked against its arguments).
+    S = ``callback.snapshot_indices``. Every kernel carries its run's health record (the trace of
+    the mean probe loss of each kept draw and split-half moments, a few n-vectors:
+    :mod:`~devinterp_losskernel.diagnostics`), ``kernel.diagnostics()`` judges it and
+    ``kernel.metadata["diagnostics"]`` holds the report's summary. ``state_dict()`` /
+    ``load_state_dict()`` save and restore everything the callback holds (checked against its
+    arguments).
     """
 
     @leaves_rng_untouched
@@ -178,8 +192,9 @@ class LossKernelCallback:
         self.probe = ProbeSet(probe, batch_size=self.probe_options.batch_size,
                               cache_on_device=self.probe_options.cache_on_device)
         n, self.probe_fingerprint = self.probe.check_stable()  # two passes: n, order, fingerprint
-        if loss_fn is None:  # the default loss can take this probe's batches (no model needed)
-            default_loss_kind(next(iter(self.probe.loader)))
+        # the default loss can take this probe's batches (no model needed); its kind names the
+        # health report's chance level
+        self._loss_kind = "custom" if loss_fn is not None else default_loss_kind(next(iter(self.probe.loader)))
         self._num_samples = n
         self.loss_fn = loss_fn
         self.labels = None if labels is None else as_labels(labels, n, "labels")
@@ -215,7 +230,7 @@ class LossKernelCallback:
         """A fresh run: its state, its chains, no snapshots (the snapshot samples S stay)."""
         self._run = _Run()
         self._guard = ChainGuard(self.divergence, fold=self._fold, reference_loss=self._mean_loss_at_w_star,
-                                 expected_draws=self.num_draws)
+                                 expected_draws=self.num_draws, observe=self._observe_draw)
         self._snapshots.reset()
 
     accumulator = property(lambda self: self._run.accumulator)
@@ -388,6 +403,7 @@ class LossKernelCallback:
                 "trace": kernel.trace,
                 "draws_per_chain": dict(kernel.draws_per_chain),
                 "rejected_per_chain": dict(kernel.rejected_per_chain),
+                "diagnostics": kernel.metadata.get("diagnostics"),  # the health report's summary
             })
             if kernel.init_loss is not None:
                 results["init_loss"] = kernel.init_loss.numpy()
@@ -417,6 +433,7 @@ class LossKernelCallback:
             )
         metadata = {
             "devinterp_version": devinterp_version(),
+            "probe_loss": self._probe_loss_kind(),
             "sampler": dict(run.hyperparameters),
             "num_chains": len(chains.draws_per_chain),
             "settings": {"num_train": self.num_train},
@@ -426,14 +443,36 @@ class LossKernelCallback:
             **({"incomplete_chains": incomplete} if incomplete else {}),
             **self.extra_metadata,
         }
-        return run.accumulator.compute(
+        kernel = run.accumulator.compute(
             init_loss=run.init_loss,
             draws_per_chain=dict(chains.draws_per_chain),
             rejected_per_chain=dict(chains.rejected_per_chain),
             sample_ids=self.sample_ids,
             labels=self.labels,
             metadata=metadata,
+            health_record=self._health_record(),
         )
+        kernel.metadata["diagnostics"] = report_summary(kernel)  # kernel.diagnostics() has the full report
+        return kernel
+
+    def _health_record(self) -> Optional[Dict[str, Any]]:
+        """The run's health record (trace and split-half moments), or None when it does not
+        cover exactly the draws of the kernel (a run resumed from a checkpoint without one)."""
+        run, guard = self._run, self._guard
+        if run.health is None:
+            return None
+        trace = guard.kept_trace()
+        recorded = sum(int(g["count"]) for g in run.health.groups)
+        if recorded != run.accumulator.count or any(
+                len(trace.get(c, [])) != k for c, k in guard.record.draws_per_chain.items()):
+            return None
+        return with_trace(run.health.record(), trace)
+
+    def _probe_loss_kind(self) -> str:
+        """``"cross_entropy"`` (the default loss of a classification probe), ``"language_model"``
+        or ``"custom"`` (a loss_fn of the user's): the health report's chance level needs it."""
+        kind = self._loss_kind
+        return "cross_entropy" if kind == "classification" else kind
 
     # -- the work ---------------------------------------------------------------------------
     @leaves_rng_untouched
@@ -506,6 +545,13 @@ class LossKernelCallback:
     def _fold(self, losses: torch.Tensor) -> None:
         self._run.accumulator.update(losses, check_finite=False)
         self._snapshots.maybe_take(self._run.accumulator)
+
+    def _observe_draw(self, chain: int, position: int, losses: torch.Tensor) -> None:
+        """A folded draw into the health record's split-half moments (on the draws' device)."""
+        run = self._run
+        if run.health is None:
+            run.health = HealthRecorder(self._num_samples, expected_draws=self._guard.record.expected_draws)
+        run.health.update(chain, position, losses)
 
     def _mean_loss_at_w_star(self) -> Optional[float]:
         return None if self._run.init_loss is None else float(self._run.init_loss.mean())

@@ -43,6 +43,9 @@ class ChainRecord(DeclaredState):
     delivered: Dict[int, int] = state(factory=dict, load=int_keys)  # draws the sampler delivered
     last_draw: Dict[int, int] = state(factory=dict, load=int_keys)  # last draw index seen
     expected_draws: Optional[int] = state(None)  # num_draws per chain, when known
+    # mean probe loss L̄_probe(w_{c,t}) of each accepted draw, in order: the kept draws of a chain
+    # are the first draws_per_chain[c] of them (held draws dropped with a diverged chain are the tail)
+    mean_trace: Dict[int, List[float]] = state(factory=dict, load=int_keys)
     first_mean: Dict[int, float] = state(factory=dict, saved=False)
     drift_warned: set = state(factory=set, saved=False)
 
@@ -56,12 +59,16 @@ class ChainGuard:
         fold: called with a chain's released draw (losses [n]) to fold it into the kernel.
         reference_loss: the mean probe loss at w*, or None while it is unknown (then each
             chain is compared with its first draw).
+        observe: if given, called as ``observe(chain, position, losses)`` with each draw folded
+            in (``position``: its index among the chain's kept draws) — the health record.
     """
 
     def __init__(self, settings: DivergenceGuard, fold: Callable[[torch.Tensor], None],
-                 reference_loss: Callable[[], Optional[float]], expected_draws: Optional[int] = None):
+                 reference_loss: Callable[[], Optional[float]], expected_draws: Optional[int] = None,
+                 observe: Optional[Callable[[int, int, torch.Tensor], None]] = None):
         self.settings = settings
         self._fold_draw = fold
+        self._observe = observe
         self._reference_loss = reference_loss
         self.record = ChainRecord(expected_draws=expected_draws)
 
@@ -84,6 +91,7 @@ class ChainGuard:
             self.mark_diverged(chain, f"draw {draw} {reason}", stacklevel=stacklevel + 1)
             return
         self._check_drift(chain, mean_loss, stacklevel=stacklevel + 1)
+        record.mean_trace.setdefault(chain, []).append(float(mean_loss))
         held = record.held.setdefault(chain, [])
         held.append(losses.detach())
         while len(held) > self.settings.window:
@@ -159,7 +167,15 @@ class ChainGuard:
 
     def _fold(self, chain: int, losses: torch.Tensor) -> None:
         self._fold_draw(losses)
-        self.record.draws_per_chain[chain] = self.record.draws_per_chain.get(chain, 0) + 1
+        position = self.record.draws_per_chain.get(chain, 0)
+        if self._observe is not None:
+            self._observe(chain, position, losses)
+        self.record.draws_per_chain[chain] = position + 1
+
+    def kept_trace(self) -> Dict[int, List[float]]:
+        """{chain: the mean probe loss of each draw folded into the kernel, in order}."""
+        record = self.record
+        return {c: record.mean_trace.get(c, [])[:k] for c, k in record.draws_per_chain.items()}
 
     def _count_rejected(self, chain: int, draws: int = 1) -> None:
         self.record.rejected_per_chain[chain] = self.record.rejected_per_chain.get(chain, 0) + draws

@@ -236,10 +236,13 @@ def _run_demo(args, demo_parser) -> None:
         require_demo_modules()
     except ImportError as error:  # the [demo] extra is missing: say which
         sys.exit(f"losskernel demo: {error}")
+    from .diagnostics import HealthReport
+
     summary = run_demo(args.out, cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("config", "health report")}, indent=2))
     print(f"wrote {args.out}/kernel.pt, {args.out}/summary.json, {args.out}/correlation.png, "
           f"{args.out}/explorer.html")
+    print(HealthReport.from_dict(summary["health report"]))  # last: can these draws be trusted?
 
 
 def main(argv=None) -> int:

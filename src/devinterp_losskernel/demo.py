@@ -125,7 +125,9 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
              verbose: bool = True) -> dict:
     """Train, sample, and write kernel.pt, summary.json, correlation.png and explorer.html
     (the interactive kernel explorer, :func:`~devinterp_losskernel.explore.explore`) to
-    ``out_dir``. Needs the ``[demo]`` extra."""
+    ``out_dir``. The summary ends with the kernel's health report (``kernel.diagnostics()``,
+    also in ``kernel.metadata["diagnostics"]`` and on the explorer page). Needs the ``[demo]``
+    extra."""
     require_demo_modules()
     from .analysis import detection_auc, memorization_scores
     from .estimate import estimate_loss_kernel
@@ -149,6 +151,8 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
     sampled_at = time.perf_counter()
 
     is_flipped = flipped[probe_index].numpy()
+    report = kernel.diagnostics()  # can these draws be trusted? (basin, mixing, reliability of R̂)
+    kernel.metadata.setdefault("diagnostics", report.to_dict())  # the explorer page shows its verdict
     summary = {
         "config": asdict(cfg),
         "train_accuracy_on_noisy_labels": train_accuracy,
@@ -166,6 +170,7 @@ def run_demo(out_dir: str | Path = "losskernel_demo", cfg: Optional[DemoConfig] 
         "mean probe loss/over draws": float(kernel.mean.mean()),
         "seconds/train": trained_at - started,
         "seconds/sample": sampled_at - trained_at,
+        "health report": report.to_dict(),
     }
     kernel.save(out / "kernel.pt")
     plot_correlation_matrix(kernel, labels=probe[1].numpy(), path=out / "correlation.png")

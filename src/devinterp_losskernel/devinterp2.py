@@ -34,6 +34,7 @@ loop can use too) pairs each micro-batch's losses with those indices.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -45,10 +46,10 @@ import torch
 
 from .callback import LossKernelCallback
 from .float32_mean import StreamingFloat32Mean
-from .minibatch import MINIBATCH_METHOD, MinibatchMoments, _stochastic_modules
+from .minibatch import MINIBATCH_METHOD, MinibatchMoments
 from .progress import devinterp_bars
 from .summary import slt_summary
-from .validation import check_selection
+from .validation import check_loss_scale, check_selection, train_mode_noise
 
 __all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset", "MinibatchVariance2"]
 
@@ -289,7 +290,8 @@ NU_MEANING = ("ν = β/2 · Σ_i Var_w[ℓ(x_i; w)] over the N training sequence
               "variance of the sequences seen at least twice); ℓ(x_i; w) is sequence i's loss, the mean over its "
               "token positions of devinterp's per-token loss, evaluated at the post-burn-in SGLD steps whose "
               "minibatch held it. It is Watanabe's singular fluctuation when ℓ is a negative log-likelihood (the "
-              "per-token cross-entropy of devinterp's default loss); for another loss divide by its scale")
+              "per-token cross-entropy of devinterp's default loss); for ℓ = s · NLL + const (an MSE loss with "
+              "Gaussian noise of variance σ²: s = 2σ²) pass loss_scale=s: ν is divided by it (attrs['loss_scale'])")
 
 
 def _with_index(item, index):
@@ -327,17 +329,6 @@ class _IndexedDataset(torch.utils.data.Dataset):
         return [_with_index(item, i) for item, i in zip(items, indices)]
 
 
-def _train_mode_noise(model: torch.nn.Module) -> list:
-    """What makes a sequence's train-mode loss noisy or batch-dependent: dropout modules with
-    p > 0, BatchNorm, and an HF config's functional ``attention_dropout`` > 0."""
-    found = _stochastic_modules(model)
-    config = getattr(model, "config", None)
-    p = getattr(config, "attention_dropout", None)
-    if isinstance(p, numbers.Real) and not isinstance(p, bool) and p > 0:
-        found.append(f"config.attention_dropout={p}")
-    return found
-
-
 class MinibatchVariance2(MinibatchMoments):
     """ν and per-sequence loss variances of the whole training set inside a user's own devinterp
     2.x ``sample_single_chain`` loop, from the losses the sampler already computes (issue 19).
@@ -364,7 +355,7 @@ class MinibatchVariance2(MinibatchMoments):
 
     Sequence i's loss is the mean of its row of the loss (devinterp's per-token loss [B, T−1]:
     the mean over token positions; a per-sample loss [B] is taken as is). ν = β/2 · Σ_i
-    Var_w[ℓ(x_i)/loss_scale], β = nbeta/N, with the N − N_seen samples seen fewer than twice
+    Var_w[ℓ(x_i)] / loss_scale, β = nbeta/N, with the N − N_seen samples seen fewer than twice
     filled by the mean of the others; it is Watanabe's singular fluctuation when ℓ / loss_scale
     is a negative log-likelihood. Its standard error is a jackknife over chains.
 
@@ -383,12 +374,15 @@ class MinibatchVariance2(MinibatchMoments):
         nbeta: the sampler's n_beta, for ν (the variances do not need it).
         num_draws, num_steps_bw_draws: the sampler's, to tell a chain devinterp stopped early
             (left out at :meth:`finalize`); optional.
-        loss_scale: ν is reported for ℓ / loss_scale (e.g. 2σ² for an MSE loss with Gaussian
-            noise of variance σ²).
+        loss_scale: s with ℓ = s · NLL + const; ν is divided by it (1 for a negative
+            log-likelihood; 2σ² for an MSE loss with Gaussian noise of variance σ²).
+        allow_train_mode_noise: record even for a model with active dropout or BatchNorm
+            (refused at the first evaluate otherwise, with the reason); recorded in the results.
     """
 
     def __init__(self, dataset, evaluate=None, *, num_burnin_steps: int = 0, nbeta: Optional[float] = None,
-                 num_draws: Optional[int] = None, num_steps_bw_draws: int = 1, loss_scale: float = 1.0):
+                 num_draws: Optional[int] = None, num_steps_bw_draws: int = 1, loss_scale: float = 1.0,
+                 allow_train_mode_noise: bool = False):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(f"dataset must be the map-style training dataset (len() and [i]), got "
                             f"{type(dataset).__name__}")
@@ -404,16 +398,18 @@ class MinibatchVariance2(MinibatchMoments):
         if num_draws is not None:
             _positive_int(num_draws, "num_draws")
         _positive_int(num_steps_bw_draws, "num_steps_bw_draws")
-        for value, name in ((nbeta, "nbeta"), (loss_scale, "loss_scale")):
-            if value is None and name == "nbeta":
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if nbeta is not None and (isinstance(nbeta, bool) or not isinstance(nbeta, numbers.Real)
+                                  or not np.isfinite(nbeta) or nbeta <= 0):
+            raise ValueError(f"nbeta must be a positive number, got {nbeta!r}")
+        check_loss_scale(loss_scale)
+        if not isinstance(allow_train_mode_noise, bool):
+            raise TypeError(f"allow_train_mode_noise must be True or False, got {allow_train_mode_noise!r}")
         if evaluate is None:
             from devinterp.slt.lm_loss import make_evaluate_fn
 
             evaluate = make_evaluate_fn()
-        self._start_moments(len(dataset), loss_scale, None if nbeta is None else float(nbeta))
+        self._start_moments(len(dataset), loss_scale, None if nbeta is None else float(nbeta),
+                            allow_train_mode_noise=allow_train_mode_noise)
         self.dataset = _IndexedDataset(dataset)
         self.num_burnin_steps = int(num_burnin_steps)
         self.num_draws = None if num_draws is None else int(num_draws)
@@ -423,7 +419,6 @@ class MinibatchVariance2(MinibatchMoments):
         self._inner = evaluate
         self._last_step: Dict[int, int] = {}
         self._stash: Optional[torch.Tensor] = None
-        self._checked_models: set = set()
 
     # -- inside devinterp's loop ----------------------------------------------------------------
     @property
@@ -445,18 +440,6 @@ class MinibatchVariance2(MinibatchMoments):
         out = self._inner(model, _without_index(batch))
         self._stash = batch[INDEX_KEY]  # only once evaluate has returned: a failed one leaves nothing
         return out
-
-    def _check_model(self, model) -> None:
-        if id(model) in self._checked_models:
-            return
-        noisy = _train_mode_noise(model)
-        if noisy:
-            raise ValueError(
-                "the minibatch losses are not draws of ℓ(x; w) for this model: devinterp evaluates minibatches in "
-                f"train mode, where {', '.join(noisy[:3])} make a sample's loss noisy or depend on its batch-mates. "
-                "Set the dropout probabilities to 0, or use a probe (LossKernelCallback, mode='diagonal': eval-mode "
-                "probe passes)")
-        self._checked_models.add(id(model))
 
     def __call__(self, *, loss, chain: int = 0, step: int = 0, micro_step: int = 0, input_ids=None,
                  **_ignored) -> None:
@@ -537,7 +520,8 @@ class MinibatchVariance2(MinibatchMoments):
         nu_attrs = {"method": MINIBATCH_METHOD, "meaning": NU_MEANING, "samples_seen_fewer_than_twice": unseen,
                     "chains": [int(c) for c in sorted(self.chains)],
                     "left_out_chains": "; ".join(f"{c}: {why}" for c, why in sorted(self.failed_chains.items()))
-                    or "none", "minibatch_order": minibatch_order}
+                    or "none", "minibatch_order": minibatch_order, "loss_scale": self.loss_scale,
+                    **self._noise_record()}
         if self.nbeta is not None:
             nu, se = self.singular_fluctuation(moments), self.singular_fluctuation_se()
         else:
@@ -608,13 +592,21 @@ def llc(
     callback_kwargs: Optional[Dict[str, Any]] = None,
     return_kernel: bool = False,
     minibatch_variance: bool = True,
+    loss_scale: float = 1.0,
+    allow_train_mode_noise: bool = False,
 ):
     """``devinterp.slt.llc.llc`` with the loss kernel of the same run.
 
     Every argument up to ``output_path`` is devinterp 2's (same defaults); see
-    ``devinterp.slt.sampling.sample``. ``save_metrics=True`` and ``output_path`` are refused
-    (nothing is written to zarr: for a stored run use devinterp's ``sample(output_path=…)``
-    and :meth:`LossKernel.from_samples <devinterp_losskernel.LossKernel.from_samples>`).
+    ``devinterp.slt.sampling.sample``. Nothing is written by default. With ``output_path``
+    the run also writes devinterp's ``sample()`` store there, as devinterp's ``llc(...,
+    output_path=)`` writes it (every observable evaluated at every draw by devinterp's
+    ``Observable`` in the chain's train mode, the minibatch losses and token ids, the init
+    loss; with ``save_metrics=True`` the per-step SGLD diagnostics ``metrics_*``; see
+    :mod:`devinterp_losskernel.devinterp2_store`); the path must not exist yet (devinterp
+    would reuse a finished store there; read one with devinterp's ``compute_llc`` and
+    :meth:`LossKernel.from_samples <devinterp_losskernel.LossKernel.from_samples>`).
+    ``save_metrics`` is passed to devinterp's sampling method as ``sample()`` passes it.
 
     Args (ours):
         observable: the name of the observable that is the kernel's probe (default: the first).
@@ -624,6 +616,12 @@ def llc(
         minibatch_variance: compute ν and the per-sequence loss variances of the whole training
             ``dataset`` from the SGLD minibatches' own losses (default; no extra forward pass);
             ``False`` turns it off.
+        loss_scale: s with ℓ = s · NLL + const; ``train_singular_fluctuation`` is divided by it
+            (1: devinterp's cross-entropy is a negative log-likelihood; 2σ² for an MSE ``loss_fn``
+            with Gaussian noise of variance σ²). Recorded in its attrs.
+        allow_train_mode_noise: compute the training set's ν even for a model with active dropout
+            or BatchNorm (by default it is NaN there, with the reason; the LLC and kernel are
+            computed either way); the attrs record the opt-in and what was found.
 
     Returns:
         An ``xarray.Dataset`` with devinterp's ``llc_mean``, ``llc_std``, ``llc_per_chain``
@@ -649,9 +647,12 @@ def llc(
         (their number is in the attrs). ν = n_beta/2 · the mean variance of the seen sequences
         (β/2 · Σ_i over all N, β = n_beta/N), Watanabe's singular fluctuation when ℓ is a
         negative log-likelihood (devinterp's per-token cross-entropy is). devinterp evaluates
-        minibatches in train mode: for a model with active dropout or BatchNorm (GPT-2 configs
-        often have dropout 0.1) these are not computed — ``train_singular_fluctuation`` is NaN
-        with ``why_nan``, and a warning says so; the LLC and the kernel are computed as usual.
+        minibatches in train mode: for a model with active dropout (modules, or functional
+        dropout such as ``nn.MultiheadAttention(dropout=)``) or BatchNorm (GPT-2 configs often
+        have dropout 0.1) these are not computed — ``train_singular_fluctuation`` is NaN with
+        ``why_nan``, and a warning says so; the LLC and the kernel are computed as usual (an
+        error after sampling would lose the LLC run). ``allow_train_mode_noise=True`` computes
+        them anyway; the attrs record the opt-in and what was found. ``loss_scale`` divides ν.
 
         Two ν's: ``singular_fluctuation`` is the probe kernel's (exact per-draw probe passes,
         over the probe's sequences; only when the probe observable is the training dataset or
@@ -664,17 +665,18 @@ def llc(
     from devinterp.slt.observables import Observable
     from devinterp.slt.sampler import calculate_num_steps, sample_single_chain
 
-    if output_path is not None:
-        raise ValueError("output_path is not supported by devinterp_losskernel.llc (it writes no zarr store): "
-                         "run devinterp.slt.sampling.sample(..., output_path=…) and then "
-                         "LossKernel.from_samples(samples, observable=…) for the kernel of a stored run")
-    if save_metrics:
-        raise ValueError("save_metrics=True is not supported by devinterp_losskernel.llc; use "
-                         "devinterp.slt.sampling.sample(..., save_metrics=True)")
+    from .devinterp2_store import SampleStore, check_new_store_path
+
+    if not isinstance(save_metrics, bool):
+        raise TypeError(f"save_metrics must be True or False, got {save_metrics!r}")
+    store_path = None if output_path is None else check_new_store_path(output_path)  # before any sampling
     _check_llc_arguments(model, observables, observable, param_masks, callback_kwargs, device, batch_size,
                          batches_per_draw)
     if not isinstance(minibatch_variance, bool):
         raise TypeError(f"minibatch_variance must be True or False, got {minibatch_variance!r}")
+    check_loss_scale(loss_scale)
+    if not isinstance(allow_train_mode_noise, bool):
+        raise TypeError(f"allow_train_mode_noise must be True or False, got {allow_train_mode_noise!r}")
     if not isinstance(observables, dict) or not observables:
         raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
                          "the kernel's probe is one of them")
@@ -714,22 +716,22 @@ def llc(
         noise_level=noise_level, llc_weight_decay=llc_weight_decay, bounding_box_size=bounding_box_size,
         sampling_method=sampling_method, sampling_method_kwargs=sampling_method_kwargs, shuffle=shuffle,
         match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
-        init_noise=init_noise, save_metrics=False,
+        init_noise=init_noise, save_metrics=save_metrics,
     )
     method = SAMPLING_METHODS.get(config.sampling_method)
     if method is None:
         raise ValueError(f"Unknown sampling method {config.sampling_method}")
     method_kwargs = dict(nbeta=n_beta, lr=lr, localization=config.localization, noise_level=config.noise_level,
                          weight_decay=config.llc_weight_decay, bounding_box_size=config.bounding_box_size,
-                         save_metrics=False, **config.sampling_method_kwargs)
+                         save_metrics=save_metrics, **config.sampling_method_kwargs)
 
     spec = observables[name]
     obs_dataset, per_draw = spec if isinstance(spec, tuple) else (spec, batches_per_draw)
     obs = Observable(dataset=obs_dataset, task_name=name, batches_per_draw=per_draw, batch_size=batch_size,
                      context_length=context_length, device=torch.device(device), seed=obs_seed, loss_fn=loss_fn)
     per_token = loss_fn if loss_fn is not None else compute_per_token_loss
-    used_metadata, used_attrs = _probe_use(observables, name, len(obs_dataset), obs.n_samples, batch_size, per_draw,
-                                           obs_seed)
+    used_metadata, used_attrs = _probe_use(observables if store_path is None else {name: spec}, name,
+                                           len(obs_dataset), obs.n_samples, batch_size, per_draw, obs_seed)
 
     init_loss = _init_loss(config, model, dataset, device, per_token)  # [chain, token_pos] float32
 
@@ -748,19 +750,22 @@ def llc(
     # `dataset` whose items carry their index, the evaluate takes it out again, on_micro folds
     recorder, minibatch_why = None, None
     if minibatch_variance:
-        noisy = _train_mode_noise(model)
-        if noisy:
+        # the LLC is not broken for it: a noisy model without the opt-in gets a NaN ν with the reason, not an error
+        noisy = train_mode_noise(model)
+        if noisy and not allow_train_mode_noise:
             minibatch_why = (
                 "not computed: devinterp evaluates the SGLD minibatches in train mode, where "
                 f"{', '.join(noisy[:3])}{' …' if len(noisy) > 3 else ''} make a sequence's loss noisy (or depend on "
                 "its batch-mates), so the minibatch losses are not draws of ℓ(x; w). Set the dropout probabilities to "
-                "0 (GPT-2: resid_pdrop, embd_pdrop, attn_pdrop) for ν of the training set, or pass "
+                "0 (GPT-2: resid_pdrop, embd_pdrop, attn_pdrop) for ν of the training set, pass "
+                "allow_train_mode_noise=True to compute it anyway (recorded in the attrs), or "
                 "minibatch_variance=False")
             warnings.warn(f"devinterp_losskernel.llc: train_singular_fluctuation is NaN: {minibatch_why}", UserWarning,
                           stacklevel=2)
         else:
             recorder = MinibatchVariance2(dataset, make_evaluate_fn(loss_fn), num_burnin_steps=num_burnin_steps,
-                                          nbeta=n_beta, num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws)
+                                          nbeta=n_beta, num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws,
+                                          loss_scale=loss_scale, allow_train_mode_noise=allow_train_mode_noise)
             recorder.hyperparameters.update(lr=float(lr), localization=float(config.localization))
     minibatch_order = (f"devinterp's loader: shuffle={config.shuffle}, epoch_mode={config.epoch_mode!r}"
                        + (" (the first epoch's order replayed)" if config.epoch_mode == "cycle" else "")
@@ -796,7 +801,31 @@ def llc(
                               RuntimeWarning, stacklevel=2)
 
     dataloader_seed = init_seed if config.match_sampling_input_ids_across_chains else None
-    with devinterp_bars():  # devinterp's own per-chain bars, one line a minute when written to a log
+    draw_callbacks, micro_callback, step_callback = [callback], on_micro, None
+    store = None
+    if store_path is not None:  # devinterp's store of this run, written as sample() writes it
+        from .rng import global_rng_untouched
+
+        with global_rng_untouched():  # an Observable's DataLoader draws a base seed from torch's generator
+            store_obs = [obs if key == name else Observable(
+                dataset=value[0] if isinstance(value, tuple) else value, task_name=key,
+                batches_per_draw=value[1] if isinstance(value, tuple) else batches_per_draw, batch_size=batch_size,
+                context_length=context_length, device=torch.device(device), seed=obs_seed, loss_fn=loss_fn)
+                for key, value in observables.items()]
+        store = SampleStore(store_path, config, context_length, store_obs, model, param_masks, device)
+
+        def store_draw(*, loss, draw, chain, model, **_):  # first, as sample()'s on_draw: the same RNG use
+            store.on_draw(loss, draw, chain, {o.obs_id: o.compute_loss(model) for o in store_obs})
+
+        def micro_callback(**kwargs):
+            store.on_micro(**kwargs)
+            on_micro(**kwargs)
+
+        draw_callbacks = [store_draw, callback]
+        step_callback = store.on_step if save_metrics else None
+    with devinterp_bars(), (store if store is not None else contextlib.nullcontext()):
+        if store is not None:
+            store.write_init_loss(init_loss)
         for chain in range(num_chains):
             sample_single_chain(
                 ref_model=model, dataset=dataset if recorder is None else recorder.dataset,
@@ -805,7 +834,8 @@ def llc(
                 gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
                 sampling_method_kwargs=method_kwargs, chain=chain, seed=init_seed + chain,
                 dataloader_seed=dataloader_seed if dataloader_seed is not None else init_seed + chain,
-                device=device, callbacks=[callback], micro_callback=on_micro, batch_size=batch_size,
+                device=device, callbacks=draw_callbacks, micro_callback=micro_callback,
+                step_callback=step_callback, batch_size=batch_size,
                 init_noise=init_noise, shuffle=config.shuffle, epoch_mode=config.epoch_mode,
             )
     callback.finalize()

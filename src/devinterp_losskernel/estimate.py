@@ -3,6 +3,13 @@
 The LLC of the same run is carried in ``kernel.metadata`` (``llc/mean``, ``llc/std``,
 ``llc/per_chain``), so the kernel, its trace and the LLC all come from the same draws.
 
+``mode="minibatch"`` (no probe: ``estimate_loss_kernel(model, train_loader, None,
+mode="minibatch", ...)``) keeps no probe at all: ν and the per-sample loss variances of the whole
+training set come from the losses of the SGLD minibatches themselves (every post-burn-in step),
+beside devinterp's LLC of the same chains, at no extra forward pass. Its minibatches are drawn
+uniformly with replacement from the loader's dataset (its own generator per chain), not in the
+loader's epoch order: see :func:`~devinterp_losskernel.minibatch.loader_with_replacement`.
+
 devinterp 1.x: each chain through its ``sample``. devinterp 2.x: each chain through its
 ``sample_single_chain`` (its loop, seeding, NaN handling and draw schedule: draws after steps
 b, b+k, b+2k, …), for any data: the batches come from the caller's own DataLoader (its
@@ -36,11 +43,12 @@ from .progress import devinterp_bars
 from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 from .rng import leaves_rng_untouched
 from .summary import slt_summary, snapshot_convergence
-from .validation import check_output_path
+from .validation import check_loss_scale, check_output_path, check_train_mode_noise
 
 __all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
 
 CHECKPOINT_NAME = "loss_kernel_checkpoint.pt"
+MODES = ("full", "diagonal", "combined", "minibatch")
 
 
 def devinterp_major() -> int:
@@ -87,6 +95,8 @@ def estimate_loss_kernel(
     callback_kwargs: Optional[Dict[str, Any]] = None,
     mode: str = "full",
     sampling_method=None,
+    loss_scale: float = 1.0,
+    allow_train_mode_noise: bool = False,
     **sgld_settings,
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
@@ -94,7 +104,8 @@ def estimate_loss_kernel(
     Args:
         model: the trained network at w*. It is not modified (the run works on a copy).
         loader: training data for the SGLD gradient (its batch size is the paper's m).
-        probe: the n probe samples (DataLoader without shuffling, Dataset, tensors, dict).
+        probe: the n probe samples (DataLoader without shuffling, Dataset, tensors, dict);
+            None for ``mode="minibatch"``.
         sgld: the :class:`~devinterp_losskernel.presets.SGLDSettings` of the run — C
             (``num_chains``), T (``num_draws`` per chain), b (``num_burnin_steps``), ε (``lr``),
             nβ (``nbeta``), γ (``localization``), ``num_steps_bw_draws`` and ``seed`` — e.g.
@@ -116,7 +127,16 @@ def estimate_loss_kernel(
             variance: O(n) memory, so the probe can be the whole training set — memorization
             scores and an exact, unextrapolated ν) or ``"combined"`` (with
             ``callback_kwargs=dict(rows=...)``: the full kernel on those rows, the variance of
-            every sample, from one probe pass per draw).
+            every sample, from one probe pass per draw). ``"minibatch"`` (``probe=None``): no
+            probe and no extra forward pass — the mean and variance of every training sample's
+            loss over the post-burn-in SGLD steps whose minibatch held it, from the sampler's own
+            per-sample losses (``loss_fn``; the SGLD loss is their mean), a LossKernel of mode
+            "minibatch" with ``visits`` [N] and, in ``metadata``, ν (``singular_fluctuation``,
+            its jackknife ``singular_fluctuation_se`` over chains, ``unseen``: samples seen fewer
+            than twice, whose variance is NaN) beside devinterp's LLC. Its minibatches are drawn
+            with replacement (``loader``'s batch size, collate and workers; its sampler is not
+            used): epoch-wise shuffling biased ν up in the repository's study. Not with
+            ``evaluate``, ``checkpoint_dir``, ``callback_kwargs`` or ``probe_train_mask``.
         callback_kwargs: extra :class:`LossKernelCallback` arguments (``block_size``, ``rows``,
             ``autocast_dtype``, ``snapshot_every``, ``snapshot_rows``, …).
         sampling_method: devinterp's sampler: ``devinterp.optim.SGLD`` or (devinterp 2.x)
@@ -124,6 +144,14 @@ def estimate_loss_kernel(
             Default: devinterp 1.x's ``SGLD``; devinterp 2.x's ``SGMCMC.sgld`` (its
             replacement for the deprecated ``SGLD``; the same steps to the last bit). Its name
             is recorded in ``metadata["settings"]["sampling_method"]``.
+        loss_scale: s with ℓ = s · NLL + const: ν is divided by it (1 for a negative
+            log-likelihood such as the default cross-entropy; 2σ² for an MSE loss with Gaussian
+            noise of variance σ²), so that it is Watanabe's singular fluctuation. Recorded in
+            ``metadata["loss_scale"]``.
+        allow_train_mode_noise: ``mode="minibatch"`` only. devinterp evaluates minibatches in
+            train mode; a model with active dropout or BatchNorm is refused before sampling
+            (its minibatch losses are not draws of ℓ(x; w)) unless this is True, which
+            ``metadata`` records with what was found.
 
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
@@ -144,6 +172,23 @@ def estimate_loss_kernel(
     changed through ``callback_kwargs``.
     """
     # every argument is checked before anything is sampled
+    loss_scale = check_loss_scale(loss_scale)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "minibatch":
+        return _estimate_minibatch(model, loader, probe, sgld, sgld_settings, loss_fn=loss_fn, evaluate=evaluate,
+                                   device=device, sample_ids=sample_ids, labels=labels, dtype=dtype,
+                                   checkpoint_dir=checkpoint_dir, probe_train_mask=probe_train_mask,
+                                   callback_kwargs=callback_kwargs, sampling_method=sampling_method,
+                                   loss_scale=loss_scale, allow_train_mode_noise=allow_train_mode_noise,
+                                   verbose=verbose)
+    if probe is None:
+        raise ValueError(f"probe must be given for mode={mode!r} (the samples whose losses are evaluated at every "
+                         "draw); for ν and per-sample variances of the training set from the SGLD minibatches "
+                         "themselves, with no probe, use mode='minibatch'")
+    if allow_train_mode_noise is not False:
+        raise ValueError("allow_train_mode_noise is for mode='minibatch' only: the probe modes evaluate the probe "
+                         "in eval mode")
     sgld = _sgld_record(sgld, sgld_settings, loader)
     num_chains, num_draws = sgld.num_chains, sgld.num_draws
     if not isinstance(loader, DataLoader):
@@ -202,6 +247,7 @@ def estimate_loss_kernel(
             _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
     settings.pop("sampling_method_callable")
     callback.finalize()
+    callback.extra_metadata["loss_scale"] = loss_scale  # singular_fluctuation (in slt_summary) reads it here
     callback.extra_metadata.update({"settings": settings, "sgld": sgld.to_dict(),
                                     "diverged_chains": progress.diverged,
                                     "llc/init_loss": init_loss, **_llc_summary(progress, num_chains)})
@@ -211,6 +257,139 @@ def estimate_loss_kernel(
         kernel.metadata["cka_convergence"] = snapshot_convergence(callback)
         kernel.metadata["snapshot_indices"] = callback.snapshot_indices.tolist()
     return kernel
+
+
+_NOT_IN_MINIBATCH_MODE = {
+    "evaluate": "the SGLD loss is the mean of loss_fn's per-sample losses, which are the ones recorded (pass loss_fn)",
+    "checkpoint_dir": "a minibatch-mode run is not checkpointed (its state is O(N): rerun it)",
+    "callback_kwargs": "there is no probe callback",
+    "probe_train_mask": "there is no probe: every training sample of the loader's dataset is recorded",
+}
+
+
+def _estimate_minibatch(model, loader, probe, sgld, sgld_settings, *, loss_fn, evaluate, device, sample_ids, labels,
+                        dtype, checkpoint_dir, probe_train_mask, callback_kwargs, sampling_method, loss_scale,
+                        allow_train_mode_noise, verbose) -> LossKernel:
+    """``estimate_loss_kernel(model, loader, None, mode="minibatch", ...)``: ν and the per-sample loss
+    variances of the whole training set from the SGLD minibatches' own losses, beside devinterp's
+    LLC. Every argument is checked before sampling."""
+    from .kernel import as_labels
+    from .minibatch import MinibatchVariance, StepRecorder, loader_with_replacement
+
+    where = "estimate_loss_kernel(mode='minibatch')"
+    if probe is not None:
+        raise ValueError(f"probe must be None for mode='minibatch' (the training set's own minibatch losses are "
+                         f"recorded, no probe is evaluated), got a {type(probe).__name__}; for a probe use "
+                         "mode='diagonal' (exact per-sample values, a held-out probe) or mode='full' (the kernel)")
+    given = {"evaluate": evaluate, "checkpoint_dir": checkpoint_dir, "callback_kwargs": callback_kwargs,
+             "probe_train_mask": probe_train_mask}
+    for name, value in given.items():
+        if value is not None:
+            raise ValueError(f"{name} is not used with mode='minibatch': {_NOT_IN_MINIBATCH_MODE[name]}")
+    if dtype != torch.float64:
+        raise ValueError(f"dtype must be torch.float64 with mode='minibatch' (its per-sample moments are float64), "
+                         f"got {dtype}")
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"loader must be a torch DataLoader, got {type(loader).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        raise TypeError(f"loader.dataset must be a map-style dataset (len() and [i]) with mode='minibatch': each "
+                        f"sample is recorded under its index; got {type(dataset).__name__}")
+    num_train = len(dataset)
+    if num_train < 2:
+        raise ValueError(f"loader.dataset must hold at least 2 samples, got {num_train}")
+    if loader.batch_size is None:
+        raise ValueError("loader must have a batch_size with mode='minibatch' (it draws its own minibatches of that "
+                         "size, with replacement); a loader built with batch_sampler= has none")
+    sgld = _sgld_record(sgld, sgld_settings, loader)
+    check_loss_fn(loss_fn)
+    if sampling_method is not None and not callable(sampling_method):
+        raise TypeError(f"sampling_method must be devinterp's SGLD or SGMCMC.sgld (a callable), "
+                        f"got {sampling_method!r}")
+    noise = check_train_mode_noise(model, allow_train_mode_noise, where=where)
+    labels = None if labels is None else as_labels(labels, num_train, "labels")
+    if sample_ids is not None and len(sample_ids) != num_train:
+        raise ValueError(f"sample_ids must have one entry per training sample: length {num_train}, "
+                         f"got {len(sample_ids)}")
+    major = devinterp_major()
+    sampling_method = _default_sampling_method(major) if sampling_method is None else sampling_method
+    device = _check_device(device) if device is not None else _model_device(model)
+    model = copy.deepcopy(model).to(device)  # devinterp's train-mode passes leave the caller's model alone
+    per_sample = loss_fn or default_loss_fn
+    if sgld.seed is None:
+        sgld = replace(sgld, seed=int(np.random.SeedSequence().entropy % 2**32))
+    settings = dict(sgld.to_dict(), num_train=num_train, sampling_method=_method_name(sampling_method),
+                    sampling_method_callable=sampling_method)
+
+    def mean_loss(model, batch):
+        losses = per_sample(model, batch)
+        if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"loss_fn must return the per-sample losses [batch_size] with mode='minibatch', got {got}")
+        return losses.mean()
+
+    init_loss = _minibatch_init_loss(model, loader, mean_loss, settings, device)  # checks loss_fn before sampling
+    hyperparameters = {"lr": float(sgld.lr), "nbeta": float(sgld.nbeta), "localization": float(sgld.localization)}
+    if major == 1:
+        recorder = MinibatchVariance(num_train, per_sample, loss_scale=loss_scale,
+                                     allow_train_mode_noise=allow_train_mode_noise)
+        evaluate = recorder.evaluate
+    else:
+        recorder = StepRecorder(num_train, num_burnin_steps=sgld.num_burnin_steps, nbeta=sgld.nbeta,
+                                loss_scale=loss_scale, allow_train_mode_noise=allow_train_mode_noise)
+
+        def evaluate(model, batch):
+            indices, inner = batch
+            recorder._check_model(model)
+            losses = per_sample(model, inner)
+            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (len(indices),):
+                got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise ValueError(f"loss_fn must return per-sample losses [{len(indices)}], got {got}")
+            recorder.keep(indices, losses)
+            return losses.mean()
+    recorder.nbeta, recorder.hyperparameters = float(sgld.nbeta), dict(hyperparameters)
+    recorder.train_mode_noise = list(noise)
+
+    progress = _Progress()
+    loader_seeds = [int(v) for v in np.random.SeedSequence([int(settings["seed"]), 19]).generate_state(
+        sgld.num_chains)]  # the minibatch order's own generators, apart from devinterp's seeds
+    with _quiet_devinterp(), devinterp_bars(show=False):
+        for chain, seed in enumerate(chain_seeds(settings["seed"], sgld.num_chains)):
+            chain_loader = loader_with_replacement(loader, loader_seeds[chain])
+            try:
+                if major == 1:
+                    mean = _run_chain_devinterp1(model, chain_loader, _ChainLabel(recorder, chain), evaluate,
+                                                 settings, device, seed, init_loss)
+                else:
+                    mean = _run_chain_devinterp2(model, chain_loader, _ChainLabel(_ignore, chain), evaluate, settings,
+                                                 device, seed, init_loss, micro_callback=_ChainLabel(recorder, chain))
+            except RuntimeError as error:
+                if "NaN" not in str(error):
+                    raise
+                recorder._forget_chain(chain)
+                message = re.sub(r"\b([Cc]hain) 0\b", rf"\g<1> {chain}", str(error))
+                warnings.warn(f"{where}: chain {chain} is left out (devinterp stopped it: {message})",
+                              RuntimeWarning, stacklevel=3)
+                progress.llc_per_chain[chain], progress.diverged = None, progress.diverged + [chain]
+            else:
+                progress.llc_per_chain[chain] = settings["nbeta"] * (mean - init_loss)
+            warnings.filterwarnings("ignore", module=r"devinterp(\.|$)")  # said once is enough
+    settings.pop("sampling_method_callable")
+    if not recorder.steps_per_chain:
+        raise RuntimeError(f"{where}: every chain diverged ({progress.diverged}); no minibatch losses were kept. "
+                           "Lower lr or raise localization")
+    kernel = recorder.kernel
+    settings["minibatch_sampler"] = ("the package's own: uniform with replacement from loader.dataset, batches of "
+                                     f"{loader.batch_size}, one generator per chain")
+    kernel.metadata.update({"settings": settings, "sgld": sgld.to_dict(), "diverged_chains": progress.diverged,
+                            "llc/init_loss": init_loss, **_llc_summary(progress, sgld.num_chains)})
+    return replace(kernel, labels=labels, sample_ids=sample_ids)
+
+
+def _ignore(**_kwargs) -> None:
+    """A callback that does nothing (the chain label records the minibatch losses)."""
 
 
 def _sgld_record(sgld: Optional[SGLDSettings], by_name: Dict[str, Any], loader) -> SGLDSettings:
@@ -500,7 +679,7 @@ class _LoaderFeed:
         raise ValueError("the training loader yields no batches")
 
 
-def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
+def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, init_loss, micro_callback=None) -> float:
     """One chain through devinterp 2.x's ``sample_single_chain``, for any data: devinterp's
     loop, seeding, sampler and draw schedule; the batches from the caller's ``loader`` (its
     collate_fn and sampler kept); returns the chain's mean minibatch loss over draws."""
@@ -520,7 +699,7 @@ def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, in
             num_steps_bw_draws=s["num_steps_bw_draws"], sampling_method=s["sampling_method_callable"],
             sampling_method_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
             chain=0, seed=seed, dataloader_seed=seed + 1, device=str(device),
-            callbacks=[callback], batch_size=1, shuffle=False,
+            callbacks=[callback], batch_size=1, shuffle=False, micro_callback=micro_callback,
         )
     for w in caught:  # devinterp 2.x turns a NaN chain into a warning; re-raise it as ours
         if "Chain failed" in str(w.message):

@@ -534,8 +534,16 @@ def _colourings(numbers_: _KernelNumbers, label_arr, names_of, hierarchy,
     return colourings
 
 
-def _initial_colouring(colourings: Dict[str, tuple], color_by: Optional[str]) -> str:
+def _initial_colouring(colourings: Dict[str, tuple], color_by: Optional[str], labels_mixed: bool = False) -> str:
+    """``color_by``, else what the run found: the first score given, else K(x, x) (the
+    memorization score) when the map mixes labels by design (same-label edges removed), else
+    the first colouring."""
     if color_by is None:
+        scores = [key for key in colourings if key.startswith("score")]
+        if scores:
+            return scores[0]
+        if labels_mixed and "variance" in colourings:
+            return "variance"
         return next(iter(colourings))
     by_title = {t: key for key, (t, _, _) in colourings.items()}
     if color_by in colourings:
@@ -731,7 +739,12 @@ def explore(
             different-label only), capped at the candidates available.
         path: the HTML file to write, in an existing folder; an existing file there is
             replaced only if it is an HTML page. Written atomically.
-        color_by: the colouring shown first (``"label"``, ``"hierarchy"``, a score name …).
+        color_by: the colouring shown first (``"label"``, ``"hierarchy"``, a score name …);
+            default: what the run found — the first of ``scores``, else K(x, x) when the map
+            removes same-label edges (its label colours mix by design), else the labels.
+
+    The page states on its face how the map was made, and shows the kernel's health report
+    (``kernel.metadata["diagnostics"]``) when it carries one.
         lowest: also ship the least correlated lists (the toggle).
         random_state: the UMAP seed (an int ≥ 0); None: a fresh seed from the OS, recorded in
             the page's data as ``random_state`` (no global RNG is used).
@@ -761,7 +774,9 @@ def explore(
     n_neighbors = _default_map_neighbours(label_arr, n) if embedding is None else None
     given = None if neighbours is None else _given_neighbours(neighbours, n, label_arr)
     colourings = _colourings(numbers_, label_arr, names_of, hierarchy, _score_arrays(scores, n))
-    first = _initial_colouring(colourings, color_by)
+    labels_mixed = embedding is None and label_arr is not None
+    first = _initial_colouring(colourings, color_by, labels_mixed)
+    health = _health_of(kernel)
     text_col = _texts(texts, n) if texts is not None else [""] * n
     pil = _pil_images(images, n, image_layout) if images is not None else None
 
@@ -775,10 +790,53 @@ def explore(
 
     data = _page_data(n, k, lists, unavailable, colourings, first, title, seed, label_text, paths,
                       has_images=images is not None, has_texts=texts is not None,
-                      has_labels=label_arr is not None, has_hierarchy=hierarchy is not None)
+                      has_labels=label_arr is not None, has_hierarchy=hierarchy is not None,
+                      about=_map_description(embedding is not None, label_arr is not None, n_neighbors),
+                      health=health)
     columns = _page_columns(coords, label_arr, label_text, paths, thumbs, text_col, numbers_, colourings, first)
     _write_page(out, _render(columns, data))
     return ExplorerPage(out)
+
+
+def _map_description(given: bool, has_labels: bool, n_neighbors: Optional[int]) -> str:
+    """How the map was made, in a sentence or two, for the page's face."""
+    if given:
+        return "Map: the coordinates given to explore(embedding=...)."
+    if not has_labels:
+        return (f"Map: UMAP of 1 − R̂ (the kernel's correlation distance, {n_neighbors} neighbours). "
+                "Points close together are inputs whose losses rise and fall together under the posterior.")
+    return (f"Map: UMAP of 1 − R̂ with edges between same-label inputs removed ({n_neighbors} neighbours; "
+            "the paper's deconfounding, App. B). Each input is placed by its most correlated inputs of "
+            "other labels, so label colours mix by design: what groups together shares structure across labels.")
+
+
+def _health_of(kernel: Any) -> Optional[dict]:
+    """The kernel's health report (``metadata["diagnostics"]``, a dict or a HealthReport) as
+    {ok, judgeable, problems, notes}, or None when the kernel carries none."""
+    metadata = getattr(kernel, "metadata", None)
+    report = metadata.get("diagnostics") if isinstance(metadata, MappingABC) else None
+    if report is None:
+        return None
+    if hasattr(report, "to_dict"):
+        report = report.to_dict()
+    if not isinstance(report, MappingABC) or "ok" not in report:
+        return None
+    return {"ok": bool(report["ok"]), "judgeable": bool(report.get("judgeable", True)),
+            "problems": [str(p) for p in report.get("problems", [])],
+            "notes": [str(x) for x in report.get("notes", [])]}
+
+
+def _health_html(health: Optional[dict]) -> str:
+    """The health report's verdict as the page shows it (escaped; empty without a report)."""
+    if health is None:
+        return ""
+    verdict = ("OK" if health["ok"] else "not judgeable" if not health["judgeable"] else
+               f"{len(health['problems'])} problem" + ("s" if len(health["problems"]) != 1 else ""))
+    kind = "lk-ok" if health["ok"] else "lk-bad"
+    items = "".join(f"<li>{_html_text(p)}</li>" for p in health["problems"])
+    items += "".join(f"<li class=\"lk-note\">{_html_text(x)}</li>" for x in health["notes"])
+    return (f'<div id="lk-health" class="{kind}"><b>Health report: {verdict}</b>'
+            + (f"<ul>{items}</ul>" if items else "") + "</div>")
 
 
 def _require_page_modules(images: Any) -> None:
@@ -892,7 +950,8 @@ def _render(columns: dict, data: dict) -> str:
     source.selected.js_on_change("indices", CustomJS(code="if (window.LK) LK.tapped(cb_obj.indices);"))
     item = json_item(plot, _PLOT_DIV)
     title = _html_text(data["title"])
-    return _PAGE.format(title=title, resources=Resources(mode="inline", components=["bokeh", "bokeh-gl"]).render(),
+    return _PAGE.format(title=title, about=_html_text(data["about"]), health=_health_html(data["health"]),
+                        resources=Resources(mode="inline", components=["bokeh", "bokeh-gl"]).render(),
                         plot_div=_PLOT_DIV, bokeh_id=_BOKEH_ID, bokeh_item=script_json(item),
                         data_id=_DATA_ID, data=script_json(data), css=_CSS, js=_JS)
 
@@ -986,6 +1045,8 @@ _PAGE = """<!DOCTYPE html>
   <div id="lk-map"><div id="{plot_div}"></div></div>
   <div id="lk-side">
     <h1 id="lk-title">{title}</h1>
+    <div id="lk-about">{about}</div>
+    {health}
     <div class="lk-row"><label for="lk-color">Colour by</label>
       <select id="lk-color"></select></div>
     <div id="lk-legend"></div>
@@ -1013,7 +1074,13 @@ _CSS = """
 body{margin:0;font:13px/1.35 system-ui,sans-serif;color:#222}
 #lk-app{display:flex;gap:12px;padding:8px}
 #lk-side{width:380px;flex:none}
-#lk-title{font-size:16px;margin:4px 0 10px}
+#lk-title{font-size:16px;margin:4px 0 6px}
+#lk-about{font-size:12px;color:#444;margin:0 0 8px}
+#lk-health{font-size:12px;margin:0 0 8px;padding:4px 6px;border-radius:3px;max-height:160px;overflow:auto}
+#lk-health ul{margin:2px 0 0 16px;padding:0}
+#lk-health.lk-ok{background:#e6f4ea;border-left:4px solid #1a7f37}
+#lk-health.lk-bad{background:#fdecea;border-left:4px solid #c62828}
+#lk-health .lk-note{color:#555}
 .lk-row{margin:6px 0}
 .lk-row label{margin-right:8px}
 #lk-legend{max-height:220px;overflow:auto;margin:4px 0 8px;font-size:12px}

@@ -83,6 +83,19 @@ def _storable_ids(sample_ids) -> list:
     return out
 
 
+def _health_attributes(kernel: "LossKernel") -> dict:
+    """The health report's summary as xarray attributes (``health_ok``, ``health_judgeable``,
+    ``health_problems`` and ``health_notes`` as text, one sentence a line)."""
+    summary = kernel.metadata.get("diagnostics")
+    if not isinstance(summary, dict) or "ok" not in summary:
+        from .diagnostics import report_summary
+
+        summary = report_summary(kernel)
+    return {"health_ok": bool(summary["ok"]), "health_judgeable": bool(summary.get("judgeable", True)),
+            "health_problems": "\n".join(summary.get("problems", [])),
+            "health_notes": "\n".join(summary.get("notes", []))}
+
+
 @dataclass
 class LossKernel:
     """The estimated loss kernel of a probe set of n samples.
@@ -109,6 +122,15 @@ class LossKernel:
             for a minibatch-mode kernel (``metadata["mode"] == "minibatch"``: the losses of the
             SGLD minibatches, a different number per sample; variance NaN where fewer than 2);
             None when every sample was evaluated at every draw (``num_draws`` values each).
+        token_positions: [n, 2] int64 for a token-level kernel (devinterp 2's
+            ``correlation_method="token"``): row i is the loss of token (batch index,
+            target position 1…T), the batch index into ``input_ids``; None otherwise.
+        input_ids: [num_sequences, T + 1] int64 token ids of the sequences the rows come
+            from (devinterp's observables concatenated), when known; else None.
+        health_record: what the run recorded for its health report (:meth:`diagnostics`): the
+            trace of the mean probe loss of every kept draw, {chain: float64 [T_c]}, and
+            split-half moments (:class:`~devinterp_losskernel.diagnostics.HealthRecorder`);
+            None when the kernel was made without them (an older file, a subset).
 
     Example (three draws of four samples; in a run the callback or
     :func:`~devinterp_losskernel.estimate_loss_kernel` makes the kernel):
@@ -144,6 +166,9 @@ class LossKernel:
     metadata: dict = field(default_factory=dict)
     columns: Optional[torch.Tensor] = None
     visits: Optional[torch.Tensor] = None
+    token_positions: Optional[torch.Tensor] = None
+    input_ids: Optional[torch.Tensor] = None
+    health_record: Optional[dict] = None
 
     def __post_init__(self):
         n = self.mean.shape[0]
@@ -163,6 +188,15 @@ class LossKernel:
             self.visits = torch.as_tensor(self.visits)
             if tuple(self.visits.shape) != (n,):
                 raise ValueError(f"visits must have shape ({n},), got {tuple(self.visits.shape)}")
+        if self.token_positions is not None:
+            self.token_positions = torch.as_tensor(self.token_positions, dtype=torch.long)
+            if tuple(self.token_positions.shape) != (n, 2):
+                raise ValueError(f"token_positions must have shape ({n}, 2) (batch index, target position), got "
+                                 f"{tuple(self.token_positions.shape)}")
+        if self.input_ids is not None:
+            self.input_ids = torch.as_tensor(self.input_ids)
+            if self.input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [num_sequences, T + 1], got shape {tuple(self.input_ids.shape)}")
         if self.sample_ids is not None and len(self.sample_ids) != n:
             raise ValueError(f"sample_ids must have length {n}, got {len(self.sample_ids)}")
         self._correlation: Optional[torch.Tensor] = None
@@ -207,7 +241,8 @@ class LossKernel:
                           num_draws=self.num_draws, init_loss=pick(self.init_loss),
                           draws_per_chain=dict(self.draws_per_chain), rejected_per_chain=dict(self.rejected_per_chain),
                           sample_ids=ids, labels=pick(self.labels),
-                          metadata={**self.metadata, "subset_of": self.num_samples, "subset_rows": rows.tolist()})
+                          metadata={**self.metadata, "subset_of": self.num_samples, "subset_rows": rows.tolist()},
+                          token_positions=pick(self.token_positions), input_ids=self.input_ids)
 
     @property
     def correlation(self) -> torch.Tensor:
@@ -239,6 +274,8 @@ class LossKernel:
             rejected_per_chain=dict(self.rejected_per_chain),
             sample_ids=move(self.sample_ids), labels=move(self.labels),
             metadata=dict(self.metadata), visits=move(self.visits),
+            token_positions=move(self.token_positions), input_ids=move(self.input_ids),
+            health_record=self.health_record,
         )
 
     # -- persistence ------------------------------------------------------------------------
@@ -272,7 +309,10 @@ class LossKernel:
             "sample_ids": sample_ids,
             "labels": k.labels,
             "visits": k.visits,
+            "token_positions": k.token_positions,
+            "input_ids": k.input_ids,
             "metadata": to_storable(k.metadata),
+            "health_record": k.health_record,
         }
         return save_verified(payload, path)
 
@@ -305,6 +345,8 @@ class LossKernel:
             rejected_per_chain=payload["rejected_per_chain"],
             sample_ids=payload["sample_ids"], labels=payload["labels"],
             metadata=metadata, visits=payload.get("visits"),
+            token_positions=payload.get("token_positions"), input_ids=payload.get("input_ids"),
+            health_record=payload.get("health_record"),
         )
 
     def to_xarray(self):
@@ -342,6 +384,11 @@ class LossKernel:
             data_vars["visits"] = (("sample",), k.visits.numpy())
         if k.labels is not None:
             coords["label"] = ("sample", k.labels.numpy())
+        if k.token_positions is not None:  # devinterp's names: the row's sequence and target position
+            coords["batch_index"] = ("sample", k.token_positions[:, 0].numpy())
+            coords["target_position"] = ("sample", k.token_positions[:, 1].numpy())
+        if k.input_ids is not None:  # devinterp's compute_bif output variable and dims
+            data_vars["input_ids"] = (("batch", "position"), k.input_ids.numpy())
         if k.covariance is not None:
             square = k.rows is None and k.columns is None
             rows = np.arange(n) if k.rows is None else k.rows.numpy()
@@ -371,6 +418,14 @@ class LossKernel:
         }
         attrs = {"num_draws": k.num_draws, "losskernel": to_typed_json(fields),
                  **{f"meta_{key}": _attribute(v) for key, v in metadata.items()}}
+        attrs.update(_health_attributes(k))
+        trace = (k.health_record or {}).get("trace") or {}
+        if trace and k.draws_per_chain and set(trace) == set(k.draws_per_chain):
+            chains = sorted(k.draws_per_chain)
+            padded = np.full((len(chains), max(len(trace[c]) for c in chains)), np.nan)
+            for i, c in enumerate(chains):
+                padded[i, : len(trace[c])] = np.asarray(trace[c], dtype=np.float64)
+            data_vars["probe_loss_trace"] = (("chain", "draw"), padded)  # L̄_probe(w_{c,t}), NaN past a chain's end
         return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
     @classmethod
@@ -407,7 +462,27 @@ class LossKernel:
                    num_draws=fields["num_draws"], init_loss=tensor("init_loss"), rows=as_index(fields["rows"]),
                    columns=as_index(fields["columns"]), draws_per_chain=fields["draws_per_chain"],
                    rejected_per_chain=fields["rejected_per_chain"], sample_ids=ids, labels=labels,
-                   metadata=fields["metadata"], visits=tensor("visits"))
+                   metadata=fields["metadata"], visits=tensor("visits"),
+                   token_positions=None if "target_position" not in dataset.coords else torch.stack([
+                       torch.from_numpy(np.array(dataset[name].values)) for name in ("batch_index",
+                                                                                      "target_position")], dim=1),
+                   input_ids=tensor("input_ids"))
+
+    def diagnostics(self, **thresholds):
+        """The health report of the run behind this kernel: is it to be trusted?
+
+        A :class:`~devinterp_losskernel.diagnostics.HealthReport` with ``ok``, ``problems``
+        (sentences naming the setting to change and which way), ``notes``, ``judgeable`` and
+        the ``numbers`` behind each verdict: the chains left the basin or did not move, trends,
+        split-R̂, effective sample sizes of the probe-loss trace, and the split-half reliability
+        of R̂ (of the variances for a diagonal kernel) with the draws a reliability of 0.9 needs.
+        ``thresholds``: any of :data:`~devinterp_losskernel.diagnostics.THRESHOLDS` by name,
+        ``chance_loss=``, ``nbeta=``. A kernel without a health record (an older file) gets
+        ``judgeable=False`` saying why. See :func:`~devinterp_losskernel.diagnostics.diagnose`.
+        """
+        from .diagnostics import diagnose  # here: the report is read, not needed to build a kernel
+
+        return diagnose(self, **thresholds)
 
     @classmethod
     def from_samples(cls, samples, observable: str = "probe", **kwargs) -> "LossKernel":
@@ -420,12 +495,27 @@ class LossKernel:
                 ``xarray.Dataset`` of it, or the path of its zarr store.
             observable: the observable's name, as given to ``sample(observables={name: …})``.
             **kwargs: ``reduction="mean"|"sum"``, ``chains``, ``draws``, ``failed_chains``,
-                ``dtype``, ``rows``, ``mode``, …: see
+                ``dtype``, ``rows``, ``mode``, …, and devinterp's ``compute_bif`` options
+                (``correlation_method="token"`` for the token-level kernel over (sequence,
+                position) rows, ``reduce_chain_dimension_method``, ``loss_keys``,
+                ``batch_index_range_1``/``_2``): see
                 :func:`devinterp_losskernel.samples.kernel_from_samples`, which does the work.
+
+        The health record (:meth:`diagnostics`) is read from the store in a second pass over it.
         """
+        from .diagnostics import record_from_store, report_summary
         from .samples import kernel_from_samples  # here: samples.py imports this module
 
-        return kernel_from_samples(samples, observable, **kwargs)
+        kernel = kernel_from_samples(samples, observable, **kwargs)
+        if kernel.health_record is None:  # the health report's trace and split halves: a second read
+            try:
+                kernel.health_record = record_from_store(samples, observable, kernel,
+                                                         reduction=kwargs.get("reduction", "mean"))
+            except Exception as error:  # the kernel is never lost to its report
+                warnings.warn(f"from_samples: no health record ({type(error).__name__}: {error}); "
+                              "kernel.diagnostics() will say it cannot judge the run", RuntimeWarning, stacklevel=2)
+            kernel.metadata["diagnostics"] = report_summary(kernel)
+        return kernel
 
     def __repr__(self) -> str:
         shape = "diagonal " + str(self.num_samples) if self.covariance is None else \

@@ -19,15 +19,19 @@ forward pass. The one line a user adds: the training data carries each sample's 
     results["minibatch/singular_fluctuation"], results["minibatch/variance"]  # ν, Var_w[ℓ(x_i)] [N]
 
 What it measures: Var over the chain's states w_t of ℓ(x_i; w_t) at the steps where x_i was in the
-minibatch. devinterp evaluates minibatches in train mode: with active dropout or train-mode
-BatchNorm a sample's loss carries noise or depends on its batch-mates, so such models are
-refused. ν = β/2 · Σ_i Var_w[ℓ(x_i; w)], β = nβ/N, is Watanabe's singular fluctuation when ℓ is
-a negative log-likelihood (for an MSE loss with Gaussian noise of variance σ², divide by 2σ²:
-``loss_scale=``).
+minibatch. devinterp evaluates minibatches in train mode: with active dropout (modules, or
+functional dropout such as ``nn.MultiheadAttention(dropout=0.1)``) or BatchNorm a sample's loss
+carries noise or depends on its batch-mates, so such models are refused with the reason
+(:func:`~devinterp_losskernel.validation.check_train_mode_noise`) unless
+``allow_train_mode_noise=True``, which the results record. ν = β/2 · Σ_i Var_w[ℓ(x_i; w)] /
+loss_scale, β = nβ/N, is Watanabe's singular fluctuation when ℓ is a negative log-likelihood
+(``loss_scale=1``); for an MSE loss with Gaussian noise of variance σ², pass ``loss_scale=2σ²``
+(ν is divided by it).
 
-Not yet here (issue 19 stays open): the devinterp 2 path (``micro_callback``), the ``llc()``
-twin's default ν, ``estimate_loss_kernel(mode="minibatch")``, a ``LossKernel`` of mode
-"minibatch" for the analyses, and the study against the exact diagonal mode.
+Minibatch order: a loader that draws with replacement (``RandomSampler(replacement=True)``, what
+``estimate_loss_kernel(mode="minibatch")`` uses) makes a sample's visits independent of its own
+recent gradient steps; epoch-wise shuffling does not, and biases ν up (see
+``benchmarks/RESULTS.md``, minibatch study): the recorder warns about such a loader.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .probe import LossFn, check_loss_fn, default_loss_fn
-from .sample_moments import SampleMoments, merge_moments
+from .sample_moments import NU_MEANING, SampleMoments, merge_moments
+from .validation import check_loss_scale, check_train_mode_noise
 
-__all__ = ["MinibatchMoments", "MinibatchVariance", "WithIndices"]
+__all__ = ["MinibatchMoments", "MinibatchVariance", "WithIndices", "IndexedCollate", "loader_with_replacement"]
 
 RESULT_PREFIX = "minibatch/"
 MINIBATCH_METHOD = "minibatch: losses of the SGLD minibatches after burn-in, no extra forward pass"
@@ -66,6 +71,32 @@ class WithIndices(Dataset):
 
     def __getitem__(self, index):
         return index, self.dataset[index]
+
+
+class IndexedCollate:
+    """Collate for :class:`WithIndices` items: ``(indices LongTensor [B], collate_fn(samples))``,
+    so a loader keeps its own collate for the samples."""
+
+    def __init__(self, collate_fn=None):
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, items):
+        return torch.as_tensor([i for i, _ in items], dtype=torch.long), self.collate_fn([x for _, x in items])
+
+
+def loader_with_replacement(loader: DataLoader, seed: int) -> DataLoader:
+    """The minibatch mode's own loader over ``loader``'s dataset: batches of ``loader.batch_size``
+    samples drawn uniformly **with replacement** (each batch independent of the steps before it,
+    so a sample's visits do not follow its own gradient steps, as they do under epoch-wise
+    shuffling: the study measured ν biased up there), each item with its index; the loader's
+    collate_fn, workers and pin_memory kept. Its draws come from its own generator seeded with
+    ``seed``, never from the global one."""
+    indexed = WithIndices(loader.dataset)
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(indexed, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                      sampler=torch.utils.data.RandomSampler(indexed, replacement=True, generator=generator),
+                      collate_fn=IndexedCollate(loader.collate_fn), num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, generator=generator)
 
 
 _LIVE_RECORDERS: "weakref.WeakValueDictionary[int, MinibatchVariance]" = weakref.WeakValueDictionary()
@@ -95,17 +126,6 @@ class _RecorderEvaluate:
         return _live_evaluate, (self.recorder._token,)
 
 
-def _stochastic_modules(model: nn.Module) -> List[str]:
-    """Modules whose train-mode forward makes a sample's loss noisy or batch-dependent."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            found.append(f"{name or 'model'} ({type(module).__name__}, p={module.p})")
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            found.append(f"{name or 'model'} ({type(module).__name__})")
-    return found
-
-
 class MinibatchMoments:
     """Per-chain per-sample moments of N training samples' minibatch losses, and what is derived
     from them: the merged moments, ν with a jackknife standard error over chains, devinterp 1.x
@@ -115,9 +135,15 @@ class MinibatchMoments:
     _missing_nbeta = "nbeta is unknown: the sampler's optimizer did not carry it"
     _no_losses = "no draws yet: pass the recorder as callbacks=[recorder] and evaluate=recorder.evaluate"
 
-    def _start_moments(self, num_train: int, loss_scale: float, nbeta: Optional[float] = None) -> None:
+    def _start_moments(self, num_train: int, loss_scale: float, nbeta: Optional[float] = None,
+                       allow_train_mode_noise: bool = False) -> None:
         self.num_train = num_train
-        self.loss_scale = float(loss_scale)
+        self.loss_scale = check_loss_scale(loss_scale)
+        if not isinstance(allow_train_mode_noise, bool):
+            raise TypeError(f"allow_train_mode_noise must be True or False, got {allow_train_mode_noise!r}")
+        self.allow_train_mode_noise = allow_train_mode_noise
+        self.train_mode_noise: List[str] = []  # what check_train_mode_noise found (recorded when allowed)
+        self._checked_models: set = set()
         self.nbeta = nbeta
         self.hyperparameters: Dict[str, float] = {} if nbeta is None else {"nbeta": float(nbeta)}
         self.chains: Dict[int, SampleMoments] = {}
@@ -125,6 +151,27 @@ class MinibatchMoments:
         self.fold_every = max(4 * num_train, 4096)  # losses buffered per chain before an O(N) update
         self._buffer: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self._buffered: Dict[int, int] = {}
+
+    def _check_model(self, model: nn.Module) -> None:
+        """Train-mode noise, once per model: refused, or recorded under the opt-in."""
+        if id(model) in self._checked_models:
+            return
+        found = check_train_mode_noise(model, self.allow_train_mode_noise, where=type(self).__name__)
+        self.train_mode_noise += [f for f in found if f not in self.train_mode_noise]
+        self._checked_models.add(id(model))
+
+    def _noise_record(self) -> Dict[str, Any]:
+        """What the results say about train-mode noise."""
+        return {"allow_train_mode_noise": self.allow_train_mode_noise,
+                "train_mode_noise": "; ".join(self.train_mode_noise) or "none"}
+
+    def _forget_chain(self, chain: int) -> None:
+        """Leave a chain out (it diverged): its moments, steps and buffered losses."""
+        for store in (self.chains, self.steps_per_chain, self._buffer, self._buffered):
+            store.pop(chain, None)
+        if hasattr(self, "_pending"):
+            self._pending = []
+        self._stash = None
 
     def _add(self, chain: int, indices: torch.Tensor, losses: torch.Tensor) -> None:
         """Buffer one minibatch's losses of ``chain``; fold when enough are buffered."""
@@ -163,15 +210,17 @@ class MinibatchMoments:
         return self.moments().count
 
     def singular_fluctuation(self, moments: Optional[SampleMoments] = None) -> float:
-        """ν = β/2 · Σ_i Var_w[ℓ(x_i)/loss_scale], β = nβ/N; the samples seen fewer than twice are
-        filled with the mean variance of the others (N / N_seen extrapolation); NaN if none was."""
+        """ν = β/2 · Σ_i Var_w[ℓ(x_i)] / loss_scale, β = nβ/N; the samples seen fewer than twice are
+        filled with the mean variance of the others (N / N_seen extrapolation, the package's one
+        rule: ``analysis.singular_fluctuation`` of :attr:`kernel` gives the same); NaN if none was.
+        Watanabe's singular fluctuation when ℓ / loss_scale is a negative log-likelihood."""
         if self.nbeta is None:
             raise ValueError(self._missing_nbeta)
-        variance = (moments if moments is not None else self.moments()).variance() / self.loss_scale ** 2
+        variance = (moments if moments is not None else self.moments()).variance()
         seen = ~torch.isnan(variance)
         if not bool(seen.any()):
             return float("nan")
-        return float(self.nbeta / self.num_train / 2 * self.num_train * variance[seen].mean())
+        return float(self.nbeta / self.num_train / 2 * self.num_train * variance[seen].mean() / self.loss_scale)
 
     def singular_fluctuation_se(self) -> float:
         """Standard error of ν, a jackknife over chains (leave one out; NaN with fewer than two)."""
@@ -191,10 +240,12 @@ class MinibatchMoments:
             return {RESULT_PREFIX + "error": self._no_losses}
         moments = self.moments()
         results = {"variance": moments.variance().cpu().numpy(), "mean": moments.loss_mean().cpu().numpy(),
-                   "visits": moments.count.cpu().numpy(), "unseen": int((moments.count < 2).sum())}
+                   "visits": moments.count.cpu().numpy(), "unseen": int((moments.count < 2).sum()),
+                   "loss_scale": self.loss_scale, **self._noise_record()}
         if self.nbeta is not None:
             results["singular_fluctuation"] = self.singular_fluctuation(moments)
             results["singular_fluctuation_se"] = self.singular_fluctuation_se()
+            results["singular_fluctuation_meaning"] = NU_MEANING
         return {RESULT_PREFIX + key: value for key, value in results.items()}
 
     def _kernel_metadata(self) -> Dict[str, Any]:
@@ -213,10 +264,11 @@ class MinibatchMoments:
             raise ValueError(self._no_losses)
         metadata = {"mode": "minibatch", "sampler": dict(self.hyperparameters), "num_train": self.num_train,
                     "loss_scale": self.loss_scale, "unseen": int((moments.count < 2).sum()),
-                    "method": MINIBATCH_METHOD, **self._kernel_metadata()}
+                    "method": MINIBATCH_METHOD, **self._noise_record(), **self._kernel_metadata()}
         if self.nbeta is not None:
             metadata["singular_fluctuation"] = self.singular_fluctuation(moments)
             metadata["singular_fluctuation_se"] = self.singular_fluctuation_se()
+            metadata["singular_fluctuation_meaning"] = NU_MEANING
         return LossKernel(covariance=None, mean=moments.loss_mean().cpu(), variance=moments.variance().cpu(),
                           num_draws=sum(self.steps_per_chain.values()), draws_per_chain=dict(self.steps_per_chain),
                           visits=moments.count.cpu(), metadata=metadata)
@@ -230,22 +282,23 @@ class MinibatchVariance(MinibatchMoments):
         num_train: N, the training-set size (the indices that :class:`WithIndices` gives).
         loss_fn: per-sample loss ``(model, batch) -> Tensor[B]``; by default cross-entropy for
             ``(inputs, targets)`` batches. The SGLD minibatch loss is its mean.
-        loss_scale: ν is reported for ℓ / ``loss_scale`` (e.g. 2σ² for an MSE loss with
-            Gaussian noise of variance σ²), so that it is Watanabe's singular fluctuation.
+        loss_scale: s with ℓ = s · NLL + const; ν is divided by it (1 for a negative
+            log-likelihood; 2σ² for an MSE loss with Gaussian noise of variance σ²), so that it is
+            Watanabe's singular fluctuation. Recorded in the results.
+        allow_train_mode_noise: record even for a model with active dropout or BatchNorm (refused
+            otherwise, with the reason: its train-mode minibatch losses are not draws of ℓ(x; w));
+            the results record the opt-in and what was found.
     """
 
-    def __init__(self, num_train: int, loss_fn: Optional[LossFn] = None, *, loss_scale: float = 1.0):
+    def __init__(self, num_train: int, loss_fn: Optional[LossFn] = None, *, loss_scale: float = 1.0,
+                 allow_train_mode_noise: bool = False):
         if isinstance(num_train, bool) or not isinstance(num_train, int) or num_train < 2:
             raise ValueError(f"num_train must be the training-set size, an int >= 2, got {num_train!r}")
         check_loss_fn(loss_fn)
-        if not (isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool)
-                and math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
-        self._start_moments(num_train, loss_scale)
+        self._start_moments(num_train, loss_scale, allow_train_mode_noise=allow_train_mode_noise)
         self.loss_fn = loss_fn or default_loss_fn
         self.sampler_kind: Optional[str] = None  # how the loader draws minibatches, once seen
         self._pending: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        self._checked_models: set = set()
         self._token = next(_TOKENS)
         _LIVE_RECORDERS[self._token] = self
 
@@ -274,17 +327,6 @@ class MinibatchVariance(MinibatchMoments):
                              f"[{int(indices.min())}, {int(indices.max())}]: is num_train the training-set size?")
         self._pending.append((indices.detach(), losses.detach()))
         return losses.mean(), {}
-
-    def _check_model(self, model: nn.Module) -> None:
-        if id(model) in self._checked_models:
-            return
-        noisy = _stochastic_modules(model)
-        if noisy:
-            raise ValueError(
-                "the minibatch losses are not draws of ℓ(x; w) for this model: devinterp evaluates minibatches in "
-                f"train mode, where {', '.join(noisy[:3])} make a sample's loss noisy or depend on its batch-mates. "
-                "Use a probe mode (LossKernelCallback(..., mode='diagonal'): eval-mode probe passes) instead")
-        self._checked_models.add(id(model))
 
     # -- devinterp's callback (tensor bookkeeping only: draws on no random generator) ---------------
     def __call__(self, *, chain: int = 0, draw: int = 0, num_steps_bw_draws: int = 1, optimizer=None,
@@ -334,3 +376,31 @@ class MinibatchVariance(MinibatchMoments):
         raise TypeError("MinibatchVariance cannot be sent to worker processes (devinterp's cores > 1): each "
                         "worker would record into its own copy. Use cores=1.")
 
+
+
+class StepRecorder(MinibatchMoments):
+    """The minibatch mode of ``estimate_loss_kernel`` under devinterp 2: the package's evaluate
+    hands each minibatch's per-sample losses to :meth:`keep`, and devinterp's ``micro_callback``
+    (which names the step) folds them when ``step >= num_burnin_steps``: every post-burn-in step
+    counts, whatever ``num_steps_bw_draws``. Tensor bookkeeping only: draws on no generator."""
+
+    def __init__(self, num_train: int, *, num_burnin_steps: int, nbeta: float, loss_scale: float = 1.0,
+                 allow_train_mode_noise: bool = False):
+        self._start_moments(num_train, loss_scale, float(nbeta), allow_train_mode_noise=allow_train_mode_noise)
+        self.num_burnin_steps = int(num_burnin_steps)
+        self.sampler_kind = "with replacement"
+        self._stash: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def keep(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        self._stash = (indices.detach(), losses.detach())
+
+    def __call__(self, *, chain: int = 0, step: int = 0, **_ignored) -> None:
+        stash, self._stash = self._stash, None
+        if stash is None or int(step) < self.num_burnin_steps:
+            return
+        chain = int(chain)
+        self._add(chain, *stash)
+        self.steps_per_chain[chain] = self.steps_per_chain.get(chain, 0) + 1
+
+    def _kernel_metadata(self) -> Dict[str, Any]:
+        return {"minibatch_sampler": self.sampler_kind}

@@ -20,7 +20,13 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["SampleMoments", "merge_moments"]
+__all__ = ["NU_MEANING", "SampleMoments", "merge_moments"]
+
+# what ν is, said wherever it is returned (analysis.singular_fluctuation, the minibatch recorders, kernels)
+NU_MEANING = ("ν = β/2 · Σ_i Var_w[ℓ(x_i; w)] / loss_scale over the training set, β = nβ/n: Watanabe's singular "
+              "fluctuation when ℓ is a negative log-likelihood (loss_scale 1). With an MSE loss it is scaled by the "
+              "noise variance: for Gaussian noise of variance σ², ℓ = 2σ² · NLL + const, pass loss_scale = 2σ² "
+              "(ν is divided by it).")
 
 STATE_FORMAT = "devinterp_losskernel.SampleMoments"
 STATE_VERSION = 1

@@ -7,6 +7,11 @@
   of draws at a time (the store's own chunking, ``min(50, num_draws)`` draws) and folds each
   chunk into a :class:`~devinterp_losskernel.KernelAccumulator`, so memory is the n×n
   co-moment plus one chunk, whatever the number of draws (``compute_bif`` loads every draw).
+- :func:`bif_moments_from_samples` (and ``kernel_from_samples(…, correlation_method=…)``,
+  :func:`devinterp_losskernel.bif.compute_bif`): devinterp's ``compute_bif`` options — the
+  token-level kernel over (sequence, position) rows, several observables (``loss_keys``),
+  ``batch_index_range_1`` × ``_2``, chains stacked or averaged per draw index — folded chunk
+  by chunk into :class:`~devinterp_losskernel.bif.BifMoments`.
 - :func:`loss_kernel`: the same for a trace you hold, ``losses[draws, n]`` (or
   ``[chains, draws, n]``, or an iterable of ``[b, n]`` blocks).
 
@@ -36,7 +41,7 @@ from .kernel import LossKernel, as_labels
 from .provenance import FileIntegrityError, checksum
 from .validation import check_selection
 
-__all__ = ["kernel_from_samples", "loss_kernel"]
+__all__ = ["kernel_from_samples", "loss_kernel", "bif_moments_from_samples"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -338,6 +343,13 @@ def kernel_from_samples(
     block_size: int = 256,
     rows: Optional[Sequence[int]] = None,
     mode: str = "full",
+    correlation_method: Optional[str] = None,
+    reduce_chain_dimension_method: str = "stack",
+    loss_keys: Union[None, str, Sequence[str]] = None,
+    batch_index_range_1: Union[str, Sequence[int]] = "all",
+    batch_index_range_2: Union[str, Sequence[int]] = "all",
+    average_tokenwise_bif: bool = False,
+    compute_covariance: bool = False,
 ) -> LossKernel:
     """The exact loss kernel of a finished devinterp 2.x run, from its stored losses.
 
@@ -361,6 +373,18 @@ def kernel_from_samples(
         dtype, device, block_size, rows, mode: the accumulator's (see
             :class:`~devinterp_losskernel.KernelAccumulator`); ``rows`` must name distinct
             sequences.
+        correlation_method, reduce_chain_dimension_method, loss_keys, batch_index_range_1,
+        batch_index_range_2, average_tokenwise_bif, compute_covariance: devinterp's
+            ``compute_bif`` options. With ``correlation_method`` ("token" or "sequence") the
+            kernel is the one ``compute_bif`` reads its influences from, folded chunk by
+            chunk (:func:`bif_moments_from_samples`): over the (sequence, position) rows of
+            the observables ``loss_keys`` (default: ``[observable]``) concatenated
+            (``token_positions`` [n·T, 2], ``input_ids``) for "token", over their sequence
+            means for "sequence"; rows ``batch_index_range_1``, columns every sequence of
+            ``batch_index_range_1`` ∪ ``_2``; chains pooled ("stack") or averaged per draw
+            index first ("mean"). :func:`~devinterp_losskernel.bif.influences_from_kernel`
+            turns it into ``compute_bif``'s Dataset. ``reduction``, ``chains``, ``draws``,
+            ``rows``, ``mode`` and ``failed_chains`` are not taken with these.
 
     Returns:
         The :class:`LossKernel` over the observable's sequences in the store's order
@@ -376,6 +400,31 @@ def kernel_from_samples(
     if not isinstance(observable, str) or not observable:
         raise TypeError(f"observable must be the observable's name (a non-empty str, as given to "
                         f"sample(observables={{name: …}})), got {observable!r}")
+    bif_given = {name: value for name, value, default in (
+        ("reduce_chain_dimension_method", reduce_chain_dimension_method, "stack"), ("loss_keys", loss_keys, None),
+        ("batch_index_range_1", batch_index_range_1, "all"), ("batch_index_range_2", batch_index_range_2, "all"),
+        ("average_tokenwise_bif", average_tokenwise_bif, False), ("compute_covariance", compute_covariance, False))
+        if not (value is default or (isinstance(value, str) and value == default))}
+    if correlation_method is not None:
+        clash = [name for name, value, default in (("reduction", reduction, "mean"), ("chains", chains, None),
+                                                   ("draws", draws, None), ("rows", rows, None), ("mode", mode, "full"),
+                                                   ("failed_chains", failed_chains, "drop"))
+                 if not (value is default or (isinstance(value, str) and value == default))]
+        if clash:
+            raise ValueError(f"kernel_from_samples: {clash} cannot be combined with correlation_method= (devinterp's "
+                             "compute_bif options): use batch_index_range_1 for the rows, loss_keys for the "
+                             "observables")
+        moments = bif_moments_from_samples(
+            samples, correlation_method=correlation_method,
+            reduce_chain_dimension_method=reduce_chain_dimension_method,
+            loss_keys=[observable] if loss_keys is None else loss_keys, batch_index_range_1=batch_index_range_1,
+            batch_index_range_2=batch_index_range_2, average_tokenwise_bif=average_tokenwise_bif,
+            compute_covariance=compute_covariance, device=device, dtype=dtype, draws_per_read=draws_per_read)
+        return moments.compute(metadata={"source": "devinterp_losskernel.from_samples",
+                                         "sampler_config": _sampler_config(_open(samples)[0])})
+    if bif_given:
+        raise ValueError(f"kernel_from_samples: {sorted(bif_given)} are devinterp's compute_bif options and need "
+                         "correlation_method='token' or 'sequence'")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if failed_chains not in ("drop", "keep_finite"):
@@ -489,6 +538,92 @@ def kernel_from_samples(
                 "store": source, "chain_failures": failures, "diverged_chains": sorted(failures),
                 "devinterp_version": version, "token_positions": int(var.shape[-1])}
     return accumulator.compute(draws_per_chain=draws_per_chain, rejected_per_chain=rejected, metadata=metadata)
+
+
+BIF_OPTIONS = ("correlation_method", "reduce_chain_dimension_method", "loss_keys", "batch_index_range_1",
+               "batch_index_range_2", "average_tokenwise_bif", "compute_covariance")
+
+
+def bif_moments_from_samples(
+    samples,
+    *,
+    correlation_method: str = "token",
+    reduce_chain_dimension_method: str = "stack",
+    loss_keys: Union[str, Sequence[str]] = "all",
+    batch_index_range_1: Union[str, Sequence[int]] = "all",
+    batch_index_range_2: Union[str, Sequence[int]] = "all",
+    average_tokenwise_bif: bool = False,
+    compute_covariance: bool = False,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    draws_per_read: Optional[int] = None,
+    check_memory: bool = True,
+):
+    """The :class:`~devinterp_losskernel.bif.BifMoments` of a stored devinterp 2 ``sample()``
+    run with ``compute_bif``'s options, folded ``draws_per_read`` draws of one chain at a time
+    (default: the store's chunk along ``draw``): memory the moments
+    (:func:`~devinterp_losskernel.bif.estimate_bif_memory`, checked before anything is read)
+    plus one chunk [draws_per_read, Σ n_obs, T] float32, whatever the number of draws.
+
+    ``loss_keys``: observable names or ids (``"all"``: every ``loss_<obs>`` of the store, sorted,
+    as devinterp's ``_resolve_loss_keys``). Unwritten draws (a chain devinterp aborted: NaN in
+    the store) make the influences NaN as in devinterp (``"stack"``), or are left out of that
+    draw index's chain mean (``"mean"``, as xarray's NaN-skipping mean)."""
+    from .bif import BifMoments, resolve_loss_keys
+    from .validation import check_bif_options
+
+    check_bif_options(correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance)
+    if draws_per_read is not None and (isinstance(draws_per_read, bool) or not isinstance(draws_per_read,
+                                                                                          numbers.Integral)
+                                       or draws_per_read < 1):
+        raise ValueError(f"draws_per_read must be a positive int (draws read per chunk) or None, "
+                         f"got {draws_per_read!r}")
+    ds, source = _open(samples)
+    available = [str(v)[len("loss_"):] for v in ds.data_vars if str(v).startswith("loss_")]
+    if not available:
+        raise KeyError("these samples hold no observable losses (no loss_<obs> array): not a sample() run with "
+                       "observables")
+    keys = resolve_loss_keys(available, loss_keys)
+    shapes = {}
+    for key in keys:
+        var = ds[f"loss_{key}"]
+        expected = ("chain", "draw", f"batch_{key}", "token_pos")
+        if tuple(var.dims) != expected:
+            raise ValueError(f"loss_{key} must have dims {expected} (devinterp 2's sample() layout), got "
+                             f"{tuple(var.dims)}")
+        shapes[key] = tuple(int(s) for s in var.shape)
+    first = shapes[keys[0]]
+    for key, shape in shapes.items():
+        if (shape[0], shape[1], shape[3]) != (first[0], first[1], first[3]):
+            raise ValueError(f"loss_{key} has {shape[0]} chains × {shape[1]} draws × {shape[3]} positions, but "
+                             f"loss_{keys[0]} has {first[0]} × {first[1]} × {first[3]}")
+    num_chains, num_draws, _, context_length = first
+    if not (num_chains and num_draws):
+        raise ValueError(f"the observables' losses of these samples are empty: {num_chains} chains × {num_draws} "
+                         "draws")
+    input_ids = {}
+    for key in keys:
+        if f"input_ids_{key}" in ds.data_vars:
+            value = np.asarray(ds[f"input_ids_{key}"].values)
+            while value.ndim > 2:
+                value = value[0]
+            input_ids[key] = torch.from_numpy(value)
+    moments = BifMoments({k: shapes[k][2] for k in keys}, context_length, correlation_method=correlation_method,
+                         reduce_chain_dimension_method=reduce_chain_dimension_method,
+                         average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
+                         batch_index_range_1=batch_index_range_1, batch_index_range_2=batch_index_range_2,
+                         num_draws=num_draws, input_ids=input_ids if len(input_ids) == len(keys) else None,
+                         device=device, dtype=dtype, block_size=min(256, num_chains * num_draws),
+                         check_memory=check_memory)
+    readers = {k: _StoreReader(ds, ds[f"loss_{k}"], f"loss_{k}", source) for k in keys}
+    step = int(draws_per_read or readers[keys[0]].chunk)
+    for chain in range(num_chains):
+        for start in range(0, num_draws, step):
+            stop = min(num_draws, start + step)
+            losses = {k: torch.from_numpy(reader._read(f"loss_{k}", chain, start, stop))
+                      for k, reader in readers.items()}
+            moments.update(losses, chain=chain, draw=start)
+    return moments
 
 
 def _sampler_config(ds) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ Labels follow one rule, :func:`as_labels`.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 import shutil
@@ -404,8 +405,9 @@ class CheckedKernel:
 
     def __init__(self, n: int, *, name: str, source: Any = None,
                  covariance: Optional[np.ndarray] = None, variance: Optional[np.ndarray] = None,
-                 labels: Optional[np.ndarray] = None):
+                 labels: Optional[np.ndarray] = None, unseen: Optional[np.ndarray] = None):
         self.n, self.name, self.source, self.labels = n, name, source, labels
+        self.unseen = unseen  # bool [n]: a minibatch-mode kernel's samples without a variance (NaN); else None
         self._given = covariance  # a bare matrix, checked; only read from
         self._matrices = {} if covariance is None else {"covariance": _read_only(covariance)}
         self._variance = None if variance is None else _read_only(variance)
@@ -458,16 +460,69 @@ def checked_kernel(kernel: Any, name: str = "kernel", *, square: bool = True) ->
     if _is_loss_kernel(kernel):
         check_kernel(kernel, name, square=square)
         n = kernel.num_samples
-        variance = _variances(as_vector(kernel.variance, f"{name}.variance", n), f"{name}.variance")
+        variance, unseen = _kernel_variances(kernel, name, n)
         if kernel.covariance is not None:
             _check_finite_tensor(kernel.covariance, f"{name}.covariance")
         labels = None if kernel.labels is None else as_labels(kernel.labels, n, f"{name}.labels", integer=True)
-        return CheckedKernel(n, name=name, source=kernel, variance=variance, labels=labels)
+        return CheckedKernel(n, name=name, source=kernel, variance=variance, labels=labels, unseen=unseen)
     if isinstance(kernel, (str, bytes, os.PathLike)):
         raise TypeError(f"{name} must be a LossKernel or an [n, n] matrix, got the path {str(kernel)!r}; "
                         "read a saved kernel with LossKernel.load(path)")
     matrix = as_matrix(kernel, name)
     return CheckedKernel(matrix.shape[0], name=name, covariance=matrix)
+
+
+def _visits(kernel: Any, n: int, name: str) -> Optional[np.ndarray]:
+    """A minibatch-mode kernel's visits [n] (int ≥ 0), or None for a kernel whose every sample was
+    evaluated at every draw."""
+    visits = getattr(kernel, "visits", None)
+    if visits is None:
+        return None
+    arr = as_array(visits, f"{name}.visits")
+    if arr.shape != (n,) or arr.dtype.kind not in "iu" or (arr.size and arr.min() < 0):
+        raise ValueError(f"{name}.visits must be counts (int >= 0) of shape ({n},), got shape {arr.shape}, "
+                         f"dtype {arr.dtype}")
+    return arr
+
+
+def _kernel_variances(kernel: Any, name: str, n: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """THE RULE for samples without a variance, applied here and read by every analysis.
+
+    A minibatch-mode kernel (``kernel.visits`` given: issue 19) has a variance only for the
+    samples its minibatches held at least twice; the others are NaN, and only they may be.
+    Returned: the variances (float64 [n], NaN exactly there) and the bool mask of those samples
+    (None when there are none). What the analyses make of them:
+    :func:`~devinterp_losskernel.analysis.singular_fluctuation` sums the seen samples and
+    extrapolates to all n (V̂ = n · their mean, as for a probe that holds part of the training set,
+    ``method="extrapolated"``; their number in ``unseen``); ``memorization_scores`` and the
+    variance-based ``label_issue_scores`` are NaN there; ``detection_auc`` and ``roc_curve``
+    leave NaN scores out with a warning naming how many; ``mean_self_covariance`` averages the
+    seen ones. Everywhere else a NaN variance is refused."""
+    visits = _visits(kernel, n, name)
+    if visits is None or not (visits < 2).any():
+        return _variances(as_vector(kernel.variance, f"{name}.variance", n), f"{name}.variance"), None
+    unseen = visits < 2
+    raw = as_array(kernel.variance, f"{name}.variance")
+    if raw.shape != (n,):
+        raise ValueError(f"{name}.variance must have shape ({n},), got {raw.shape}")
+    seen = _variances(_as_float(raw[~unseen], f"{name}.variance of the samples seen twice or more"),
+                      f"{name}.variance")
+    values = np.full(n, np.nan)
+    values[~unseen] = seen
+    return values, unseen
+
+
+def kernel_mean(kernel: Any, name: str = "kernel") -> np.ndarray:
+    """μ̂(x) [n], float64: finite, except NaN at a minibatch-mode kernel's never-seen samples
+    (visits 0; see :func:`_kernel_variances`)."""
+    n = kernel.num_samples
+    visits = _visits(kernel, n, name)
+    if visits is None or not (visits == 0).any():
+        return as_vector(kernel.mean, f"{name}.mean", n)
+    raw = as_array(kernel.mean, f"{name}.mean")
+    values = np.full(n, np.nan)
+    values[visits > 0] = _as_float(raw[visits > 0], f"{name}.mean of the samples seen")
+    return values
 
 
 def _check_finite_tensor(tensor: torch.Tensor, name: str) -> None:
@@ -501,7 +556,8 @@ def kernel_matrix(kernel: Any, use: str = "covariance", name: str = "kernel") ->
 
 def kernel_variance(kernel: Any, name: str = "kernel") -> np.ndarray:
     """Per-sample variances K̂(x, x), [n], finite and ≥ 0: ``kernel.variance`` or the diagonal
-    of a matrix (read-only)."""
+    of a matrix (read-only); NaN at a minibatch-mode kernel's samples seen fewer than twice (the
+    one rule: :func:`_kernel_variances`)."""
     return checked_kernel(kernel, name, square=False).variance
 
 
@@ -516,7 +572,7 @@ def kernel_labels(kernel: Any, labels: Any, n: int, name: str = "labels", *, int
     return as_labels(labels, n, name, integer=integer)
 
 
-__all__ += ["CheckedKernel", "check_finite", "checked_kernel"]
+__all__ += ["CheckedKernel", "check_finite", "checked_kernel", "kernel_mean"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -866,3 +922,207 @@ def check_selection(values: Any, size: int, name: str, *, what: str = "index",
         raise ValueError(f"{name} must name each {what} once, got {repeated} more than once in {out} "
                          "(it would be counted twice)")
     return out
+
+
+def check_weight_restrictions(weight_restrictions: Any, model: torch.nn.Module,
+                              name: str = "weight_restrictions") -> dict:
+    """devinterp 2's ``weight_restrictions`` ({name: param masks or None}) checked against
+    ``model`` before any sampling, returned with ``None`` expanded to every parameter.
+
+    Each value is None (the whole model) or a dict {parameter name: None (all of it) or a
+    bool mask of the parameter's shape}, as devinterp's ``create_param_masks`` returns. Needs a
+    ``"full"`` key and at least one other (susceptibilities are reported for the others).
+    """
+    from collections.abc import Mapping
+
+    if not isinstance(weight_restrictions, Mapping) or not weight_restrictions:
+        raise TypeError(f"{name} must be a non-empty dict {{restriction name: param masks or None}}, got "
+                        f"{type(weight_restrictions).__name__}")
+    if "full" not in weight_restrictions:
+        raise ValueError(f"{name} must include a 'full' key (use None for the full model); got "
+                         f"{list(weight_restrictions)}")
+    if len(weight_restrictions) < 2:
+        raise ValueError(f"{name} must name at least one restriction besides 'full' (e.g. devinterp's "
+                         "create_param_masks(model, 'l0h1')): susceptibilities are reported for those, against 'full'")
+    params = dict(model.named_parameters())
+    out = {}
+    for key, masks in weight_restrictions.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"{name} must be keyed by names (non-empty str), got the key {key!r}")
+        if masks is None:
+            out[key] = {p: None for p in params}
+            continue
+        if not isinstance(masks, Mapping) or not masks:
+            raise TypeError(f"{name}[{key!r}] must be None or a non-empty dict {{parameter name: mask or None}}, "
+                            f"got {masks!r:.80}")
+        unknown = sorted(set(masks) - set(params))
+        if unknown:
+            raise ValueError(f"{name}[{key!r}] names parameters the model does not have: {unknown[:10]}; its "
+                             f"parameters are {sorted(params)[:10]}{' …' if len(params) > 10 else ''}")
+        for param, mask in masks.items():
+            if mask is None:
+                continue
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                    or tuple(mask.shape) != tuple(params[param].shape):
+                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"{name}[{key!r}][{param!r}] must be None or a bool mask of shape "
+                                 f"{tuple(params[param].shape)}, got {got}")
+        out[key] = dict(masks)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# TRAIN-MODE NOISE: the minibatch mode (issue 19) reads the losses devinterp computes while the
+# model is in train mode. One check, used by every minibatch entry point.
+# ---------------------------------------------------------------------------------------------
+
+# attributes under which modules keep a functional dropout probability (nn.MultiheadAttention's
+# ``dropout``, HF attention modules' ``attention_dropout``, custom ``dropout_p`` for SDPA, …)
+_FUNCTIONAL_DROPOUT = ("dropout", "dropout_p", "attention_dropout", "attn_dropout", "attn_pdrop")
+
+
+def train_mode_noise(model: torch.nn.Module) -> list:
+    """What makes a sample's train-mode loss noisy or depend on its batch-mates, one line each:
+    dropout modules with p > 0 (``nn.Dropout*``, ``AlphaDropout``), modules that apply dropout
+    functionally with a probability > 0 in an attribute (``nn.MultiheadAttention(dropout=)``,
+    and so ``nn.Transformer*`` layers; HF attention's ``attention_dropout``; an HF
+    ``config.attention_dropout``), and BatchNorm (in train mode it normalises with the batch's
+    statistics, whether or not it tracks running ones). Dropout called on a literal inside a
+    forward (``F.dropout(x, 0.1)``) cannot be seen."""
+    found = []
+    for name, module in model.named_modules():
+        where = name or "model"
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            if module.p > 0:
+                found.append(f"{where} ({type(module).__name__}, p={module.p})")
+            continue
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            found.append(f"{where} ({type(module).__name__}: batch statistics in train mode)")
+            continue
+        for attribute in _FUNCTIONAL_DROPOUT:
+            p = getattr(module, attribute, None)
+            if isinstance(p, numbers.Real) and not isinstance(p, bool) and p > 0:
+                found.append(f"{where} ({type(module).__name__}, {attribute}={p})")
+                break
+    p = getattr(getattr(model, "config", None), "attention_dropout", None)
+    if isinstance(p, numbers.Real) and not isinstance(p, bool) and p > 0 and not any("attention_dropout" in f
+                                                                                     for f in found):
+        found.append(f"config.attention_dropout={p}")
+    return found
+
+
+def check_train_mode_noise(model: torch.nn.Module, allow: Any = False, *, where: str,
+                           name: str = "allow_train_mode_noise") -> list:
+    """The minibatch mode's check: ``model``'s train-mode noise (:func:`train_mode_noise`), refused
+    with the reason unless ``allow`` (the opt-in argument called ``name``) is True; returns what
+    was found (an empty list for a clean model), for the result to record."""
+    if not isinstance(allow, bool):
+        raise TypeError(f"{name} must be True or False, got {allow!r}")
+    found = train_mode_noise(model)
+    if found and not allow:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise ValueError(
+            f"{where}: the minibatch losses are not draws of ℓ(x; w) for this model. devinterp evaluates the SGLD "
+            f"minibatches in train mode, where {', '.join(found[:3])}{more} make a sample's loss noisy or depend on "
+            "its batch-mates, which inflates the per-sample variances and ν. Set the dropout probabilities to 0 "
+            "(and replace BatchNorm, or fold it), use a probe mode (mode='diagonal': eval-mode probe passes), or "
+            f"pass {name}=True to record them anyway (the result says so)")
+    return found
+
+
+def check_loss_scale(loss_scale: Any, name: str = "loss_scale") -> float:
+    """ν's loss scale: a positive finite number (1 for a negative log-likelihood; 2σ² for an MSE
+    loss with Gaussian noise of variance σ²)."""
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not math.isfinite(loss_scale) \
+            or loss_scale <= 0:
+        raise ValueError(f"{name} must be a positive finite number (1 for a negative log-likelihood; 2σ² for an MSE "
+                         f"loss with Gaussian noise of variance σ²), got {loss_scale!r}")
+    return float(loss_scale)
+
+
+__all__ += ["check_loss_scale", "check_train_mode_noise", "train_mode_noise"]
+
+
+def check_positive_grid(values: Any, name: str) -> list:
+    """A sweep's grid: a non-empty sequence of distinct positive finite numbers (e.g.
+    ``calibrate(lrs=[1e-4, 3e-4])``), returned as a list of floats in the order given."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of positive numbers, e.g. [1e-4, 3e-4], got {values!r}")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must hold at least one value, got an empty sequence")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must hold positive finite numbers, got {value!r} in {values!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat a value, got {values!r}")
+    return [float(v) for v in values]
+
+
+__all__ += ["check_positive_grid"]
+
+
+def check_health_thresholds(thresholds: Any, defaults: dict) -> dict:
+    """The health report's thresholds: ``defaults`` with ``thresholds`` (names among the
+    defaults', each a finite number ≥ 0) put over them; an unknown name is refused, listing
+    the known ones."""
+    unknown = sorted(set(thresholds) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown health-report thresholds {unknown}; known: {sorted(defaults)} "
+                         "(and chance_loss=, nbeta=)")
+    out = dict(defaults)
+    for name, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        out[name] = float(value)
+    return out
+
+
+__all__ += ["check_health_thresholds"]
+
+
+# -- devinterp 2's compute_bif options (bif.py, samples.py) ----------------------------------------
+BIF_CORRELATION_METHODS = ("token", "sequence")
+BIF_CHAIN_REDUCTIONS = ("stack", "mean")
+
+
+def check_bif_options(correlation_method: Any, reduce_chain_dimension_method: Any, average_tokenwise_bif: Any,
+                      compute_covariance: Any, batch_size: Any = 32, batch_size_name: str = "bif_batch_size") -> None:
+    """devinterp's ``bif()`` / ``compute_bif`` options, refused by name when not one of its
+    values (devinterp itself fails late, after sampling, or not at all for a truthy string)."""
+    if correlation_method not in BIF_CORRELATION_METHODS:
+        raise ValueError(f"correlation_method must be one of {BIF_CORRELATION_METHODS}, got {correlation_method!r}")
+    if reduce_chain_dimension_method not in BIF_CHAIN_REDUCTIONS:
+        raise ValueError(f"reduce_chain_dimension_method must be one of {BIF_CHAIN_REDUCTIONS}, got "
+                         f"{reduce_chain_dimension_method!r}")
+    for value, name in ((average_tokenwise_bif, "average_tokenwise_bif"), (compute_covariance, "compute_covariance")):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"{batch_size_name} must be a positive int, got {batch_size!r}")
+
+
+def check_batch_index_range(value: Any, total: int, name: str) -> np.ndarray:
+    """devinterp's ``batch_index_range_1`` / ``_2``: ``"all"`` or a sequence of batch indices in
+    [0, total) (the observables' sequences concatenated; repeats allowed, as devinterp's
+    ``.sel(batch=…)``), as an int64 array."""
+    if isinstance(value, str):
+        if value != "all":
+            raise ValueError(f"{name} must be 'all' or a sequence of batch indices, got the str {value!r}")
+        return np.arange(total, dtype=np.int64)
+    if isinstance(value, (numbers.Number, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name} must be 'all' or a sequence of batch indices, got {value!r}")
+    out = []
+    for v in (value.tolist() if hasattr(value, "tolist") else list(value)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must hold int batch indices, got {v!r}")
+        if not 0 <= v < total:
+            raise ValueError(f"{name} must hold batch indices in [0, {total}) (the observables' sequences, "
+                             f"concatenated in loss_keys order), got {v}")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name} must select at least one sequence, got an empty sequence")
+    return np.asarray(out, dtype=np.int64)
+
+
+__all__ += ["check_bif_options", "check_batch_index_range"]

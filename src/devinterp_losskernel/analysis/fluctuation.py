@@ -15,6 +15,13 @@ Empirical variance. With ℓ(x; w) = −log p(x | w), the paper's Appendix A.1.3
 
 so ν̂ = β V̂ / 2. For a regular model with d parameters, ν = d/2 at β = 1 (e.g. linear
 regression with Gaussian noise, ℓ = ½(y − f(x))²; see ``tests/test_analysis_fluctuation.py``).
+
+Meaning. ν̂ is Watanabe's singular fluctuation when ℓ is a negative log-likelihood (the
+cross-entropy of a classifier or a language model). With another loss it is the same functional
+of that loss, scaled: if ℓ = s · NLL + const — devinterp's MSE with Gaussian noise of variance σ²
+has s = 2σ², since NLL = (y − f)²/(2σ²) + const — the sampler's posterior exp(−nβ L̄_n) is
+exp(−(nβ s) · mean NLL), so Watanabe's ν = (β s)/2 · Σ Var[ℓ/s] = β/2 · Σ Var[ℓ] / s: the
+reported ν is divided by ``loss_scale`` = s once (2σ² for that MSE).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Any, Optional
 import numpy as np
 
 from ..kernel import LossKernel
-from ..validation import as_mask, as_vector, check_kernel, kernel_variance
+from ..sample_moments import NU_MEANING
+from ..validation import as_mask, as_vector, check_kernel, check_loss_scale, checked_kernel
 
-__all__ = ["SingularFluctuation", "probe_llc", "singular_fluctuation"]
+__all__ = ["NU_MEANING", "SingularFluctuation", "probe_llc", "singular_fluctuation"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,12 @@ class SingularFluctuation:
         method: ``"exact"`` when every training sample is in the probe (V̂ is the sum over all
             n, nothing extrapolated: a whole-training-set probe, e.g. with ``mode="diagonal"``),
             else ``"extrapolated"`` (V̂ = n · mean over the probe's training samples).
+        loss_scale: s, ℓ = s · NLL + const (1 for a negative log-likelihood, 2σ² for an MSE
+            loss with Gaussian noise of variance σ²); ``nu`` is divided by it, ``V`` is not.
+        unseen: training samples of a minibatch-mode kernel without a variance (seen fewer
+            than twice): left out of the terms summed and extrapolated over, like samples
+            outside the probe.
+        meaning: what ``nu`` is, in words.
     """
 
     nu: float
@@ -60,11 +74,18 @@ class SingularFluctuation:
     num_probe_train: int
     stderr: float
     method: str = "extrapolated"
+    loss_scale: float = 1.0
+    unseen: int = 0
+
+    @property
+    def meaning(self) -> str:
+        return NU_MEANING if self.loss_scale == 1.0 else (
+            f"{NU_MEANING} Here ν = β/2 · Σ Var[ℓ] / {self.loss_scale:g} (loss_scale).")
 
     @property
     def V_stderr(self) -> float:
         """Standard error of V̂ (same caveat as ``stderr``)."""
-        return 2.0 * self.stderr / self.beta
+        return 2.0 * self.stderr * self.loss_scale / self.beta
 
 
 def _from_metadata(kernel: Any, value, name: str, section: str, key: str):
@@ -74,6 +95,8 @@ def _from_metadata(kernel: Any, value, name: str, section: str, key: str):
     kernel = getattr(kernel, "source", kernel)  # a CheckedKernel's LossKernel
     if isinstance(kernel, LossKernel):
         found = (kernel.metadata.get(section) or {}).get(key)
+        if found is None:  # a minibatch recorder's kernel keeps num_train and loss_scale at the top
+            found = kernel.metadata.get(key)
         if found is not None:
             return found
     raise ValueError(
@@ -94,14 +117,20 @@ def singular_fluctuation(
     nbeta: Optional[float] = None,
     num_train: Optional[int] = None,
     train_mask: Any = None,
+    loss_scale: Optional[float] = None,
 ) -> SingularFluctuation:
     """Estimate the singular fluctuation ν from the per-sample loss variances K̂(x, x).
 
         β = nβ / n,   V̂ = n · mean_{i ∈ probe ∩ train} K̂(x_i, x_i),   ν̂ = β V̂ / 2
 
     When the probe is the whole training set, V̂ = Σ_i K̂(x_i, x_i) = tr K̂ exactly (paper,
-    Appendix A.1.3). The losses must be negative log-likelihoods (up to an additive constant)
-    for ν̂ to be Watanabe's ν; for other losses it is the same functional of the loss.
+    Appendix A.1.3). ν̂ is Watanabe's singular fluctuation when the losses are negative
+    log-likelihoods (up to an additive constant); for ℓ = s · NLL (an MSE loss with Gaussian noise
+    of variance σ²: s = 2σ²) pass ``loss_scale=s``, and ν̂ = β V̂ / (2s).
+
+    A minibatch-mode kernel's samples seen fewer than twice have no variance (NaN): they are
+    left out of the terms and extrapolated over, exactly as samples outside the probe are
+    (``unseen`` counts them, ``method`` is then ``"extrapolated"``).
 
     Args:
         kernel: a :class:`LossKernel` (square or rectangular: only the variances [n_probe]
@@ -112,6 +141,9 @@ def singular_fluctuation(
             :func:`~devinterp_losskernel.estimate_loss_kernel`).
         train_mask: bool [n_probe], True for probe samples that belong to the training set.
             Default: all of them.
+        loss_scale: s with ℓ = s · NLL + const; ν̂ is divided by it. Default:
+            ``kernel.metadata["loss_scale"]`` when recorded, else 1 (ℓ is a negative
+            log-likelihood).
 
     Returns:
         A :class:`SingularFluctuation` (``nu``, ``V``, ``beta``, ``stderr``, …).
@@ -125,8 +157,14 @@ def singular_fluctuation(
     >>> f.V, f.beta, f.nu, f.method                     # β = nβ/n = 2.5, ν = βV/2
     (9.0, 2.5, 11.25, 'exact')
     """
-    variance = kernel_variance(kernel)
+    checked = checked_kernel(kernel, square=False)
+    variance = checked.variance
     n_probe = variance.shape[0]
+    try:
+        loss_scale = _from_metadata(kernel, loss_scale, "loss_scale", "settings", "loss_scale")
+    except ValueError:
+        loss_scale = 1.0  # not recorded: ℓ is taken to be a negative log-likelihood
+    loss_scale = check_loss_scale(loss_scale)
     nbeta = _positive(_from_metadata(kernel, nbeta, "nbeta", "sampler", "nbeta"), "nbeta")
     num_train = _from_metadata(kernel, num_train, "num_train", "settings", "num_train")
     if isinstance(num_train, bool) or not isinstance(num_train, (int, np.integer)) or num_train < 1:
@@ -141,6 +179,14 @@ def singular_fluctuation(
             f"num_train must be at least the number of training samples in the probe ({m}), "
             f"got {num_train}"
         )
+    unseen = 0
+    if checked.unseen is not None:  # the one rule (validation._kernel_variances): left out, extrapolated over
+        unseen = int((mask & checked.unseen).sum())
+        mask = mask & ~checked.unseen
+        m = int(mask.sum())
+        if m == 0:
+            raise ValueError("kernel has no training sample seen twice or more (a minibatch-mode kernel's other "
+                             "samples have no variance): run more steps")
     train_var = variance[mask]
     beta = nbeta / num_train
     exact = m == num_train
@@ -148,8 +194,9 @@ def singular_fluctuation(
     spread = float(train_var.std(ddof=1)) if m > 1 else 0.0
     V_stderr = num_train * spread / math.sqrt(m) * math.sqrt(max(0.0, 1.0 - m / num_train))
     return SingularFluctuation(
-        nu=beta * V / 2.0, V=V, beta=beta, nbeta=nbeta, num_train=num_train,
-        num_probe_train=m, stderr=beta * V_stderr / 2.0, method="exact" if exact else "extrapolated",
+        nu=beta * V / 2.0 / loss_scale, V=V, beta=beta, nbeta=nbeta, num_train=num_train,
+        num_probe_train=m, stderr=beta * V_stderr / 2.0 / loss_scale, method="exact" if exact else "extrapolated",
+        loss_scale=loss_scale, unseen=unseen,
     )
 
 

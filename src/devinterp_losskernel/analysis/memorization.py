@@ -23,6 +23,7 @@ from ..validation import (
     check_k,
     checked_kernel,
     kernel_labels,
+    kernel_mean,
     kernel_variance,
     py_scalar,
 )
@@ -49,13 +50,15 @@ def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.
               μ̂(x) = 0 < K̂(x, x), 0 where both are 0.
 
     Returns:
-        float64 [n]; larger means more memorization-like.
+        float64 [n]; larger means more memorization-like. NaN at a minibatch-mode kernel's
+        samples seen fewer than twice (they have no variance; :func:`detection_auc` leaves them
+        out, saying how many); the median is over the others.
     """
     variance = kernel_variance(kernel)
     if normalize is False:
         return variance.copy()  # never a view of the kernel's own tensor
     if normalize is True or normalize == "median":
-        median = float(np.median(variance))
+        median = float(np.nanmedian(variance))
         if not median > 0:
             raise ValueError(
                 "kernel must have a positive median variance K(x,x) for normalize='median', "
@@ -66,10 +69,11 @@ def memorization_scores(kernel: Any, normalize: Union[bool, str] = False) -> np.
         source = kernel.source if isinstance(kernel, CheckedKernel) else kernel
         if not isinstance(source, LossKernel):
             raise ValueError("kernel must be a LossKernel for normalize='cv' (it needs the mean loss)")
-        mean_sq = as_vector(source.mean, "kernel.mean", variance.shape[0]) ** 2
+        mean_sq = kernel_mean(source) ** 2
         with np.errstate(divide="ignore", invalid="ignore"):
             cv = variance / mean_sq
-        return np.where(mean_sq > 0, cv, np.where(variance > 0, np.inf, 0.0))
+        cv = np.where(mean_sq > 0, cv, np.where(variance > 0, np.inf, 0.0))
+        return np.where(np.isnan(variance), np.nan, cv)
     raise ValueError(f"normalize must be False, True, 'median' or 'cv', got {normalize!r}")
 
 
@@ -173,7 +177,9 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
 
     ``which=None`` gives every score the kernel supports (a diagonal-mode kernel, or one
     without labels, has no neighbour agreement; one without ``init_loss`` no mean shift);
-    a score named in ``which`` that the kernel cannot give is refused, saying why.
+    a score named in ``which`` that the kernel cannot give is refused, saying why. A
+    minibatch-mode kernel's scores are NaN at the samples it has no value for (variance: seen
+    fewer than twice; mean: never seen).
 
     Measured on the memorization tutorial's data (2,000 Fashion-MNIST images, 10% relabelled,
     4 × 300 draws; ROC-AUC) at the tutorial's γ = 200: posterior mean loss 0.951, mean shift
@@ -197,9 +203,9 @@ def label_issue_scores(kernel: LossKernel, labels: Any = None, *, k: int = 15,
         label_arr, k = kernel_labels(checked, labels, n), check_k(k, n)
     out: Dict[str, np.ndarray] = {}
     if "posterior mean loss" in which:
-        out["posterior mean loss"] = as_vector(kernel.mean, "kernel.mean", n).copy()
+        out["posterior mean loss"] = kernel_mean(kernel).copy()
     if "mean shift" in which:
-        mean, at_w_star = as_vector(kernel.mean, "kernel.mean", n), as_vector(kernel.init_loss, "kernel.init_loss", n)
+        mean, at_w_star = kernel_mean(kernel), as_vector(kernel.init_loss, "kernel.init_loss", n)
         out["mean shift"] = mean - at_w_star
     if "variance" in which:
         out["variance"] = checked.variance.copy()
@@ -260,26 +266,35 @@ def _neighbour_label_agreement(checked: CheckedKernel, y: np.ndarray, k: int) ->
 
 
 def _scores_and_mask(scores: Any, is_positive: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """Scores without NaN and the positives among them. A NaN score is a sample without one (a
+    minibatch-mode kernel's samples seen fewer than twice: the rule in
+    ``validation._kernel_variances``): left out, with a warning naming how many."""
     s = _as_scores(scores)
     mask = as_mask(is_positive, s.shape[0], "is_positive")
+    missing = np.isnan(s)
+    note = ""
+    if missing.any():
+        note = (f" after leaving out the {int(missing.sum())} samples without a score (NaN), "
+                f"{int(mask[missing].sum())} of them positive")
+        warnings.warn(f"{int(missing.sum())} of {s.shape[0]} samples have no score (NaN: e.g. a minibatch-mode "
+                      f"kernel's samples seen fewer than twice) and are left out ({int(mask[missing].sum())} of "
+                      "them positive); run more steps for a score of every sample", RuntimeWarning, stacklevel=3)
+        s, mask = s[~missing], mask[~missing]
     n_pos = int(mask.sum())
     if n_pos == 0 or n_pos == mask.shape[0]:
         raise ValueError(
             f"is_positive must mark at least one positive and one negative sample, got "
-            f"{n_pos} positives out of {mask.shape[0]}"
+            f"{n_pos} positives out of {mask.shape[0]}{note}"
         )
     return s, mask
 
 
 def _as_scores(scores: Any) -> np.ndarray:
-    """Scores may contain +inf (e.g. ``normalize='cv'``) but not NaN."""
+    """Scores may contain +inf (e.g. ``normalize='cv'``) and NaN (no score: left out by the caller)."""
     arr = as_array(scores, "scores")
     if arr.ndim != 1 or arr.dtype.kind not in "biuf":
         raise ValueError(f"scores must be a 1-D vector of numbers, got shape {arr.shape}, dtype {arr.dtype}")
-    arr = arr.astype(np.float64)
-    if np.isnan(arr).any():
-        raise ValueError(f"scores must not contain NaN, got {int(np.isnan(arr).sum())}")
-    return arr
+    return arr.astype(np.float64)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -304,6 +319,8 @@ def detection_auc(scores: Any, is_positive: Any) -> float:
 
     Args:
         scores: [n] numbers, larger = more likely positive (e.g. :func:`memorization_scores`).
+            NaN marks a sample without a score (a minibatch-mode kernel's samples seen fewer
+            than twice): those are left out, with a warning naming how many.
         is_positive: bool [n]; needs at least one positive and one negative.
     Returns:
         AUC in [0, 1]; 0.5 is chance.
@@ -354,4 +371,4 @@ def mean_self_covariance(kernel: Any, groups: Any = None) -> Dict[Any, float]:
     variance = kernel_variance(kernel)
     n = variance.shape[0]
     labels = as_labels(groups, n, "groups") if groups is not None else kernel_labels(kernel, None, n, "groups")
-    return {py_scalar(g): float(variance[labels == g].mean()) for g in np.unique(labels)}
+    return {py_scalar(g): float(np.nanmean(variance[labels == g])) for g in np.unique(labels)}

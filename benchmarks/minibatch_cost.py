@@ -1,0 +1,315 @@
+"""Cost of the minibatch mode beside devinterp's LLC on all 60,000 Fashion-MNIST training images
+(issue 19, item 5).
+
+Three variants of one devinterp 1.x ``estimate_learning_coeff_with_summary`` call, each in a fresh
+subprocess (so that each has its own peak RSS), repeats interleaved a, b, a, b, … (c less often: it
+is slow) so that a drift of the shared machine's speed hits all variants alike:
+
+- (a) "LLC alone": the user's call, ``DataLoader(TensorDataset(x, y), sampler=RandomSampler(…,
+  replacement=True))`` and a plain mean cross-entropy ``evaluate``;
+- (b) "+ minibatch mode": the same call with ``evaluate=recorder.evaluate, callbacks=[recorder]``
+  (``MinibatchVariance``) and the loader over ``WithIndices(TensorDataset(x, y))`` — the one line
+  added;
+- (c) "+ exact diagonal mode": (a) plus ``LossKernelCallback((x, y), mode="diagonal")`` — all 60,000
+  training images evaluated at every draw.
+
+Each subprocess trains nothing: the MLP (784-512-512-10, trained ``--epochs`` epochs with Adam by
+the driver, same seed) is loaded from a temporary file. torch runs with one intra-op thread in every
+subprocess (``torch.set_num_threads(1)``) for stable timing on a shared machine. Reported per
+variant: wall and CPU seconds of the ``estimate_learning_coeff_with_summary`` call (median, min–max),
+the ratio to (a) pair by pair, the process's peak RSS (VmHWM) and the peak RSS above the level
+before the call, and the bytes of state per training sample the recorder holds after the run.
+
+    .venv-ci1/bin/python benchmarks/minibatch_cost.py                 # 2 × 100 draws, 7 pairs, (c) twice
+    .venv-ci1/bin/python benchmarks/minibatch_cost.py --num-train 5000 --repeat 1 --exact-repeat 1 --no-record
+    .venv-ci1/bin/python benchmarks/minibatch_cost.py --profile       # cProfile of (a) and (b), top entries
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {"a": "LLC alone", "b": "+ minibatch mode", "c": "+ exact diagonal mode"}
+SGLD = dict(lr=1e-4, nbeta=100.0, localization=200.0)
+
+
+# -- the worker: one variant in this process -------------------------------------------------------
+def _data(num_train: int):
+    import numpy as np
+    import torch
+
+    from losskernel_examples.fashion_mnist import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(split="train")
+    x = torch.from_numpy(images[:num_train].reshape(-1, 784).astype(np.float32) / 255.0)
+    y = torch.from_numpy(labels[:num_train])
+    return x, y
+
+
+def _mlp():
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def _evaluate(model, batch):
+    import torch.nn.functional as F
+
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def worker(args) -> int:
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    import _common  # noqa: F401  (src/ and examples/ on sys.path)
+    from _common import PeakRSS, Timer, _status_kib
+
+    torch.set_num_threads(1)
+    x, y = _data(args.num_train)
+    model = _mlp()
+    model.load_state_dict(torch.load(args.model, weights_only=True))
+    data = TensorDataset(x, y)
+    n = len(data)
+    recorder = diagonal = None
+    callbacks, evaluate = [], _evaluate
+    if args.variant == "b":
+        from devinterp_losskernel.minibatch import MinibatchVariance, WithIndices
+
+        recorder = MinibatchVariance(num_train=n)
+        data = WithIndices(data)  # the one added line
+        callbacks, evaluate = [recorder], recorder.evaluate
+    elif args.variant == "c":
+        from devinterp_losskernel import LossKernelCallback
+
+        diagonal = LossKernelCallback((x, y), mode="diagonal", batch_size=args.probe_batch_size)
+        callbacks = [diagonal]
+    loader = DataLoader(data, batch_size=args.batch_size,
+                        sampler=RandomSampler(data, replacement=True, num_samples=n))
+    from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+    def call():
+        torch.manual_seed(args.seed)  # devinterp draws its init-loss batches before seeding the chains
+        return estimate_learning_coeff_with_summary(
+            model, loader, callbacks=callbacks, evaluate=evaluate, optimizer_kwargs=dict(SGLD),
+            num_chains=args.chains, num_draws=args.draws, num_burnin_steps=args.burnin, num_steps_bw_draws=1,
+            seed=args.seed, verbose=False, device="cpu", cores=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            start = time.perf_counter()
+            profiler.enable()
+            results = call()
+            profiler.disable()
+            seconds = time.perf_counter() - start
+            stats = pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime")
+            stats.print_stats(25)
+            # what the minibatch mode adds: the recorder, the index wrapper, the index collation, the fold
+            stats.sort_stats("cumulative").print_stats(r"minibatch\.py|sample_moments\.py|collate\.py", 20)
+            print(json.dumps({"variant": args.variant, "wall": seconds}))
+            return 0
+        with PeakRSS() as mem, Timer() as t:
+            results = call()
+    out = {"variant": args.variant, "wall": t.seconds, "cpu": t.cpu_seconds, "peak_above": mem.peak_bytes,
+           "hwm": (_status_kib("VmHWM") or 0) * 1024, "llc": float(results["llc/mean"]), "n": n,
+           "steps": args.chains * (args.burnin + args.draws)}
+    if recorder is not None:
+        moments = recorder.moments()
+        state = _tensor_bytes(t for m in recorder.chains.values() for t in (m.count, m.shift, m.mean, m.m2))
+        out.update(state=state, state_merged=_tensor_bytes((moments.count, moments.shift, moments.mean, moments.m2)),
+                   buffer_max=recorder.fold_every * (8 + 4), nu=results["minibatch/singular_fluctuation"],
+                   nu_se=results["minibatch/singular_fluctuation_se"],
+                   visits=float(results["minibatch/visits"].mean()))
+    if diagonal is not None:
+        m = diagonal.accumulator._moments
+        out.update(state=_tensor_bytes((m.shift, m.mean, m.m2_diag)),
+                   nu=SGLD["nbeta"] / n / 2 * float(diagonal.kernel.variance.double().sum()))
+    print(json.dumps(out))
+    return 0
+
+
+# -- the driver -------------------------------------------------------------------------------------
+def train(args, path: str) -> float:
+    import torch
+
+    import _common  # noqa: F401
+
+    torch.set_num_threads(1)
+    x, y = _data(args.num_train)
+    torch.manual_seed(args.seed)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(x)).split(256):
+            opt.zero_grad()
+            _evaluate(model, (x[idx], y[idx])).backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == y).float().mean())
+    torch.save(model.state_dict(), path)
+    print(f"trained {args.epochs} epoch(s) in {time.perf_counter() - start:.0f} s, train accuracy {accuracy:.3f}",
+          flush=True)
+    return accuracy
+
+
+def _spawn(args, variant: str, model_path: str, profile: bool = False) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", model_path,
+           "--num-train", str(args.num_train), "--chains", str(args.chains), "--draws", str(args.draws),
+           "--burnin", str(args.burnin), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+           "--probe-batch-size", str(args.probe_batch_size)] + (["--profile"] if profile else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(HERE))
+    if proc.returncode != 0:
+        raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+    if profile:
+        print(proc.stderr, flush=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _spread(values) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-train", type=int, default=60_000)
+    parser.add_argument("--chains", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--burnin", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-batch-size", type=int, default=4096)
+    parser.add_argument("--repeat", type=int, default=7, help="(a, b) pairs, interleaved")
+    parser.add_argument("--exact-repeat", type=int, default=2, help="runs of (c), placed between pairs")
+    parser.add_argument("--profile", action="store_true", help="cProfile one run of (a) and of (b); no table")
+    parser.add_argument("--worker", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--no-record", action="store_true", help="print the tables but do not append them")
+    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.variant = args.worker
+        return worker(args)
+
+    sys.path.insert(0, str(HERE))
+    from _common import append_results, print_table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = os.path.join(tmp, "mlp.pt")
+        accuracy = train(args, model_path)
+        if args.profile:
+            for variant in ("a", "b"):
+                print(f"== profile of ({variant}) {VARIANTS[variant]}", flush=True)
+                _spawn(args, variant, model_path, profile=True)
+            return 0
+        _spawn(args, "a", model_path)  # warm-up (file cache, imports), not counted
+        runs = {v: [] for v in VARIANTS}
+        loads = []
+        exact_at = {round((k + 1) * args.repeat / (args.exact_repeat + 1)) for k in range(args.exact_repeat)}
+        for r in range(args.repeat):
+            loads.append(os.getloadavg()[0])
+            order = ("a", "b") if r % 2 == 0 else ("b", "a")
+            for variant in order:
+                runs[variant].append(_spawn(args, variant, model_path))
+            if r in exact_at and len(runs["c"]) < args.exact_repeat:
+                runs["c"].append(_spawn(args, "c", model_path))
+            print(f"pair {r + 1}/{args.repeat}: a {runs['a'][-1]['wall']:.2f} s, b {runs['b'][-1]['wall']:.2f} s"
+                  + (f", c {runs['c'][-1]['wall']:.1f} s" if runs["c"] and len(runs["c"]) == len(
+                      [k for k in exact_at if k <= r]) and r in exact_at else ""), flush=True)
+        loads.append(os.getloadavg()[0])
+        while len(runs["c"]) < args.exact_repeat:
+            runs["c"].append(_spawn(args, "c", model_path))
+
+    n = args.num_train
+    a_wall = [run["wall"] for run in runs["a"]]
+    a_cpu = [run["cpu"] for run in runs["a"]]
+    rows = []
+    for variant, label in VARIANTS.items():
+        got = runs[variant]
+        if not got:
+            continue
+        wall = [run["wall"] for run in got]
+        cpu = [run["cpu"] for run in got]
+        if variant == "b":  # pair by pair (interleaved)
+            ratio_wall = [b / a for a, b in zip(a_wall, wall)]
+            ratio_cpu = [b / a for a, b in zip(a_cpu, cpu)]
+        else:
+            ratio_wall = [w / statistics.median(a_wall) for w in wall]
+            ratio_cpu = [c / statistics.median(a_cpu) for c in cpu]
+        state = got[0].get("state")
+        rows.append([f"({variant}) {label}", len(got), _spread(wall), _spread(cpu), _spread(ratio_wall),
+                     _spread(ratio_cpu),
+                     f"{statistics.median(r['hwm'] for r in got) / 2**20:,.0f}",
+                     f"{statistics.median(r['peak_above'] for r in got) / 2**20:,.1f}",
+                     "—" if state is None else f"{state / n:.0f}"])
+    headers = ["variant", "runs", "wall s, median (min–max)", "CPU s", "wall / (a)", "CPU / (a)",
+               "process peak RSS MiB", "peak RSS above start of call MiB", "state B / sample"]
+    title = f"Minibatch mode cost, {n:,} Fashion-MNIST training images"
+    table = print_table(headers, rows, title)
+    b0 = runs["b"][0]
+    c0 = runs["c"][0] if runs["c"] else {}
+    steps = args.chains * (args.burnin + args.draws)
+    per_draw = ((statistics.median(r["cpu"] for r in runs["c"]) - statistics.median(a_cpu)) / (args.chains * args.draws)
+                if runs["c"] else float("nan"))
+    notes = "\n".join([
+        f"MLP 784-512-512-10 (669,706 parameters) trained {args.epochs} epochs with Adam (train accuracy "
+        f"{accuracy:.3f}); devinterp 1.3 `estimate_learning_coeff_with_summary`, SGLD ε = {SGLD['lr']}, "
+        f"nβ = {SGLD['nbeta']}, γ = {SGLD['localization']}, {args.chains} chains × {args.draws} draws, burn-in "
+        f"{args.burnin}, every step a draw ({steps} SGLD steps), minibatch {args.batch_size} drawn with "
+        f"replacement (the same RandomSampler in all three), cores=1, torch.set_num_threads(1) in every "
+        f"subprocess. Each run is a fresh subprocess; only the `estimate_learning_coeff_with_summary` call is "
+        f"timed (CPU s = this process's CPU time over the call). (a) and (b) alternate a,b / b,a; 'wall / (a)' "
+        f"of (b) is the median of the pair-by-pair ratios; of (c), against (a)'s median.",
+        f"Load average (1 min) over the repeats: {min(loads):.2f}–{max(loads):.2f} on "
+        f"{os.cpu_count()} cores shared with other users: absolute seconds are noisy, ratios less so.",
+        f"State per training sample: (b) count int64 + shift, mean, M2 float64 per chain = 32 B × {args.chains} "
+        f"chains = {b0['state'] / n:.0f} B (merged at the end: {b0['state_merged'] / n:.0f} B), plus a loss buffer "
+        f"of at most 4N losses per chain before each O(N) fold (12 B each: {b0['buffer_max'] / n:.0f} B / sample "
+        f"per chain; with {steps} steps × {args.batch_size} it never filled: folded once at the end); (c) shift, "
+        f"mean and diagonal co-moment float64 = {c0.get('state', float('nan')) / n:.0f} B.",
+        f"Results: devinterp llc/mean {statistics.median(r['llc'] for r in runs['a']):.2f} (a) / "
+        f"{statistics.median(r['llc'] for r in runs['b']):.2f} (b) (the same chains; (a)'s evaluate is "
+        f"F.cross_entropy's own mean, (b)'s the mean of the per-sample losses: equal up to float rounding); ν minibatch "
+        f"{b0['nu']:.3f} ± {b0['nu_se']:.3f} at {b0['visits']:.2f} visits a sample (too few for per-sample "
+        f"variances: this run measures cost only), ν exact {c0.get('nu', float('nan')):.3f}; the exact pass costs "
+        f"{per_draw:.2f} CPU s a draw ≈ {per_draw / (statistics.median(a_cpu) / steps):.0f} SGLD steps' CPU time.",
+    ])
+    print("\n" + notes)
+    append_results("Minibatch mode cost on 60,000 Fashion-MNIST images (benchmarks/minibatch_cost.py)"
+                   if n == 60_000 else f"Minibatch mode cost on {n:,} Fashion-MNIST images (benchmarks/minibatch_cost.py)",
+                   table + "\n\n" + notes, path=args.results, write=not args.no_record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -105,11 +105,11 @@ def test_model_and_loader_types_are_checked():
 
 # -- the recommendation ----------------------------------------------------------------------------
 
-def test_recommend_takes_the_loosest_passing_gamma_at_its_largest_passing_epsilon():
+def test_recommend_takes_the_loosest_passing_gamma_at_its_smallest_passing_epsilon():
     rows = [_row(1e-3, 10.0, ok=False, problems=["the chains left the basin"]), _row(1e-4, 10.0, ok=False),
-            _row(1e-4, 100.0), _row(1e-3, 100.0), _row(1e-2, 100.0, ok=False), _row(1e-3, 1000.0)]
+            _row(1e-5, 100.0, ok=False), _row(1e-4, 100.0), _row(1e-3, 100.0), _row(1e-3, 1000.0)]
     setting, reason = recommend(rows)
-    assert setting == CalibrationSetting(1e-3, 100.0, 10.0)
+    assert setting == CalibrationSetting(1e-4, 100.0, 10.0)
     assert "loosest localization" in reason and "γ = 10 failed" in reason
 
 
@@ -201,7 +201,7 @@ def test_draw_recorder_refuses_to_guess_when_a_chain_was_cut_off():
 
 def test_refinement_tries_the_gamma_halfway_to_the_looser_one_that_failed():
     rows = [_row(2e-3, 100.0, ok=False), _row(2e-4, 1000.0), _row(2e-5, 1000.0)]
-    extra = calibration._refinement(rows, CalibrationSetting(2e-4, 1000.0, 10.0))
+    extra = calibration._refinement(rows, CalibrationSetting(2e-5, 1000.0, 10.0))
     assert [g for _, g in extra] == [300.0, 300.0]  # γ' = √(100·1000) ≈ 300
     assert [lr for lr, _ in extra] == pytest.approx([7e-5, 7e-4])  # κ = εγ/2 of 0.01 and 0.1
     assert calibration._refinement(rows, None) == []

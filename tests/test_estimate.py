@@ -390,3 +390,118 @@ def test_minibatch_mode_on_a_noisy_model_needs_the_opt_in_and_records_it():
         estimate_loss_kernel(MLP(), loader_for(x, y), (x, y), allow_train_mode_noise=True, **MB)
     with pytest.raises(ValueError, match="probe must be given for mode='full'"):
         estimate_loss_kernel(MLP(), loader_for(x, y), None, **MB)
+
+
+# -- train_variance=True: the probe kernel and the training set's minibatch variances, one run (issue 19) --
+def _replacement_loader(x, y, batch_size=BS_MB):
+    data = TensorDataset(x, y)
+    return DataLoader(data, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(data, replacement=True))
+
+
+def _post_burn_in_reference(calls, num_chains, burn_in):
+    """Per-sample float64 variances of the SGLD steps' logged losses after burn-in, per chain."""
+    steps = len(calls) // num_chains
+    values = [[] for _ in range(N_MB)]
+    for chain in range(num_chains):
+        for indices, losses in calls[chain * steps + burn_in:(chain + 1) * steps]:
+            for i, v in zip(indices, losses):
+                values[i].append(v)
+    return np.array([np.var(v, ddof=1) if len(v) > 1 else np.nan for v in values]), [len(v) for v in values], steps
+
+
+def test_train_variance_folds_the_same_chains_minibatches_beside_an_unchanged_probe_kernel(tmp_path):
+    from devinterp_losskernel.estimate import train_kernel
+
+    x, y = _indexed_data()
+    torch.manual_seed(0)
+    model = MLP()
+    plain_log, log = LoggingLoss(), LoggingLoss()
+    plain = estimate_loss_kernel(model, _replacement_loader(x, y), (x[:12], y[:12]), loss_fn=plain_log,
+                                 verbose=False, **MB)
+    before = torch.get_rng_state()
+    kernel = estimate_loss_kernel(model, _replacement_loader(x, y), (x[:12], y[:12]), loss_fn=log,
+                                  train_variance=True, verbose=False, **MB)
+    assert torch.equal(torch.get_rng_state(), before)
+    # the same chains, bit for bit: the probe kernel, devinterp's LLC and every SGLD minibatch loss
+    assert torch.equal(kernel.covariance, plain.covariance) and torch.equal(kernel.mean, plain.mean)
+    assert kernel.metadata["llc/per_chain"] == plain.metadata["llc/per_chain"]
+    assert kernel.metadata["probe_llc"] == plain.metadata["probe_llc"]
+    assert "train_kernel" not in plain.metadata  # (devinterp 1 pickles the plain run's evaluate: its log is a copy's)
+
+    reference, visits, steps = _post_burn_in_reference(log.calls, MB["num_chains"], MB["num_burnin_steps"])
+    train = train_kernel(kernel)
+    assert train.metadata["mode"] == "minibatch" and train.is_diagonal and train.num_samples == N_MB
+    np.testing.assert_allclose(train.variance.numpy(), reference, rtol=1e-10, equal_nan=True)
+    assert train.visits.tolist() == visits
+    assert train.draws_per_chain == {0: steps - MB["num_burnin_steps"], 1: steps - MB["num_burnin_steps"]}
+    nu = MB["nbeta"] / 2 * np.nanmean(reference)
+    assert kernel.metadata["train_singular_fluctuation"] == pytest.approx(nu, rel=1e-10)
+    assert kernel.metadata["train_singular_fluctuation"] == train.metadata["singular_fluctuation"]
+    assert kernel.metadata["train_unseen"] == int(np.isnan(reference).sum())
+    assert kernel.metadata["train_minibatch_sampler"] == "with replacement"
+    assert train.metadata["llc/per_chain"] == kernel.metadata["llc/per_chain"]
+
+    # it survives save/load with the probe kernel
+    loaded = train_kernel(type(kernel).load(kernel.save(tmp_path / "k.pt")))
+    assert torch.equal(loaded.variance.nan_to_num(-1), train.variance.nan_to_num(-1))
+    assert torch.equal(loaded.visits, train.visits) and loaded.metadata == train.metadata
+    with pytest.raises(ValueError, match="train_variance=True"):
+        train_kernel(plain)
+
+
+def test_train_variance_with_a_shuffling_loader_warns_and_works_in_the_diagonal_mode():
+    from devinterp_losskernel.estimate import train_kernel
+
+    x, y = _indexed_data()
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match=r"train_variance=True\): the training loader draws .* RandomSampler, not "
+                                            "with replacement"):
+        kernel = estimate_loss_kernel(MLP(), loader_for(x, y, batch_size=BS_MB), (x, y), mode="diagonal",
+                                      train_variance=True, verbose=False, **MB)
+    assert kernel.metadata["train_minibatch_sampler"] == "RandomSampler"
+    train = train_kernel(kernel)
+    assert int(train.visits.sum()) == sum(train.draws_per_chain.values()) * BS_MB
+    assert np.isfinite(kernel.metadata["train_singular_fluctuation"])
+    pytest.importorskip("xarray")
+    back = train_kernel(type(kernel).from_xarray(kernel.to_xarray()))
+    assert back.visits.tolist() == train.visits.tolist()
+    np.testing.assert_array_equal(back.variance.numpy(), train.variance.numpy())
+
+
+@pytest.mark.parametrize("model, kwargs, match", [
+    (MLP(), dict(train_variance="yes"), "train_variance must be True or False"),
+    (MLP(), dict(train_variance=True, mode="minibatch", probe=None), "train_variance=True is for the probe modes"),
+    (MLP(), dict(train_variance=True, evaluate=lambda m, b: 0), "train_variance=True does not take evaluate"),
+    (MLP(), dict(train_variance=True, checkpoint_dir="unused"), "train_variance=True does not take checkpoint_dir"),
+    (MLP(), dict(train_variance=True, batch_size=None), "train_variance=True needs a loader that batches"),
+    (MLP(dropout=0.1), dict(train_variance=True), r"train_variance=True\): .*Dropout, p=0.1"),
+    (MLP(), dict(allow_train_mode_noise=True), r"allow_train_mode_noise is for mode='minibatch' only \(or "
+                                               "train_variance=True\\)"),
+])
+def test_train_variance_is_refused_before_sampling(tmp_path, model, kwargs, match):
+    x, y = _indexed_data()
+    probe = kwargs.pop("probe", (x[:8], y[:8]))
+    loader = DataLoader(TensorDataset(x, y), batch_size=kwargs.pop("batch_size", BS_MB))
+    if kwargs.get("checkpoint_dir"):
+        kwargs["checkpoint_dir"] = tmp_path
+    log = LoggingLoss()
+    with pytest.raises((ValueError, TypeError), match=match):
+        estimate_loss_kernel(model, loader, probe, loss_fn=log, **kwargs, **MB)
+    assert log.calls == []  # nothing was sampled
+
+
+def test_minibatch_mode_shows_the_progress_bar_and_the_same_numbers(capsys, monkeypatch):
+    monkeypatch.delenv("LOSSKERNEL_PROGRESS", raising=False)
+    monkeypatch.delenv("LOSSKERNEL_PROGRESS_INTERVAL", raising=False)
+    x, y = _indexed_data()
+    torch.manual_seed(0)
+    model = MLP()
+    runs = {}
+    for verbose in (False, True):
+        runs[verbose] = estimate_loss_kernel(model, loader_for(x, y, batch_size=BS_MB), None, mode="minibatch",
+                                             verbose=verbose, **MB)
+    err = capsys.readouterr().err
+    total = MB["num_chains"] * MB["num_draws"]
+    assert "minibatch variance draws" in err and f"{total}/{total}" in err and "nu=" in err and "visits=" in err
+    assert torch.equal(runs[True].variance.nan_to_num(-1), runs[False].variance.nan_to_num(-1))
+    assert runs[True].metadata["singular_fluctuation"] == runs[False].metadata["singular_fluctuation"]

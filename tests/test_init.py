@@ -18,7 +18,8 @@ PUBLIC = {
     # the result and the accumulator
     "LossKernel", "KernelAccumulator",
     # the runners and the devinterp 2.x twins
-    "estimate_loss_kernel", "loss_kernel", "llc", "as_devinterp2_dataset", "devinterp2_evaluate",
+    "estimate_loss_kernel", "loss_kernel", "llc", "bif", "susceptibilities",
+    "as_devinterp2_dataset", "devinterp2_evaluate",
     # the settings record and the paper's presets
     "SGLDSettings", "preset", "PAPER_PRESETS",
     # the probe protocol

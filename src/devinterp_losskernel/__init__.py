@@ -4,7 +4,8 @@ The top level holds the pipeline's nouns: probe losses (:class:`ProbeSet` and th
 functions) → the streaming :class:`KernelAccumulator` → the :class:`LossKernel`, driven by
 the devinterp callback (:class:`LossKernelCallback`, its option groups, :class:`SLTSummary`),
 the one-call runners (:func:`estimate_loss_kernel`, :func:`loss_kernel`, the devinterp 2.x
-twin :func:`llc`), the SGLD settings (:class:`SGLDSettings`, :func:`preset`) and the errors.
+twins :func:`llc`, :func:`bif`, :func:`susceptibilities`), the SGLD settings
+(:class:`SGLDSettings`, :func:`preset`) and the errors.
 
 Everything after the kernel lives in its own namespace, imported on first use (PEP 562), so
 ``import devinterp_losskernel`` loads neither matplotlib, Bokeh, UMAP, nltk, pandas, xarray
@@ -27,6 +28,7 @@ Optional dependencies and their extras: :mod:`devinterp_losskernel.extras`.
 import importlib
 
 from .accumulator import KernelAccumulator, KernelMemoryError
+from .bif import bif
 from .callback import LossKernelCallback
 from .devinterp2 import as_devinterp2_dataset, devinterp2_evaluate, llc
 from .estimate import estimate_loss_kernel
@@ -37,6 +39,7 @@ from .probe import ProbeSet, classification_loss, default_loss_fn, lm_sequence_l
 from .provenance import FileIntegrityError, IdentityMismatchError
 from .samples import loss_kernel
 from .summary import SLTSummary
+from .susceptibilities import susceptibilities
 
 __version__ = "0.1.0"
 
@@ -55,6 +58,8 @@ __all__ = [
     "estimate_loss_kernel",
     "loss_kernel",
     "llc",
+    "bif",
+    "susceptibilities",
     "as_devinterp2_dataset",
     "devinterp2_evaluate",
     # the SGLD settings record and the paper's presets

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator, KernelMemoryError, _available_bytes, estimate_kernel_memory
+from .devinterp2_store import CollectInitLoss, sampler_config
 from .kernel import LossKernel
 from .validation import check_batch_index_range, check_bif_options
 
@@ -61,10 +62,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["bif", "compute_bif", "BifMoments", "estimate_bif_memory", "influences_from_kernel"]
 
-# sample()'s arguments that are not SamplerConfig fields
-_NOT_CONFIG = ("batches_per_draw", "obs_seed", "device", "output_path", "rmsprop_eps", "rmsprop_alpha")
-# sample()'s arguments that bif() sets itself
-_SET_HERE = ("model", "dataset", "observables", "lr", "n_beta", "param_masks", "loss_fn")
 
 
 # -- options -------------------------------------------------------------------------------------
@@ -397,52 +394,6 @@ def influences_from_kernel(kernel: LossKernel, *, compute_covariance: Optional[b
 
 
 # -- bif(): sampling and moments in one pass -------------------------------------------------------
-def _sampler_config(kwargs: Dict[str, Any], lr, n_beta):
-    """devinterp's SamplerConfig from ``sample()``'s keyword arguments (its defaults where not
-    given, its own validation), and the rest (batches_per_draw, obs_seed, device, output_path)."""
-    import inspect
-
-    from devinterp.slt.config import SamplerConfig
-    from devinterp.slt.sampling import sample
-
-    parameters = inspect.signature(sample).parameters
-    accepted = [name for name in parameters if name not in _SET_HERE]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise TypeError(f"bif() got arguments devinterp's sample() does not take: {unknown}; it takes {accepted} "
-                        "(and bif's own correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, "
-                        "compute_covariance, bif_batch_size, bif_device, loss_keys, batch_index_range_1/_2, "
-                        "return_kernel)")
-    values = {name: p.default for name, p in parameters.items() if name not in _SET_HERE}
-    values.update(kwargs)
-    method_kwargs = dict(values["sampling_method_kwargs"] or {})
-    for key in ("eps", "alpha"):
-        value = values[f"rmsprop_{key}"]
-        if value is None:
-            continue
-        if values["sampling_method"] != "rmsprop_sgld":
-            raise ValueError(f"rmsprop_{key} can only be set when sampling_method='rmsprop_sgld', "
-                             f"got sampling_method={values['sampling_method']!r}")
-        if key in method_kwargs:
-            raise ValueError(f"rmsprop_{key} is set both as a top-level argument and in "
-                             f"sampling_method_kwargs[{key!r}]; specify only one.")
-        method_kwargs[key] = value
-    fields = {name: value for name, value in values.items() if name not in _NOT_CONFIG}
-    fields["sampling_method_kwargs"] = method_kwargs
-    config = SamplerConfig(lr=lr, n_beta=n_beta, **fields)
-    return config, {name: values[name] for name in _NOT_CONFIG}
-
-
-class _CollectInitLoss:
-    """Stands in for devinterp's ZarrWriter in its own ``_write_init_loss``: keeps the rows."""
-
-    def __init__(self, num_chains: int):
-        self.rows: List[Optional[torch.Tensor]] = [None] * num_chains
-
-    def write(self, path, data, /, *, chain):
-        self.rows[chain] = torch.as_tensor(data).detach().to("cpu", torch.float32).clone()
-
-
 def bif(
     model: torch.nn.Module,
     dataset,
@@ -513,7 +464,9 @@ def bif(
         raise TypeError(f"return_kernel must be True or False, got {return_kernel!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be a per-token loss (model, input_ids) -> [B, T], got {loss_fn!r}")
-    config, rest = _sampler_config(kwargs, lr, n_beta)
+    config, rest = sampler_config(kwargs, lr, n_beta, caller="bif", also_takes=(
+        "correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance, "
+        "bif_batch_size, bif_device, loss_keys, batch_index_range_1/_2, return_kernel"))
     _check_llc_arguments(model, observables, None, param_masks, None, rest["device"], config.batch_size,
                          rest["batches_per_draw"])
     if bif_device is not None:
@@ -574,7 +527,7 @@ def bif(
 
         from .devinterp2_store import SampleStore
 
-        collect = _CollectInitLoss(config.num_chains)
+        collect = CollectInitLoss(config.num_chains)
         _write_init_loss(collect, config, model, param_masks, dataset, device, loss_fn)  # devinterp's own code
         store = SampleStore(path, config, context_length, obs_list, model, param_masks, device)
 

@@ -30,11 +30,67 @@ read the stored run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["SampleStore", "check_new_store_path"]
+__all__ = ["SampleStore", "check_new_store_path", "sampler_config", "CollectInitLoss"]
+
+# sample()'s arguments the twins pass to devinterp's sampler themselves, not through SamplerConfig
+NOT_CONFIG = ("batches_per_draw", "obs_seed", "device", "output_path", "rmsprop_eps", "rmsprop_alpha")
+# sample()'s arguments a twin takes in its own signature (bif, susceptibilities): not in **kwargs
+SET_HERE = ("model", "dataset", "observables", "lr", "n_beta", "param_masks", "loss_fn")
+
+
+def sampler_config(kwargs: Dict[str, Any], lr, n_beta, *, caller: str, also_takes: str = "",
+                   set_by_caller: str = ""):
+    """devinterp's ``SamplerConfig`` from ``sample()``'s keyword arguments (its defaults where not
+    given, its own validation), and the rest (``NOT_CONFIG``: batches_per_draw, obs_seed, device,
+    output_path, rmsprop_eps/alpha). An argument ``sample()`` does not take here is refused with
+    ``caller``'s name, what it takes, and ``also_takes`` (the twin's own arguments) or
+    ``set_by_caller`` (why the twin sets one of ``SET_HERE`` itself)."""
+    import inspect
+
+    from devinterp.slt.config import SamplerConfig
+    from devinterp.slt.sampling import sample
+
+    parameters = inspect.signature(sample).parameters
+    accepted = [name for name in parameters if name not in SET_HERE]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        clash = sorted(set(unknown) & set(SET_HERE))
+        raise TypeError(f"{caller}() got arguments devinterp's sample() does not take: {unknown}"
+                        + (f" ({clash} are set by {caller} itself{set_by_caller})" if clash else "")
+                        + f"; it takes {accepted}" + (f" (and {caller}'s own {also_takes})" if also_takes else ""))
+    values = {name: p.default for name, p in parameters.items() if name not in SET_HERE}
+    values.update(kwargs)
+    method_kwargs = dict(values["sampling_method_kwargs"] or {})
+    for key in ("eps", "alpha"):
+        value = values[f"rmsprop_{key}"]
+        if value is None:
+            continue
+        if values["sampling_method"] != "rmsprop_sgld":
+            raise ValueError(f"rmsprop_{key} can only be set when sampling_method='rmsprop_sgld', "
+                             f"got sampling_method={values['sampling_method']!r}")
+        if key in method_kwargs:
+            raise ValueError(f"rmsprop_{key} is set both as a top-level argument and in "
+                             f"sampling_method_kwargs[{key!r}]; specify only one.")
+        method_kwargs[key] = value
+    fields = {name: value for name, value in values.items() if name not in NOT_CONFIG}
+    fields["sampling_method_kwargs"] = method_kwargs
+    config = SamplerConfig(lr=lr, n_beta=n_beta, **fields)
+    return config, {name: values[name] for name in NOT_CONFIG}
+
+
+class CollectInitLoss:
+    """Stands in for devinterp's ZarrWriter in its own ``_write_init_loss``: keeps the rows
+    (``rows[chain]``: float32 [token_pos] on the CPU)."""
+
+    def __init__(self, num_chains: int):
+        self.rows: List[Optional[torch.Tensor]] = [None] * num_chains
+
+    def write(self, path, data, /, *, chain):
+        self.rows[chain] = torch.as_tensor(data).detach().to("cpu", torch.float32).clone()
 
 
 def check_new_store_path(output_path, name: str = "output_path") -> Path:

@@ -9,6 +9,9 @@ training set come from the losses of the SGLD minibatches themselves (every post
 beside devinterp's LLC of the same chains, at no extra forward pass. Its minibatches are drawn
 uniformly with replacement from the loader's dataset (its own generator per chain), not in the
 loader's epoch order: see :func:`~devinterp_losskernel.minibatch.loader_with_replacement`.
+The probe modes take the same per-sample moments beside the probe kernel in the same run with
+``train_variance=True`` (the caller's loader's own minibatches, so the chains and the probe
+kernel are those of the run without it; :func:`train_kernel` returns the training set's kernel).
 
 devinterp 1.x: each chain through its ``sample``. devinterp 2.x: each chain through its
 ``sample_single_chain`` (its loop, seeding, NaN handling and draw schedule: draws after steps
@@ -39,13 +42,13 @@ from .callback import LossKernelCallback, devinterp_version
 from .kernel import LossKernel
 from .presets import SGLDSettings
 from .probe import LossFn, _model_device, check_loss_fn, default_loss_fn, fingerprint_batches, move_to_device
-from .progress import devinterp_bars
+from .progress import devinterp_bars, progress_bar
 from .provenance import argument_differences, checksum, load_verified, mismatch_error, save_verified
 from .rng import leaves_rng_untouched
 from .summary import slt_summary, snapshot_convergence
-from .validation import check_loss_scale, check_output_path, check_train_mode_noise
+from .validation import check_loss_scale, check_output_path, check_train_mode_noise, check_train_variance
 
-__all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds"]
+__all__ = ["estimate_loss_kernel", "devinterp_major", "chain_seeds", "train_kernel"]
 
 CHECKPOINT_NAME = "loss_kernel_checkpoint.pt"
 MODES = ("full", "diagonal", "combined", "minibatch")
@@ -97,6 +100,7 @@ def estimate_loss_kernel(
     sampling_method=None,
     loss_scale: float = 1.0,
     allow_train_mode_noise: bool = False,
+    train_variance: bool = False,
     **sgld_settings,
 ) -> LossKernel:
     """Sample C chains of SGLD around w* (``model``'s weights) and return the loss kernel.
@@ -117,6 +121,10 @@ def estimate_loss_kernel(
         evaluate: devinterp ``evaluate(model, batch)`` for the SGLD minibatch loss; by default
             the mean of ``loss_fn`` over the batch.
         device: where to sample; default: the model's device.
+        verbose: one progress bar over all draws of all chains (probe modes: the mean probe loss;
+            ``mode="minibatch"``: the mean visits per training sample so far and ν after each
+            finished chain). Written to a log, at most a line a minute (see
+            :mod:`~devinterp_losskernel.progress`); ``LOSSKERNEL_PROGRESS=0`` hides it.
         The settings' ``seed`` seeds the chains (chain c gets ``chain_seeds(seed, C)[c]``);
             without one a seed is drawn at random and recorded in ``kernel.metadata["settings"]["seed"]``.
         checkpoint_dir: if given, the accumulator and progress are saved there after every
@@ -148,10 +156,26 @@ def estimate_loss_kernel(
             log-likelihood such as the default cross-entropy; 2σ² for an MSE loss with Gaussian
             noise of variance σ²), so that it is Watanabe's singular fluctuation. Recorded in
             ``metadata["loss_scale"]``.
-        allow_train_mode_noise: ``mode="minibatch"`` only. devinterp evaluates minibatches in
-            train mode; a model with active dropout or BatchNorm is refused before sampling
-            (its minibatch losses are not draws of ℓ(x; w)) unless this is True, which
-            ``metadata`` records with what was found.
+        allow_train_mode_noise: ``mode="minibatch"`` or ``train_variance=True`` only. devinterp
+            evaluates minibatches in train mode; a model with active dropout or BatchNorm is
+            refused before sampling (its minibatch losses are not draws of ℓ(x; w)) unless this
+            is True, which ``metadata`` records with what was found.
+        train_variance: probe modes only (full, diagonal, combined). True: beside the probe
+            kernel, the same run folds the SGLD minibatches' own per-sample losses (``loss_fn``;
+            every post-burn-in step, no extra forward pass) into per-sample moments of the whole
+            training set (``loader.dataset``), as ``mode="minibatch"`` does. The chains are the
+            ones of the run without it, bit for bit (the probe kernel and devinterp's LLC are
+            unchanged): the minibatches are the caller's ``loader``'s own (its sampler and
+            generator; each batch only paired with its samples' indices), not the minibatch
+            mode's draws with replacement — so an epoch-wise shuffling loader gets the minibatch
+            mode's warning (ν biased up; build the loader with ``RandomSampler(dataset,
+            replacement=True)`` for ν). ``metadata`` gains ``train_singular_fluctuation`` (ν of
+            the training set), ``train_singular_fluctuation_se``, ``train_unseen`` and
+            ``train_kernel``: the minibatch-mode kernel's fields, stored with the kernel (it
+            survives ``save``/``load`` and ``to_xarray``/``from_xarray``);
+            :func:`train_kernel` rebuilds it as a LossKernel of mode "minibatch". A chain the
+            probe kernel leaves out (diverged) is left out of it whole. Not with ``evaluate``
+            (the SGLD loss must be the mean of ``loss_fn``) or ``checkpoint_dir``.
 
     Returns:
         The :class:`LossKernel`, with ``init_loss`` = ℓ(x; w*) and ``metadata`` holding the
@@ -175,6 +199,8 @@ def estimate_loss_kernel(
     loss_scale = check_loss_scale(loss_scale)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    train_variance = check_train_variance(train_variance, mode, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
+                                          loader=loader if isinstance(loader, DataLoader) else None)
     if mode == "minibatch":
         return _estimate_minibatch(model, loader, probe, sgld, sgld_settings, loss_fn=loss_fn, evaluate=evaluate,
                                    device=device, sample_ids=sample_ids, labels=labels, dtype=dtype,
@@ -186,9 +212,9 @@ def estimate_loss_kernel(
         raise ValueError(f"probe must be given for mode={mode!r} (the samples whose losses are evaluated at every "
                          "draw); for ν and per-sample variances of the training set from the SGLD minibatches "
                          "themselves, with no probe, use mode='minibatch'")
-    if allow_train_mode_noise is not False:
-        raise ValueError("allow_train_mode_noise is for mode='minibatch' only: the probe modes evaluate the probe "
-                         "in eval mode")
+    if allow_train_mode_noise is not False and not train_variance:
+        raise ValueError("allow_train_mode_noise is for mode='minibatch' only (or train_variance=True): the probe "
+                         "modes evaluate the probe in eval mode")
     sgld = _sgld_record(sgld, sgld_settings, loader)
     num_chains, num_draws = sgld.num_chains, sgld.num_draws
     if not isinstance(loader, DataLoader):
@@ -201,6 +227,8 @@ def estimate_loss_kernel(
     if sampling_method is not None and not callable(sampling_method):
         raise TypeError(f"sampling_method must be devinterp's SGLD or SGMCMC.sgld (a callable), "
                         f"got {sampling_method!r}")
+    noise = check_train_mode_noise(model, allow_train_mode_noise, where="estimate_loss_kernel(train_variance=True)") \
+        if train_variance else []
     major = devinterp_major()
     sampling_method = _default_sampling_method(major) if sampling_method is None else sampling_method
     device = _check_device(device) if device is not None else _model_device(model)
@@ -240,11 +268,22 @@ def estimate_loss_kernel(
             "minibatch loss at w* (model, training data, evaluate)": init_loss,
             "training data": _data_fingerprint(loader),
         }
+    train = None
+    if train_variance:  # the training set's minibatch moments, from the same chains (issue 19)
+        from .minibatch import indexed_loader, sampler_kind, warn_shuffling
+
+        recorder, train_evaluate = _minibatch_recorder(major, len(loader.dataset), per_sample, sgld, loss_scale,
+                                                       allow_train_mode_noise, noise)
+        recorder.sampler_kind, with_replacement = sampler_kind(loader)
+        if not with_replacement:  # said once, before sampling, in both majors
+            warn_shuffling("estimate_loss_kernel(train_variance=True)", recorder.sampler_kind)
+        train = _TrainVariance(recorder, indexed_loader(loader), train_evaluate)
     callback.allocate(model)  # before any checkpoint is restored into it
     progress = checkpoint.load(model) if checkpoint else _Progress()
     if checkpoint is None or not checkpoint.finished(progress, num_chains):
         with _quiet_devinterp(), devinterp_bars(show=False):  # our one bar (verbose) covers all chains, as under 1.x
-            _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major)
+            _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major,
+                        train=train)
     settings.pop("sampling_method_callable")
     callback.finalize()
     callback.extra_metadata["loss_scale"] = loss_scale  # singular_fluctuation (in slt_summary) reads it here
@@ -256,7 +295,88 @@ def estimate_loss_kernel(
     if callback.snapshots:
         kernel.metadata["cka_convergence"] = snapshot_convergence(callback)
         kernel.metadata["snapshot_indices"] = callback.snapshot_indices.tolist()
+    if train is not None:
+        kernel.metadata.update(_train_metadata(train.recorder, settings, sgld, progress, init_loss, loader))
     return kernel
+
+
+class _TrainVariance:
+    """``train_variance=True``: the recorder, the caller's loader with each batch's indices, and
+    the evaluate that records (the mean of ``loss_fn``, as the run without it)."""
+
+    def __init__(self, recorder, loader: DataLoader, evaluate: Callable):
+        self.recorder, self.loader, self.evaluate = recorder, loader, evaluate
+
+
+def _minibatch_recorder(major: int, num_train: int, per_sample: LossFn, sgld: SGLDSettings, loss_scale: float,
+                        allow_train_mode_noise: bool, noise: List[str]):
+    """The minibatch moments' recorder for this devinterp major, and the SGLD evaluate that feeds
+    it: ``(indices, batch) -> mean of per_sample(batch)`` (devinterp 1: ``MinibatchVariance``,
+    also the draw callback; devinterp 2: ``StepRecorder``, fed by devinterp's micro_callback)."""
+    from .minibatch import MinibatchVariance, StepRecorder
+
+    if major == 1:
+        recorder = MinibatchVariance(num_train, per_sample, loss_scale=loss_scale,
+                                     allow_train_mode_noise=allow_train_mode_noise)
+        evaluate = recorder.evaluate
+    else:
+        recorder = StepRecorder(num_train, num_burnin_steps=sgld.num_burnin_steps, nbeta=sgld.nbeta,
+                                loss_scale=loss_scale, allow_train_mode_noise=allow_train_mode_noise)
+
+        def evaluate(model, batch):
+            indices, inner = batch
+            recorder._check_model(model)
+            losses = per_sample(model, inner)
+            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (len(indices),):
+                got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+                raise ValueError(f"loss_fn must return per-sample losses [{len(indices)}], got {got}")
+            recorder.keep(indices, losses)
+            return losses.mean()
+    recorder.nbeta = float(sgld.nbeta)
+    recorder.hyperparameters = {"lr": float(sgld.lr), "nbeta": float(sgld.nbeta),
+                                "localization": float(sgld.localization)}
+    recorder.train_mode_noise = list(noise)
+    return recorder, evaluate
+
+
+_KERNEL_FIELDS = ("mean", "variance", "visits", "num_draws", "draws_per_chain", "metadata")
+
+
+def _train_metadata(recorder, settings, sgld, progress, init_loss, loader) -> Dict[str, Any]:
+    """What ``train_variance=True`` adds to the probe kernel's metadata."""
+    if not recorder.steps_per_chain:  # every chain was left out: the probe kernel said why
+        return {"train_singular_fluctuation": float("nan"), "train_singular_fluctuation_se": float("nan"),
+                "train_unseen": recorder.num_train, "train_kernel": None}
+    kernel = recorder.kernel
+    kernel.metadata.update({
+        "settings": {**{k: v for k, v in settings.items() if k != "sampling_method_callable"},
+                     "minibatch_sampler": f"the caller's loader ({recorder.sampler_kind}), batches of "
+                                          f"{loader.batch_size}: the probe kernel's chains"},
+        "sgld": sgld.to_dict(), "diverged_chains": list(progress.diverged), "llc/init_loss": init_loss,
+        **_llc_summary(progress, sgld.num_chains)})
+    return {"train_singular_fluctuation": kernel.metadata["singular_fluctuation"],
+            "train_singular_fluctuation_se": kernel.metadata["singular_fluctuation_se"],
+            "train_unseen": kernel.metadata["unseen"], "train_minibatch_sampler": recorder.sampler_kind,
+            "train_kernel": {name: getattr(kernel, name) for name in _KERNEL_FIELDS}}
+
+
+def train_kernel(kernel: LossKernel) -> LossKernel:
+    """The training set's minibatch-mode LossKernel of a probe kernel made with
+    ``estimate_loss_kernel(..., train_variance=True)`` (also after ``save``/``load`` or
+    ``to_xarray``/``from_xarray``): per-sample ``mean``, ``variance`` (NaN where seen fewer than
+    twice) and ``visits`` of every sample of the training loader's dataset, ν in its metadata."""
+    if not isinstance(kernel, LossKernel):
+        raise TypeError(f"kernel must be a LossKernel, got {type(kernel).__name__}")
+    fields_ = kernel.metadata.get("train_kernel", "absent")
+    if fields_ == "absent":
+        raise ValueError("kernel has no training-set minibatch variances: make it with "
+                         "estimate_loss_kernel(..., train_variance=True)")
+    if fields_ is None:
+        raise ValueError("kernel's run kept no training-set minibatch losses: every chain was left out "
+                         f"(diverged chains {kernel.metadata.get('diverged_chains')})")
+    values = dict(fields_)
+    values["draws_per_chain"] = {int(c): int(v) for c, v in values["draws_per_chain"].items()}
+    return LossKernel(covariance=None, **values)
 
 
 _NOT_IN_MINIBATCH_MODE = {
@@ -274,7 +394,7 @@ def _estimate_minibatch(model, loader, probe, sgld, sgld_settings, *, loss_fn, e
     variances of the whole training set from the SGLD minibatches' own losses, beside devinterp's
     LLC. Every argument is checked before sampling."""
     from .kernel import as_labels
-    from .minibatch import MinibatchVariance, StepRecorder, loader_with_replacement
+    from .minibatch import loader_with_replacement
 
     where = "estimate_loss_kernel(mode='minibatch')"
     if probe is not None:
@@ -331,39 +451,23 @@ def _estimate_minibatch(model, loader, probe, sgld, sgld_settings, *, loss_fn, e
         return losses.mean()
 
     init_loss = _minibatch_init_loss(model, loader, mean_loss, settings, device)  # checks loss_fn before sampling
-    hyperparameters = {"lr": float(sgld.lr), "nbeta": float(sgld.nbeta), "localization": float(sgld.localization)}
-    if major == 1:
-        recorder = MinibatchVariance(num_train, per_sample, loss_scale=loss_scale,
-                                     allow_train_mode_noise=allow_train_mode_noise)
-        evaluate = recorder.evaluate
-    else:
-        recorder = StepRecorder(num_train, num_burnin_steps=sgld.num_burnin_steps, nbeta=sgld.nbeta,
-                                loss_scale=loss_scale, allow_train_mode_noise=allow_train_mode_noise)
-
-        def evaluate(model, batch):
-            indices, inner = batch
-            recorder._check_model(model)
-            losses = per_sample(model, inner)
-            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (len(indices),):
-                got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                raise ValueError(f"loss_fn must return per-sample losses [{len(indices)}], got {got}")
-            recorder.keep(indices, losses)
-            return losses.mean()
-    recorder.nbeta, recorder.hyperparameters = float(sgld.nbeta), dict(hyperparameters)
-    recorder.train_mode_noise = list(noise)
+    recorder, evaluate = _minibatch_recorder(major, num_train, per_sample, sgld, loss_scale, allow_train_mode_noise,
+                                             noise)
 
     progress = _Progress()
     loader_seeds = [int(v) for v in np.random.SeedSequence([int(settings["seed"]), 19]).generate_state(
         sgld.num_chains)]  # the minibatch order's own generators, apart from devinterp's seeds
-    with _quiet_devinterp(), devinterp_bars(show=False):
+    bar = _MinibatchBar(recorder, sgld.num_chains * sgld.num_draws) if verbose else None
+    with _quiet_devinterp(), devinterp_bars(show=False), (bar or contextlib.nullcontext()):
         for chain, seed in enumerate(chain_seeds(settings["seed"], sgld.num_chains)):
             chain_loader = loader_with_replacement(loader, loader_seeds[chain])
+            tick = bar.ticker(chain) if bar is not None else _ignore
             try:
                 if major == 1:
                     mean = _run_chain_devinterp1(model, chain_loader, _ChainLabel(recorder, chain), evaluate,
-                                                 settings, device, seed, init_loss)
+                                                 settings, device, seed, init_loss, extra_callbacks=[tick])
                 else:
-                    mean = _run_chain_devinterp2(model, chain_loader, _ChainLabel(_ignore, chain), evaluate, settings,
+                    mean = _run_chain_devinterp2(model, chain_loader, _ChainLabel(tick, chain), evaluate, settings,
                                                  device, seed, init_loss, micro_callback=_ChainLabel(recorder, chain))
             except RuntimeError as error:
                 if "NaN" not in str(error):
@@ -375,6 +479,8 @@ def _estimate_minibatch(model, loader, probe, sgld, sgld_settings, *, loss_fn, e
                 progress.llc_per_chain[chain], progress.diverged = None, progress.diverged + [chain]
             else:
                 progress.llc_per_chain[chain] = settings["nbeta"] * (mean - init_loss)
+            if bar is not None:
+                bar.end_chain(chain)
             warnings.filterwarnings("ignore", module=r"devinterp(\.|$)")  # said once is enough
     settings.pop("sampling_method_callable")
     if not recorder.steps_per_chain:
@@ -390,6 +496,41 @@ def _estimate_minibatch(model, loader, probe, sgld, sgld_settings, *, loss_fn, e
 
 def _ignore(**_kwargs) -> None:
     """A callback that does nothing (the chain label records the minibatch losses)."""
+
+
+class _MinibatchBar:
+    """The minibatch mode's progress bar (``verbose``): one bar over every draw of every chain, as
+    the probe modes show (:func:`~devinterp_losskernel.progress.progress_bar`), with the chain,
+    the mean visits per training sample so far and ν after each finished chain. Reads counters
+    only: folds nothing mid-chain (ν after a chain folds that chain's buffer, as the end of the
+    run would: the same numbers whether the bar is shown or not)."""
+
+    def __init__(self, recorder, total: int):
+        self.recorder, self.total, self.nu = recorder, total, None
+        self.bar = None
+
+    def __enter__(self):
+        self.bar = progress_bar(self.total, "minibatch variance draws")  # quiet in a log file
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+    def ticker(self, chain: int) -> Callable:
+        def tick(**_kwargs):
+            self.bar.update(1)
+            postfix = {"chain": chain, "visits": f"{self.recorder.recorded / self.recorder.num_train:.3g}"}
+            if self.nu is not None:
+                postfix["nu"] = f"{self.nu:.4g}"
+            self.bar.set_postfix(postfix, refresh=False)
+        return tick
+
+    def end_chain(self, chain: int) -> None:
+        if chain in self.recorder.chains or chain in self.recorder._buffer:
+            self.nu = self.recorder.singular_fluctuation()
+            self.bar.set_postfix({"chain": chain, "visits": f"{self.recorder.recorded / self.recorder.num_train:.3g}",
+                                  "nu": f"{self.nu:.4g}"})
 
 
 def _sgld_record(sgld: Optional[SGLDSettings], by_name: Dict[str, Any], loader) -> SGLDSettings:
@@ -429,16 +570,25 @@ def _quiet_devinterp():
         yield
 
 
-def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major):
-    """Run the chains not yet in ``progress``, one at a time, checkpointing after each."""
+def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, progress, checkpoint, major,
+                train: Optional[_TrainVariance] = None):
+    """Run the chains not yet in ``progress``, one at a time, checkpointing after each. With
+    ``train``: its loader (the same batches, with their indices) and evaluate (the same loss,
+    recorded), its recorder beside the callback."""
     run_chain = _run_chain_devinterp1 if major == 1 else _run_chain_devinterp2
     seeds = chain_seeds(settings["seed"], settings["num_chains"])
+    if train is not None:
+        loader, evaluate = train.loader, train.evaluate
     for chain in range(settings["num_chains"]):
         if chain in progress.llc_per_chain:
             continue
+        extra = {}
+        if train is not None:
+            extra = {"extra_callbacks": [_ChainLabel(train.recorder, chain)]} if major == 1 else \
+                {"micro_callback": _ChainLabel(train.recorder, chain)}
         try:
             mean_loss = run_chain(model, loader, _ChainLabel(callback, chain), evaluate, settings,
-                                  device, seeds[chain], init_loss)
+                                  device, seeds[chain], init_loss, **extra)
         except RuntimeError as error:
             if "NaN" not in str(error):
                 raise
@@ -448,6 +598,8 @@ def _run_chains(model, loader, callback, evaluate, settings, device, init_loss, 
         if chain in callback.diverged_chains:
             progress.llc_per_chain[chain] = None  # the minibatch losses blew up with the probe's
             progress.diverged.append(chain)
+            if train is not None:  # the training set's moments keep the probe kernel's chains
+                train.recorder._forget_chain(chain)
         else:
             callback.end_chain(chain)
             progress.llc_per_chain[chain] = settings["nbeta"] * (mean_loss - init_loss)
@@ -606,7 +758,7 @@ def _minibatch_init_loss(model, loader, evaluate, s, device) -> float:
     return float(np.mean(losses))
 
 
-def _run_chain_devinterp1(model, loader, callback, evaluate, s, device, seed, init_loss) -> float:
+def _run_chain_devinterp1(model, loader, callback, evaluate, s, device, seed, init_loss, extra_callbacks=()) -> float:
     """One chain through devinterp 1.x's sampler, with devinterp's own LLCEstimator beside
     our callback; returns the chain's mean minibatch loss over draws (devinterp's numbers)."""
     from devinterp.slt.llc import LLCEstimator
@@ -617,7 +769,7 @@ def _run_chain_devinterp1(model, loader, callback, evaluate, s, device, seed, in
         # one chain per call: devinterp's std over chains is undefined; we report our own
         warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")
         sample(
-            model, loader, callbacks=[llc, callback], evaluate=evaluate,
+            model, loader, callbacks=[llc, callback, *extra_callbacks], evaluate=evaluate,
             optimizer_kwargs=dict(lr=s["lr"], nbeta=s["nbeta"], localization=s["localization"]),
             num_draws=s["num_draws"], num_chains=1, num_burnin_steps=s["num_burnin_steps"],
             num_steps_bw_draws=s["num_steps_bw_draws"], seed=[seed], device=device,

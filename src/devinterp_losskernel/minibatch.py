@@ -50,7 +50,8 @@ from .probe import LossFn, check_loss_fn, default_loss_fn
 from .sample_moments import NU_MEANING, SampleMoments, merge_moments
 from .validation import check_loss_scale, check_train_mode_noise
 
-__all__ = ["MinibatchMoments", "MinibatchVariance", "WithIndices", "IndexedCollate", "loader_with_replacement"]
+__all__ = ["MinibatchMoments", "MinibatchVariance", "WithIndices", "IndexedCollate", "loader_with_replacement",
+           "indexed_loader"]
 
 RESULT_PREFIX = "minibatch/"
 MINIBATCH_METHOD = "minibatch: losses of the SGLD minibatches after burn-in, no extra forward pass"
@@ -97,6 +98,44 @@ def loader_with_replacement(loader: DataLoader, seed: int) -> DataLoader:
                       sampler=torch.utils.data.RandomSampler(indexed, replacement=True, generator=generator),
                       collate_fn=IndexedCollate(loader.collate_fn), num_workers=loader.num_workers,
                       pin_memory=loader.pin_memory, generator=generator)
+
+
+def indexed_loader(loader: DataLoader) -> DataLoader:
+    """``loader`` with each batch as ``(indices [B], batch)``: the same sampler (or batch sampler)
+    object, generator, collate_fn, workers and pin_memory, so it draws the same minibatches from
+    the same random numbers as ``loader`` itself (the probe modes' ``train_variance=True``: the
+    chains stay the caller's chains, bit for bit). Needs a loader that batches (a ``batch_size``
+    or a ``batch_sampler``) over a map-style dataset."""
+    if loader.batch_sampler is None:
+        raise ValueError("loader must batch its samples (batch_size= or batch_sampler=) for the training set's "
+                         "per-sample losses; a loader with batch_size=None yields one item at a time")
+    indexed = WithIndices(loader.dataset)
+    workers = dict(num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                   worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+                   generator=loader.generator, persistent_workers=loader.persistent_workers)
+    if loader.num_workers > 0:
+        workers["prefetch_factor"] = loader.prefetch_factor
+    if loader.batch_size is None:  # built with batch_sampler=
+        return DataLoader(indexed, batch_sampler=loader.batch_sampler, collate_fn=IndexedCollate(loader.collate_fn),
+                          **workers)
+    return DataLoader(indexed, batch_size=loader.batch_size, drop_last=loader.drop_last, sampler=loader.sampler,
+                      collate_fn=IndexedCollate(loader.collate_fn), **workers)
+
+
+def sampler_kind(loader) -> Tuple[str, bool]:
+    """How ``loader`` draws its minibatches, in words, and whether that is with replacement."""
+    sampler = getattr(loader, "sampler", None)
+    with_replacement = isinstance(sampler, torch.utils.data.RandomSampler) and sampler.replacement
+    return ("with replacement" if with_replacement else type(sampler).__name__), with_replacement
+
+
+def warn_shuffling(where: str, kind: str, stacklevel: int = 3) -> None:
+    """The warning about a loader that does not draw with replacement (see :class:`MinibatchVariance`)."""
+    warnings.warn(
+        f"{where}: the training loader draws its minibatches with a {kind}, not with replacement; epoch-wise "
+        "shuffling biases the per-sample variances up (ν +9% in the repository's study). For ν, pass "
+        "DataLoader(WithIndices(train_set), batch_size=m, sampler=RandomSampler(indexed, replacement=True))",
+        RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 _LIVE_RECORDERS: "weakref.WeakValueDictionary[int, MinibatchVariance]" = weakref.WeakValueDictionary()
@@ -151,6 +190,7 @@ class MinibatchMoments:
         self.fold_every = max(4 * num_train, 4096)  # losses buffered per chain before an O(N) update
         self._buffer: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self._buffered: Dict[int, int] = {}
+        self.recorded = 0  # losses recorded so far, all chains (a progress bar's visits per sample)
 
     def _check_model(self, model: nn.Module) -> None:
         """Train-mode noise, once per model: refused, or recorded under the opt-in."""
@@ -175,6 +215,7 @@ class MinibatchMoments:
 
     def _add(self, chain: int, indices: torch.Tensor, losses: torch.Tensor) -> None:
         """Buffer one minibatch's losses of ``chain``; fold when enough are buffered."""
+        self.recorded += len(indices)  # losses so far (a progress bar's visits)
         self._buffer.setdefault(chain, []).append((indices, losses))
         self._buffered[chain] = self._buffered.get(chain, 0) + len(indices)
         if self._buffered[chain] >= self.fold_every:
@@ -356,15 +397,9 @@ class MinibatchVariance(MinibatchMoments):
         out 9% high at 103 visits a sample (benchmarks/RESULTS.md, minibatch study)."""
         if self.sampler_kind is not None or loader is None:
             return
-        sampler = getattr(loader, "sampler", None)
-        with_replacement = isinstance(sampler, torch.utils.data.RandomSampler) and sampler.replacement
-        self.sampler_kind = "with replacement" if with_replacement else type(sampler).__name__
+        self.sampler_kind, with_replacement = sampler_kind(loader)
         if not with_replacement:
-            warnings.warn(
-                f"MinibatchVariance: the training loader draws its minibatches with a {type(sampler).__name__}, not "
-                "with replacement; epoch-wise shuffling biases the per-sample variances up (ν +9% in the repository's "
-                "study). For ν, pass DataLoader(WithIndices(train_set), batch_size=m, sampler=RandomSampler("
-                "indexed, replacement=True))", RuntimeWarning, stacklevel=3)
+            warn_shuffling("MinibatchVariance", self.sampler_kind, stacklevel=3)
 
     def finalize(self, *args, **kwargs) -> None:
         """Nothing is held back: every draw's interval is folded when the draw arrives."""

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator
+from .diagnostics import HealthRecorder, report_summary, with_trace
 from .extras import require
 from .kernel import LossKernel, as_labels
 from .provenance import FileIntegrityError, checksum
@@ -167,6 +168,7 @@ def loss_kernel(
             raise ValueError(f"losses must be [draws, n] or [chains, draws, n], got shape {tuple(array.shape)}")
         blocks = ((c, b) for c, b in enumerate(chains))
         num_samples = chains[0].shape[-1]
+        lengths = {int(c.shape[0]) for c in chains}
     else:
         try:
             iterator = iter(losses)
@@ -189,6 +191,7 @@ def loss_kernel(
                 yield 0, block[None] if block.dim() == 1 else block
 
         blocks = chained()
+        lengths = set()  # streamed blocks: the draws per chain are known only at the end
     if num_samples < 1:
         raise ValueError("losses must hold at least one probe sample per draw (n ≥ 1), got n=0")
     _check_kernel_fields(int(num_samples), init_loss, sample_ids, labels)
@@ -196,6 +199,10 @@ def loss_kernel(
         rows = check_selection(rows, int(num_samples), "rows", what="sample")
     accumulator = KernelAccumulator(int(num_samples), device=device, dtype=dtype, block_size=block_size,
                                     rows=rows, mode=mode)
+    # the run's health record (kernel.diagnostics()), fed from the same blocks: split-half moments
+    # and each chain's trace of the mean loss (time halves known when every chain has T draws)
+    health = HealthRecorder(int(num_samples), expected_draws=lengths.pop() if len(lengths) == 1 else None)
+    trace: Dict[int, list] = {}
     draws_per_chain: Dict[int, int] = {}
     for chain, block in blocks:
         if block.dim() != 2 or block.shape[1] != num_samples:
@@ -204,9 +211,14 @@ def loss_kernel(
             bad = int((~torch.isfinite(block)).any(dim=1).sum())
             raise ValueError(f"losses hold NaN or Inf in {bad} draws (chain {chain}); drop those draws first")
         accumulator.update(block, check_finite=False)
+        health.update(chain, draws_per_chain.get(chain, 0), block)
+        trace.setdefault(chain, []).extend(block.double().mean(dim=1).tolist())
         draws_per_chain[chain] = draws_per_chain.get(chain, 0) + int(block.shape[0])
-    return accumulator.compute(init_loss=init_loss, draws_per_chain=draws_per_chain, sample_ids=sample_ids,
-                               labels=labels, metadata=dict(metadata or {}, source="loss_kernel"))
+    kernel = accumulator.compute(init_loss=init_loss, draws_per_chain=draws_per_chain, sample_ids=sample_ids,
+                                 labels=labels, metadata=dict(metadata or {}, source="loss_kernel"))
+    kernel.health_record = with_trace(health.record(), trace)
+    kernel.metadata["diagnostics"] = report_summary(kernel)
+    return kernel
 
 
 def _open(samples) -> Tuple[Any, Optional[str]]:

@@ -42,7 +42,6 @@ computes in float32), and ``sus`` is float64.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -52,12 +51,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .devinterp2_store import CollectInitLoss, sampler_config
+
 __all__ = ["susceptibilities", "compute_susceptibilities", "SusceptibilityMoments", "moments_from_samples"]
 
-# sample()'s arguments that are not SamplerConfig fields
-_NOT_CONFIG = ("batches_per_draw", "obs_seed", "device", "output_path", "rmsprop_eps", "rmsprop_alpha")
-# sample()'s arguments that susceptibilities() sets itself
-_SET_HERE = ("model", "dataset", "observables", "lr", "n_beta", "param_masks", "loss_fn")
 
 
 class SusceptibilityMoments:
@@ -292,40 +289,6 @@ def compute_susceptibilities(
     return _build_output(results)
 
 
-def _sampler_config(kwargs: Dict[str, Any], lr, n_beta):
-    """devinterp's SamplerConfig from ``sample()``'s keyword arguments (its defaults where not
-    given, its own validation), and the rest (batches_per_draw, obs_seed, device, output_path)."""
-    from devinterp.slt.config import SamplerConfig
-    from devinterp.slt.sampling import sample
-
-    parameters = inspect.signature(sample).parameters
-    accepted = [name for name in parameters if name not in _SET_HERE]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        clash = sorted(set(unknown) & set(_SET_HERE))
-        raise TypeError(f"susceptibilities() got arguments devinterp's sample() does not take here: {unknown}"
-                        + (f" ({clash} are set by susceptibilities itself: param_masks come from weight_restrictions)"
-                           if clash else "") + f"; it takes {accepted}")
-    values = {name: p.default for name, p in parameters.items() if name not in _SET_HERE}
-    values.update(kwargs)
-    method_kwargs = dict(values["sampling_method_kwargs"] or {})
-    for key in ("eps", "alpha"):
-        value = values[f"rmsprop_{key}"]
-        if value is None:
-            continue
-        if values["sampling_method"] != "rmsprop_sgld":
-            raise ValueError(f"rmsprop_{key} can only be set when sampling_method='rmsprop_sgld', "
-                             f"got sampling_method={values['sampling_method']!r}")
-        if key in method_kwargs:
-            raise ValueError(f"rmsprop_{key} is set both as a top-level argument and in "
-                             f"sampling_method_kwargs[{key!r}]; specify only one.")
-        method_kwargs[key] = value
-    fields = {name: value for name, value in values.items() if name not in _NOT_CONFIG}
-    fields["sampling_method_kwargs"] = method_kwargs
-    config = SamplerConfig(lr=lr, n_beta=n_beta, **fields)
-    return config, {name: values[name] for name in _NOT_CONFIG}
-
-
 def _check_sizes(dataset, observables, batch_size: int, batches_per_draw) -> None:
     """What devinterp would fail on deep inside (an assert, an empty loader), said by name."""
     import numbers
@@ -350,16 +313,6 @@ def _check_sizes(dataset, observables, batch_size: int, batches_per_draw) -> Non
             raise ValueError(f"observables[{key!r}] holds {len(obs_dataset)} sequences; devinterp evaluates "
                              f"batch_size × batches_per_draw = {batch_size} × {per_draw} = {batch_size * per_draw} of "
                              f"them: pass observables={{{key!r}: (dataset, {fits})}} or a smaller batch_size")
-
-
-class _CollectInitLoss:
-    """Stands in for devinterp's ZarrWriter in its own ``_write_init_loss``: keeps the rows."""
-
-    def __init__(self, num_chains: int):
-        self.rows: List[Optional[torch.Tensor]] = [None] * num_chains
-
-    def write(self, path, data, /, *, chain):
-        self.rows[chain] = torch.as_tensor(data).detach().to("cpu", torch.float32).clone()
 
 
 def _store_paths(output_path, names) -> Dict[str, Path]:
@@ -442,7 +395,8 @@ def susceptibilities(
         if obs_id in ids_seen:
             raise ValueError(f"observables {ids_seen[obs_id]!r} and {key!r} have the same devinterp id {obs_id!r}")
         ids_seen[obs_id] = key
-    config, rest = _sampler_config(kwargs, lr, n_beta)
+    config, rest = sampler_config(kwargs, lr, n_beta, caller="susceptibilities",
+                                  set_by_caller=": param_masks come from weight_restrictions")
     _check_sizes(dataset, observables, config.batch_size, rest["batches_per_draw"])
     check_devinterp2_dataset(dataset, "dataset", tokens=loss_fn is None)
     for key, spec in observables.items():
@@ -473,7 +427,7 @@ def susceptibilities(
     for wr_name, masks in masks_by_wr.items():
         init_loss = None
         if wr_name == "full" or paths:  # only the full run's init loss enters χ; a store holds every run's
-            collect = _CollectInitLoss(config.num_chains)
+            collect = CollectInitLoss(config.num_chains)
             _write_init_loss(collect, config, model, masks, dataset, device, loss_fn)  # devinterp's own code
             init_loss = torch.stack(collect.rows)
         moments = SusceptibilityMoments(sampling_id, input_ids, init_loss=init_loss,

@@ -1126,3 +1126,41 @@ def check_batch_index_range(value: Any, total: int, name: str) -> np.ndarray:
 
 
 __all__ += ["check_bif_options", "check_batch_index_range"]
+
+
+# -- estimate_loss_kernel(train_variance=) (estimate.py) -------------------------------------------
+def check_train_variance(train_variance: Any, mode: str, *, evaluate: Any = None, checkpoint_dir: Any = None,
+                         loader: Any = None) -> bool:
+    """``estimate_loss_kernel``'s ``train_variance``: True or False; True only for a probe mode
+    (``mode="minibatch"`` is the training set's minibatch variances alone), without ``evaluate``
+    (the recorded per-sample losses must be the ones whose mean SGLD differentiates: ``loss_fn``'s),
+    without ``checkpoint_dir`` (the O(N) moments are not checkpointed), and with a loader that
+    batches a map-style dataset (each sample is recorded under its index)."""
+    if not isinstance(train_variance, (bool, np.bool_)):
+        raise TypeError(f"train_variance must be True or False, got {train_variance!r}")
+    if not train_variance:
+        return False
+    if mode == "minibatch":
+        raise ValueError("train_variance=True is for the probe modes (full, diagonal, combined): mode='minibatch' "
+                         "already returns the training set's minibatch variances alone; leave train_variance out")
+    if evaluate is not None:
+        raise ValueError("train_variance=True does not take evaluate: the SGLD loss must be the mean of loss_fn's "
+                         "per-sample losses, which are the ones recorded (pass loss_fn, or train_variance=False)")
+    if checkpoint_dir is not None:
+        raise ValueError("train_variance=True does not take checkpoint_dir: the training set's per-sample moments "
+                         "(O(N)) are not checkpointed; pass one of them")
+    if loader is not None:
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__") \
+                or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"train_variance=True needs loader.dataset to be a map-style dataset (len() and [i]): "
+                            f"each sample is recorded under its index; got {type(dataset).__name__}")
+        if len(dataset) < 2:
+            raise ValueError(f"train_variance=True needs loader.dataset to hold at least 2 samples, got {len(dataset)}")
+        if getattr(loader, "batch_sampler", None) is None:
+            raise ValueError("train_variance=True needs a loader that batches (batch_size= or batch_sampler=); "
+                             "this one has batch_size=None and yields one item at a time")
+    return True
+
+
+__all__ += ["check_train_variance"]

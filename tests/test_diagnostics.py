@@ -223,6 +223,7 @@ def test_diagonal_kernels_are_judged_on_their_variances():
 
 def test_a_kernel_without_a_record_is_not_judgeable_never_an_error():
     kernel = loss_kernel(np.random.default_rng(12).normal(size=(30, 5)))
+    kernel.health_record, kernel.metadata["diagnostics"] = None, None   # e.g. a kernel from an older version
     report = diagnose(kernel)
     assert not report.judgeable and not report.ok and "no health record" in report.problems[0]
 
@@ -398,3 +399,30 @@ def test_loss_kernel_of_a_trace_carries_its_health_record():
     assert any("not reproducible" in p for p in noise.problems)
     streamed = loss_kernel(iter(list(structured.reshape(-1, 40).reshape(40, 30, 40))))
     assert streamed.metadata["diagnostics"] is not None and streamed.health_record is not None
+
+
+def test_a_minibatch_mode_kernel_is_judged_from_its_visits_llc_and_nu_spread():
+    """A minibatch-mode kernel has no probe trace: its report says so in a note and judges the
+    visits per sample (too few here: 2 chains × 20 draws of 32 out of 300), the LLC and ν's
+    between-chain standard error, each problem naming what to change."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from devinterp_losskernel import estimate_loss_kernel
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 8, generator=g), torch.randint(0, 3, (300,), generator=g)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    kernel = estimate_loss_kernel(model, DataLoader(TensorDataset(x, y), batch_size=32), None, mode="minibatch",
+                                  num_chains=2, num_draws=20, num_burnin_steps=5, lr=1e-4, nbeta=30.0,
+                                  localization=100.0, seed=0, verbose=False)
+    report = kernel.diagnostics()
+    assert report.judgeable and not report.ok
+    assert report.numbers["visits_median"] == float(kernel.visits.double().median())
+    visits = [p for p in report.problems if p.startswith("too few visits")]
+    assert len(visits) == 1 and "num_draws" in visits[0]
+    assert any("minibatch mode" in note for note in report.notes)
+    loose = kernel.diagnostics(min_median_visits=1)
+    assert not any(p.startswith("too few visits") for p in loose.problems)

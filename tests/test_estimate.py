@@ -449,15 +449,16 @@ def test_train_variance_folds_the_same_chains_minibatches_beside_an_unchanged_pr
         train_kernel(plain)
 
 
-def test_train_variance_with_a_shuffling_loader_warns_and_works_in_the_diagonal_mode():
+@pytest.mark.parametrize("mode, extra", [("diagonal", {}), ("combined", dict(callback_kwargs=dict(rows=[0, 3, 5])))])
+def test_train_variance_with_a_shuffling_loader_warns_and_works_in_the_other_probe_modes(mode, extra):
     from devinterp_losskernel.estimate import train_kernel
 
     x, y = _indexed_data()
     torch.manual_seed(0)
     with pytest.warns(RuntimeWarning, match=r"train_variance=True\): the training loader draws .* RandomSampler, not "
                                             "with replacement"):
-        kernel = estimate_loss_kernel(MLP(), loader_for(x, y, batch_size=BS_MB), (x, y), mode="diagonal",
-                                      train_variance=True, verbose=False, **MB)
+        kernel = estimate_loss_kernel(MLP(), loader_for(x, y, batch_size=BS_MB), (x, y), mode=mode,
+                                      train_variance=True, verbose=False, **extra, **MB)
     assert kernel.metadata["train_minibatch_sampler"] == "RandomSampler"
     train = train_kernel(kernel)
     assert int(train.visits.sum()) == sum(train.draws_per_chain.values()) * BS_MB

@@ -494,8 +494,8 @@ def _calibration_figure(result: CalibrationResult, figure_class, path):
     gammas = sorted({row.setting.localization for row in rows})
     lrs_at = {g: sorted(row.setting.lr for row in rows if row.setting.localization == g) for g in gammas}
     ncols = max(len(v) for v in lrs_at.values())
-    fig = figure_class(figsize=(3.2 * max(ncols, 2) + 1, 2.2 * len(gammas) + 3.4), layout="constrained")
-    grid = fig.add_gridspec(len(gammas) + 1, max(ncols, len(_PANELS)), height_ratios=[1] * len(gammas) + [1.5])
+    fig = figure_class(figsize=(3.2 * max(ncols, 2) + 1, 2.2 * len(gammas) + 4.4), layout="constrained")
+    grid = fig.add_gridspec(len(gammas) + 1, max(ncols, len(_PANELS)), height_ratios=[1] * len(gammas) + [2.0])
     for row in rows:
         i = gammas.index(row.setting.localization)
         j = lrs_at[row.setting.localization].index(row.setting.lr)
@@ -508,13 +508,16 @@ def _calibration_figure(result: CalibrationResult, figure_class, path):
         star = " ★" if row.setting == result.recommended else ""
         verdict = "ok" if row.ok else (_short(row.problems[0], 34) if row.problems else "not judged")
         verdict = ("usable; " if row.usable and not row.ok else "") + verdict
+        if row.ok and not row.usable:
+            verdict = f"report ok, not a default: loss > {BASIN_CHANCE_FRACTION:g}× chance"
         ax.set_title(f"{row.setting.label}{star}\n{verdict}", fontsize=8, color="green" if row.usable else "firebrick")
         ax.tick_params(labelsize=7)
         if j == 0:
             ax.set_ylabel("probe loss", fontsize=8)
         if i == len(gammas) - 1:
             ax.set_xlabel("draw", fontsize=8)
-    labels = [f"{r.setting.lr:.1g}\n{r.setting.localization:.2g}" for r in rows]
+    rows = sorted(rows, key=lambda r: (r.setting.localization, r.setting.lr))
+    labels = [f"ε {r.setting.lr:.1g}, γ {r.setting.localization:.2g}" for r in rows]
     colours = ["green" if r.usable else "firebrick" for r in rows]
     span = max(ncols, len(_PANELS)) // len(_PANELS)
     for p, (key, title, log) in enumerate(_PANELS):
@@ -529,9 +532,9 @@ def _calibration_figure(result: CalibrationResult, figure_class, path):
         if result.recommended is not None:
             k = [r.setting for r in rows].index(result.recommended)
             ax.annotate("★", (k, values[k] if math.isfinite(values[k]) else 0), ha="center", va="bottom")
-        ax.set_xticks(range(len(rows)), labels, fontsize=6)
+        ax.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("ε / γ  (green: usable)", fontsize=7)
+        ax.set_xlabel("green: usable", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     fig.suptitle("calibration sweep: " + (f"recommended {result.recommended.label} (★)" if result.recommended
                                           else "no setting passed"), fontsize=11)

@@ -92,6 +92,14 @@ MIN_ESS_PER_CHAIN = 8.0
 # note); tutorial 02 γ = 200 0.72, γ = 20 0.84; ε = 3e-3 0.85, 0.86. log K(x,x): ≥ 0.83 everywhere.
 RELIABILITY_MIN = 0.5
 TARGET_RELIABILITY = 0.9  # what "draws needed" aims at
+# Minibatch mode (per-sample variances of the whole training set from the SGLD minibatches):
+# visits per sample. benchmarks/minibatch_study.py (digits MLP, N = 1,797, m = 64, 4 chains,
+# minibatches drawn with replacement, against a pooled 8 × 1,600-draw exact reference): at 28
+# visits ν/ν_ref = 1.066 ± 0.11 and Spearman 0.79; at 110 visits 0.991 ± 0.03, Spearman 0.85; at
+# 221 1.011 ± 0.015, Spearman 0.88. From ~100 visits ν agrees with the reference within its SE.
+MIN_MEDIAN_VISITS = 100
+# ν's standard error (between chains) relative to ν: 0.11 at 28 visits, 0.03 at 110.
+NU_RELATIVE_SE_MAX = 0.1
 
 THRESHOLDS: Dict[str, float] = {
     "min_draws_per_chain": MIN_DRAWS_PER_CHAIN,
@@ -104,6 +112,8 @@ THRESHOLDS: Dict[str, float] = {
     "min_ess_per_chain": MIN_ESS_PER_CHAIN,
     "reliability_min": RELIABILITY_MIN,
     "target_reliability": TARGET_RELIABILITY,
+    "min_median_visits": MIN_MEDIAN_VISITS,
+    "nu_relative_se_max": NU_RELATIVE_SE_MAX,
 }
 
 
@@ -553,10 +563,7 @@ def diagnose(kernel, **thresholds) -> HealthReport:
     >>> import numpy as np, torch
     >>> from devinterp_losskernel import loss_kernel
     >>> losses = torch.from_numpy(np.random.default_rng(0).normal(1.0, 0.1, size=(4, 100, 20)))  # [C, T, n]
-    >>> kernel = loss_kernel(losses)
-    >>> diagnose(kernel).judgeable                       # loss_kernel() of a trace records nothing
-    False
-    >>> kernel.health_record = record_from_draws({c: losses[c] for c in range(4)})
+    >>> kernel = loss_kernel(losses)                     # the record is fed from the same draws
     >>> report = diagnose(kernel)
     >>> report.judgeable, round(report.numbers["split_rhat"], 2)
     (True, 1.0)
@@ -587,6 +594,8 @@ def diagnose(kernel, **thresholds) -> HealthReport:
     if isinstance(metadata.get("llc/mean"), (int, float)):
         numbers["llc"] = float(metadata["llc/mean"])
 
+    if metadata.get("mode") == "minibatch":
+        return _minibatch_report(kernel, metadata, sampler, numbers, t)
     stored = metadata.get("diagnostics")
     if (record is None or not record.get("trace")) and isinstance(stored, Mapping) and "ok" in stored:
         report = HealthReport.from_dict(stored)  # the run's own report, kept where the record was not
@@ -595,8 +604,8 @@ def diagnose(kernel, **thresholds) -> HealthReport:
         return report
     if record is None or not record.get("trace"):
         why = ("this kernel has no health record: it was made before the record existed, from draws the record did "
-               "not see (loss_kernel() of a trace: attach record_from_draws(); accumulators merged across processes: "
-               "merge their callbacks' records with merge_health_records()), or is a subset; rerun the sampler "
+               "not see (accumulators merged across processes: merge their callbacks' records with "
+               "merge_health_records()), or is a subset; rerun the sampler "
                "with this version to judge it")
         return HealthReport(ok=False, problems=[f"not judgeable: {why}"], notes=notes, judgeable=False,
                             numbers=numbers)
@@ -612,16 +621,7 @@ def diagnose(kernel, **thresholds) -> HealthReport:
         problems.append(f"chains {diverged} diverged and were cut off" + (f" ({reasons})" if reasons else "")
                         + ". Lower lr (ε) or raise localization (γ)")
     # the settings themselves, whatever the draws
-    lr, gamma = sampler.get("lr"), sampler.get("localization")
-    step_too_large = False
-    if isinstance(lr, (int, float)) and isinstance(gamma, (int, float)) and gamma > 0:
-        numbers["step_localization"] = lr * gamma / 2
-        step_too_large = numbers["step_localization"] >= t["step_localization_max"]
-        if step_too_large:
-            problems.append(f"the step is too large for the localization: εγ/2 = {lr:g}·{gamma:g}/2 = "
-                            f"{numbers['step_localization']:.3g} (at most {t['step_localization_max']:g}): each step "
-                            "overshoots the pull back to w*, so the draws are not from the local posterior. Lower "
-                            f"lr (ε) to {t['step_localization_max'] * 0.6 / gamma:.2g} or below")
+    step_too_large = _step_check(sampler, numbers, problems, t)
     # a chain cut off early (diverged) is left out of the trace checks rather than make the run unjudgeable
     long_enough = {c: v for c, v in traces.items() if len(v) >= t["min_draws_per_chain"]}
     judgeable = bool(long_enough)
@@ -659,6 +659,69 @@ def diagnose(kernel, **thresholds) -> HealthReport:
 
 
 _TRACE_PROBLEMS = ("not stationary", "the chains disagree", "poor mixing")
+
+
+def _step_check(sampler: Mapping[str, Any], numbers: Dict[str, float], problems: List[str],
+                t: Dict[str, float]) -> bool:
+    """εγ/2 against :data:`STEP_LOCALIZATION_MAX` (a problem when too large); True if it is."""
+    lr, gamma = sampler.get("lr"), sampler.get("localization")
+    if not (isinstance(lr, (int, float)) and isinstance(gamma, (int, float)) and gamma > 0):
+        return False
+    numbers["step_localization"] = lr * gamma / 2
+    if numbers["step_localization"] < t["step_localization_max"]:
+        return False
+    problems.append(f"the step is too large for the localization: εγ/2 = {lr:g}·{gamma:g}/2 = "
+                    f"{numbers['step_localization']:.3g} (at most {t['step_localization_max']:g}): each step "
+                    "overshoots the pull back to w*, so the draws are not from the local posterior. Lower "
+                    f"lr (ε) to {t['step_localization_max'] * 0.6 / gamma:.2g} or below")
+    return True
+
+
+def _minibatch_report(kernel, metadata: Mapping[str, Any], sampler: Mapping[str, Any], numbers: Dict[str, float],
+                      t: Dict[str, float]) -> HealthReport:
+    """The report of a minibatch-mode kernel (the training set's variances from the SGLD
+    minibatches): no probe trace exists, so it judges the settings (εγ/2), whether the chains
+    moved (devinterp's LLC), the visits per sample (:data:`MIN_MEDIAN_VISITS`) and ν's
+    between-chain standard error (:data:`NU_RELATIVE_SE_MAX`)."""
+    problems: List[str] = []
+    notes: List[str] = ["minibatch mode: judged from the LLC, the visits per sample and ν's spread between chains "
+                        "(no probe trace: run a probe kernel for the trend, mixing and reliability checks)"]
+    visits = kernel.visits.double() if kernel.visits is not None else None
+    if visits is not None and len(visits):
+        numbers["visits_median"] = float(visits.median())
+        numbers["visits_min"] = float(visits.min())
+        numbers["unseen"] = float((visits < 2).sum())
+    nu, nu_se = metadata.get("singular_fluctuation"), metadata.get("singular_fluctuation_se")
+    if isinstance(nu, (int, float)):
+        numbers["nu"] = float(nu)
+    if isinstance(nu_se, (int, float)):
+        numbers["nu_se"] = float(nu_se)
+        if isinstance(nu, (int, float)) and nu != 0 and math.isfinite(nu_se):
+            numbers["nu_relative_se"] = abs(nu_se / nu)
+    per_chain = metadata.get("llc/per_chain")
+    num_chains = len(per_chain) if isinstance(per_chain, (list, tuple)) else None
+    if num_chains is not None:
+        numbers["num_chains"] = float(num_chains)
+    _step_check(sampler, numbers, problems, t)
+    if "llc" in numbers and numbers["llc"] < t["llc_min"]:
+        problems.append(f"the chains have hardly moved from w*: LLC {numbers['llc']:.3g} (below {t['llc_min']:g}), "
+                        "so the variances measure the sampler's noise, not the posterior. Raise lr (ε), or lower "
+                        "localization (γ)")
+    median = numbers.get("visits_median", math.nan)
+    if math.isfinite(median) and median < t["min_median_visits"]:
+        factor = t["min_median_visits"] / max(median, 1.0)
+        problems.append(f"too few visits per sample: median {median:.0f} (at least {t['min_median_visits']:g}, where "
+                        "ν met a converged reference within its standard error in benchmarks/minibatch_study.py). "
+                        f"More draws: about {factor:.1f}× num_draws (or more chains)")
+    relative = numbers.get("nu_relative_se", math.nan)
+    if math.isfinite(relative) and relative > t["nu_relative_se_max"]:
+        problems.append(f"ν is uncertain: standard error {relative:.0%} of ν between chains (at most "
+                        f"{t['nu_relative_se_max']:.0%}). More chains or draws")
+    if num_chains is not None and num_chains < 2:
+        notes.append("one chain: ν has no standard error; run 2 or more chains")
+    if numbers.get("unseen"):
+        notes.append(f"{int(numbers['unseen'])} samples were seen fewer than twice: their variance is NaN")
+    return HealthReport(ok=not problems, problems=problems, notes=notes, judgeable=True, numbers=numbers)
 
 
 def _trace_checks(traces: Dict[int, np.ndarray], numbers: Dict[str, float], problems: List[str],

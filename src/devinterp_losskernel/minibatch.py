@@ -31,7 +31,10 @@ loss_scale, β = nβ/N, is Watanabe's singular fluctuation when ℓ is a negativ
 Minibatch order: a loader that draws with replacement (``RandomSampler(replacement=True)``, what
 ``estimate_loss_kernel(mode="minibatch")`` uses) makes a sample's visits independent of its own
 recent gradient steps; epoch-wise shuffling does not, and biases ν up (see
-``benchmarks/RESULTS.md``, minibatch study): the recorder warns about such a loader.
+``benchmarks/RESULTS.md``, minibatch study): the recorder warns about such a loader. The probe
+modes' ``estimate_loss_kernel(..., train_variance=True)`` records beside the probe kernel from the
+caller's own loader (:func:`indexed_loader`: the same minibatches from the same random numbers, so
+the probe kernel and the LLC are those of the run without it) and warns likewise.
 """
 
 from __future__ import annotations

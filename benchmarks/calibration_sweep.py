@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from math import nan
 
 import numpy as np
 import torch
@@ -115,25 +116,30 @@ def run(name: str, args) -> tuple:
     swept = time.perf_counter()
     hand = estimate_loss_kernel(model, loader, probe, lr=lr, localization=gamma, nbeta=nbeta, labels=labels,
                                 verbose=False, **sizes)
-    from devinterp_losskernel.calibration import _diagnose
+    from devinterp_losskernel.calibration import _diagnose, _usable
 
     hand_report = _diagnose(hand)
     rows = []
     for row in result.rows:
         n = row.numbers
         verdict = "ok" if row.ok else "; ".join(p.split(":")[0].split(". ")[0] for p in row.problems)
+        if any(note.startswith("loose posterior") for note in row.notes):
+            verdict += " (loose posterior)"
         mark = "**→**" if row.setting == result.recommended else ""
         rows.append([mark, f"{row.setting.lr:.2g}", f"{row.setting.localization:.3g}", f"{n['loss_at_w_star']:.3g}",
-                     f"{n['loss_over_draws']:.3g}", f"{n['llc']:.3g}", f"{n['ess']:.3g}", f"{n['reliability']:.2f}",
-                     f"{truth(row.kernel, metric, target):.3f}", verdict[:90], f"{row.seconds:.0f}"])
+                     f"{n['loss_over_draws']:.3g}", f"{n['llc']:.3g}", f"{n.get('report/fluctuation_ratio', nan):.3g}",
+                     f"{n['ess']:.3g}", f"{n['reliability']:.2f}", f"{n.get('report/reliability_variance', nan):.2f}",
+                     f"{truth(row.kernel, metric, target):.3f}", "yes" if row.usable else "", verdict[:90],
+                     f"{row.seconds:.0f}"])
+    hn = hand_report.numbers
     rows.append(["hand", f"{lr:.2g}", f"{gamma:.3g}", f"{float(hand.init_loss.mean()):.3g}",
                  f"{float(hand.mean.mean()):.3g}", f"{hand.metadata['llc/mean']:.3g}",
-                 f"{hand_report.numbers.get('ess_per_chain_min', float('nan')):.3g}",
-                 f"{hand_report.numbers.get('reliability_correlation', float('nan')):.2f}",
-                 f"{truth(hand, metric, target):.3f}",
+                 f"{hn.get('fluctuation_ratio', nan):.3g}", f"{hn.get('ess_per_chain_min', nan):.3g}",
+                 f"{hn.get('reliability_correlation', nan):.2f}", f"{hn.get('reliability_variance', nan):.2f}",
+                 f"{truth(hand, metric, target):.3f}", "yes" if _usable(hand, False) else "",
                  "ok" if hand_report.ok else "; ".join(p.split(":")[0] for p in hand_report.problems)[:90], ""])
-    headers = ["", "ε", "γ", "loss at w*", "loss over draws", "LLC", "ESS/chain", "reliability", metric,
-               "report", "s"]
+    headers = ["", "ε", "γ", "loss at w*", "loss over draws", "LLC", "h", "ESS/chain", "reliability R̂",
+               "reliability log K(x,x)", metric, "usable", "report", "s"]
     title = (f"{name}: nβ {nbeta:g}, {args.chains} chains × {args.draws} draws after {args.burnin} burn-in, "
              f"sweep {swept - prepared:.0f} s (model and data {prepared - started:.0f} s)")
     table = print_table(headers, rows, title)

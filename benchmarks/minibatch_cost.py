@@ -23,6 +23,15 @@ before the call, and the bytes of state per training sample the recorder holds a
     .venv-ci1/bin/python benchmarks/minibatch_cost.py                 # 2 × 100 draws, 7 pairs, (c) twice
     .venv-ci1/bin/python benchmarks/minibatch_cost.py --num-train 5000 --repeat 1 --exact-repeat 1 --no-record
     .venv-ci1/bin/python benchmarks/minibatch_cost.py --profile       # cProfile of (a) and (b), top entries
+    .venv-ci1/bin/python benchmarks/minibatch_cost.py --digits --exact-repeat 0 --repeat 9
+    .venv-ci1/bin/python benchmarks/minibatch_cost.py --before /tmp/minibatch_old.py   # + (o): an older recorder
+
+``--digits``: the README's small digits MLP instead (1,797 images, 64-256-256-10, trained like
+``devinterp_losskernel.demo``; SGLD as in ``benchmarks/minibatch_study.py``: ε = 3e-4, minibatch 64,
+burn-in 100, 4 chains × 100 draws by default), where a step costs ~2 ms and the recorder's fixed
+per-step work is a larger share. ``--before PATH``: also time (o), variant (b) with the
+``MinibatchVariance`` / ``WithIndices`` of another copy of ``minibatch.py`` (e.g. the version before
+a change, saved aside), interleaved with (a) and (b) — a before/after at the same moment's load.
 """
 
 from __future__ import annotations
@@ -39,15 +48,26 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = {"a": "LLC alone", "b": "+ minibatch mode", "c": "+ exact diagonal mode"}
+VARIANTS = {"a": "LLC alone", "b": "+ minibatch mode", "o": "+ minibatch mode, --before's recorder",
+            "c": "+ exact diagonal mode"}
 SGLD = dict(lr=1e-4, nbeta=100.0, localization=200.0)
+SGLD_DIGITS = dict(lr=3e-4, nbeta=100.0, localization=200.0)  # benchmarks/minibatch_study.py's
+
+
+def _sgld(args) -> dict:
+    return dict(SGLD_DIGITS if args.digits else SGLD)
 
 
 # -- the worker: one variant in this process -------------------------------------------------------
-def _data(num_train: int):
+def _data(num_train: int, digits: bool = False):
     import numpy as np
     import torch
 
+    if digits:
+        from devinterp_losskernel.demo import DemoConfig, digits_with_flipped_labels
+
+        x, _, y_train, _ = digits_with_flipped_labels(DemoConfig(num_train=1797))
+        return x, y_train
     from losskernel_examples.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist(split="train")
@@ -56,10 +76,30 @@ def _data(num_train: int):
     return x, y
 
 
-def _mlp():
+def _mlp(digits: bool = False):
     from torch import nn
 
+    if digits:  # devinterp_losskernel.demo.train_memorizing_mlp's
+        return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def _recorder_module(before: str | None):
+    """``devinterp_losskernel.minibatch``, or (``before``) another copy of it loaded as a
+    submodule of the package (its relative imports resolve against the installed package)."""
+    if not before:
+        from devinterp_losskernel import minibatch
+
+        return minibatch
+    import importlib.util
+
+    import devinterp_losskernel  # noqa: F401  (the parent package, for the copy's relative imports)
+
+    spec = importlib.util.spec_from_file_location("devinterp_losskernel._minibatch_before", before)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _evaluate(model, batch):
@@ -89,18 +129,17 @@ def worker(args) -> int:
     from _common import PeakRSS, Timer, _status_kib
 
     torch.set_num_threads(1)
-    x, y = _data(args.num_train)
-    model = _mlp()
+    x, y = _data(args.num_train, args.digits)
+    model = _mlp(args.digits)
     model.load_state_dict(torch.load(args.model, weights_only=True))
     data = TensorDataset(x, y)
     n = len(data)
     recorder = diagonal = None
     callbacks, evaluate = [], _evaluate
-    if args.variant == "b":
-        from devinterp_losskernel.minibatch import MinibatchVariance, WithIndices
-
-        recorder = MinibatchVariance(num_train=n)
-        data = WithIndices(data)  # the one added line
+    if args.variant in ("b", "o"):
+        minibatch = _recorder_module(args.before if args.variant == "o" else None)
+        recorder = minibatch.MinibatchVariance(num_train=n)
+        data = minibatch.WithIndices(data)  # the one added line
         callbacks, evaluate = [recorder], recorder.evaluate
     elif args.variant == "c":
         from devinterp_losskernel import LossKernelCallback
@@ -114,7 +153,7 @@ def worker(args) -> int:
     def call():
         torch.manual_seed(args.seed)  # devinterp draws its init-loss batches before seeding the chains
         return estimate_learning_coeff_with_summary(
-            model, loader, callbacks=callbacks, evaluate=evaluate, optimizer_kwargs=dict(SGLD),
+            model, loader, callbacks=callbacks, evaluate=evaluate, optimizer_kwargs=_sgld(args),
             num_chains=args.chains, num_draws=args.draws, num_burnin_steps=args.burnin, num_steps_bw_draws=1,
             seed=args.seed, verbose=False, device="cpu", cores=1)
 
@@ -151,7 +190,7 @@ def worker(args) -> int:
     if diagonal is not None:
         m = diagonal.accumulator._moments
         out.update(state=_tensor_bytes((m.shift, m.mean, m.m2_diag)),
-                   nu=SGLD["nbeta"] / n / 2 * float(diagonal.kernel.variance.double().sum()))
+                   nu=_sgld(args)["nbeta"] / n / 2 * float(diagonal.kernel.variance.double().sum()))
     print(json.dumps(out))
     return 0
 
@@ -163,20 +202,25 @@ def train(args, path: str) -> float:
     import _common  # noqa: F401
 
     torch.set_num_threads(1)
-    x, y = _data(args.num_train)
-    torch.manual_seed(args.seed)
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = _data(args.num_train, args.digits)
     start = time.perf_counter()
-    for _ in range(args.epochs):
-        for idx in torch.randperm(len(x)).split(256):
-            opt.zero_grad()
-            _evaluate(model, (x[idx], y[idx])).backward()
-            opt.step()
+    if args.digits:
+        from devinterp_losskernel.demo import DemoConfig, train_memorizing_mlp
+
+        model = train_memorizing_mlp(x, y, DemoConfig(num_train=1797))
+    else:
+        torch.manual_seed(args.seed)
+        model = _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(args.epochs):
+            for idx in torch.randperm(len(x)).split(256):
+                opt.zero_grad()
+                _evaluate(model, (x[idx], y[idx])).backward()
+                opt.step()
     with torch.no_grad():
         accuracy = float((model(x).argmax(1) == y).float().mean())
     torch.save(model.state_dict(), path)
-    print(f"trained {args.epochs} epoch(s) in {time.perf_counter() - start:.0f} s, train accuracy {accuracy:.3f}",
+    print(f"trained in {time.perf_counter() - start:.0f} s, train accuracy {accuracy:.3f}",
           flush=True)
     return accuracy
 
@@ -185,7 +229,8 @@ def _spawn(args, variant: str, model_path: str, profile: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", model_path,
            "--num-train", str(args.num_train), "--chains", str(args.chains), "--draws", str(args.draws),
            "--burnin", str(args.burnin), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-           "--probe-batch-size", str(args.probe_batch_size)] + (["--profile"] if profile else [])
+           "--probe-batch-size", str(args.probe_batch_size)] + (["--profile"] if profile else []) + (
+               ["--digits"] if args.digits else []) + (["--before", str(args.before)] if variant == "o" else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(HERE))
     if proc.returncode != 0:
@@ -201,11 +246,14 @@ def _spread(values) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-train", type=int, default=60_000)
-    parser.add_argument("--chains", type=int, default=2)
+    parser.add_argument("--digits", action="store_true",
+                        help="the small digits MLP (1,797 images) instead of Fashion-MNIST; other defaults change")
+    parser.add_argument("--before", help="a copy of minibatch.py to time as (o) beside (b)")
+    parser.add_argument("--num-train", type=int, default=None, help="default 60,000 (--digits: 1,797, fixed)")
+    parser.add_argument("--chains", type=int, default=None, help="default 2 (--digits: 4)")
     parser.add_argument("--draws", type=int, default=100)
-    parser.add_argument("--burnin", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--burnin", type=int, default=None, help="default 0 (--digits: 100)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256 (--digits: 64)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-batch-size", type=int, default=4096)
@@ -217,6 +265,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-record", action="store_true", help="print the tables but do not append them")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
+    for name, fashion, digits in (("num_train", 60_000, 1797), ("chains", 2, 4), ("burnin", 0, 100),
+                                  ("batch_size", 256, 64)):
+        if getattr(args, name) is None:
+            setattr(args, name, digits if args.digits else fashion)
+    if args.digits and args.num_train != 1797:
+        parser.error("--digits uses all 1,797 digits: leave --num-train out")
+    if args.before and not Path(args.before).is_file():
+        parser.error(f"--before: no such file {args.before}")
     if args.worker:
         args.variant = args.worker
         return worker(args)
@@ -236,14 +292,16 @@ def main(argv=None) -> int:
         runs = {v: [] for v in VARIANTS}
         loads = []
         exact_at = {round((k + 1) * args.repeat / (args.exact_repeat + 1)) for k in range(args.exact_repeat)}
+        paired = ("a", "b", "o") if args.before else ("a", "b")
         for r in range(args.repeat):
             loads.append(os.getloadavg()[0])
-            order = ("a", "b") if r % 2 == 0 else ("b", "a")
+            order = paired if r % 2 == 0 else paired[::-1]
             for variant in order:
                 runs[variant].append(_spawn(args, variant, model_path))
             if r in exact_at and len(runs["c"]) < args.exact_repeat:
                 runs["c"].append(_spawn(args, "c", model_path))
-            print(f"pair {r + 1}/{args.repeat}: a {runs['a'][-1]['wall']:.2f} s, b {runs['b'][-1]['wall']:.2f} s"
+            print(f"round {r + 1}/{args.repeat}: "
+                  + ", ".join(f"{v} {runs[v][-1]['wall']:.2f} s (CPU {runs[v][-1]['cpu']:.2f})" for v in paired)
                   + (f", c {runs['c'][-1]['wall']:.1f} s" if runs["c"] and len(runs["c"]) == len(
                       [k for k in exact_at if k <= r]) and r in exact_at else ""), flush=True)
         loads.append(os.getloadavg()[0])
@@ -260,7 +318,7 @@ def main(argv=None) -> int:
             continue
         wall = [run["wall"] for run in got]
         cpu = [run["cpu"] for run in got]
-        if variant == "b":  # pair by pair (interleaved)
+        if variant in ("b", "o"):  # pair by pair (interleaved)
             ratio_wall = [b / a for a, b in zip(a_wall, wall)]
             ratio_cpu = [b / a for a, b in zip(a_cpu, cpu)]
         else:
@@ -274,40 +332,50 @@ def main(argv=None) -> int:
                      "—" if state is None else f"{state / n:.0f}"])
     headers = ["variant", "runs", "wall s, median (min–max)", "CPU s", "wall / (a)", "CPU / (a)",
                "process peak RSS MiB", "peak RSS above start of call MiB", "state B / sample"]
-    title = f"Minibatch mode cost, {n:,} Fashion-MNIST training images"
+    title = f"Minibatch mode cost, {n:,} {'digits' if args.digits else 'Fashion-MNIST'} training images"
     table = print_table(headers, rows, title)
     b0 = runs["b"][0]
     c0 = runs["c"][0] if runs["c"] else {}
     steps = args.chains * (args.burnin + args.draws)
     per_draw = ((statistics.median(r["cpu"] for r in runs["c"]) - statistics.median(a_cpu)) / (args.chains * args.draws)
                 if runs["c"] else float("nan"))
+    sgld = _sgld(args)
+    model_words = ("digits MLP 64-256-256-10 (85,002 parameters) trained as devinterp_losskernel.demo does (400 "
+                   "full-batch Adam steps on 10% flipped labels" if args.digits else
+                   f"MLP 784-512-512-10 (669,706 parameters) trained {args.epochs} epochs with Adam")
     notes = "\n".join([
-        f"MLP 784-512-512-10 (669,706 parameters) trained {args.epochs} epochs with Adam (train accuracy "
-        f"{accuracy:.3f}); devinterp 1.3 `estimate_learning_coeff_with_summary`, SGLD ε = {SGLD['lr']}, "
-        f"nβ = {SGLD['nbeta']}, γ = {SGLD['localization']}, {args.chains} chains × {args.draws} draws, burn-in "
+        f"{model_words} (train accuracy "
+        f"{accuracy:.3f}); devinterp 1.3 `estimate_learning_coeff_with_summary`, SGLD ε = {sgld['lr']}, "
+        f"nβ = {sgld['nbeta']}, γ = {sgld['localization']}, {args.chains} chains × {args.draws} draws, burn-in "
         f"{args.burnin}, every step a draw ({steps} SGLD steps), minibatch {args.batch_size} drawn with "
         f"replacement (the same RandomSampler in all three), cores=1, torch.set_num_threads(1) in every "
         f"subprocess. Each run is a fresh subprocess; only the `estimate_learning_coeff_with_summary` call is "
         f"timed (CPU s = this process's CPU time over the call). (a) and (b) alternate a,b / b,a; 'wall / (a)' "
-        f"of (b) is the median of the pair-by-pair ratios; of (c), against (a)'s median.",
+        f"of (b) is the median of the pair-by-pair ratios; of (c), against (a)'s median."
+        + (f" (o) is (b) with the recorder and WithIndices of {args.before} (the minibatch.py before a change), in "
+           "the same rounds (a,b,o / o,b,a), its ratios also pair by pair." if args.before else ""),
         f"Load average (1 min) over the repeats: {min(loads):.2f}–{max(loads):.2f} on "
         f"{os.cpu_count()} cores shared with other users: absolute seconds are noisy, ratios less so.",
         f"State per training sample: (b) count int64 + shift, mean, M2 float64 per chain = 32 B × {args.chains} "
         f"chains = {b0['state'] / n:.0f} B (merged at the end: {b0['state_merged'] / n:.0f} B), plus a loss buffer "
         f"of at most 4N losses per chain before each O(N) fold (12 B each: {b0['buffer_max'] / n:.0f} B / sample "
-        f"per chain; with {steps} steps × {args.batch_size} it never filled: folded once at the end); (c) shift, "
-        f"mean and diagonal co-moment float64 = {c0.get('state', float('nan')) / n:.0f} B.",
+        f"per chain; with {args.draws} post-burn-in steps × {args.batch_size} a chain it "
+        + ("never filled: folded once at the end" if args.draws * args.batch_size < b0["buffer_max"] / 12 else
+           "filled and was folded during the run") + "); (c) shift, "
+        f"mean and diagonal co-moment float64 = {c0.get('state', float('nan')) / n:.0f} B"
+        + (f"; (c)'s peak RSS above the start of its call: {c0['peak_above'] / n:,.0f} B a sample." if c0 else "."),
         f"Results: devinterp llc/mean {statistics.median(r['llc'] for r in runs['a']):.2f} (a) / "
         f"{statistics.median(r['llc'] for r in runs['b']):.2f} (b) (the same chains; (a)'s evaluate is "
         f"F.cross_entropy's own mean, (b)'s the mean of the per-sample losses: equal up to float rounding); ν minibatch "
         f"{b0['nu']:.3f} ± {b0['nu_se']:.3f} at {b0['visits']:.2f} visits a sample (too few for per-sample "
-        f"variances: this run measures cost only), ν exact {c0.get('nu', float('nan')):.3f}; the exact pass costs "
-        f"{per_draw:.2f} CPU s a draw ≈ {per_draw / (statistics.median(a_cpu) / steps):.0f} SGLD steps' CPU time.",
+        f"variances: this run measures cost only)"
+        + (f", ν exact {c0['nu']:.3f}; the exact pass costs {per_draw:.2f} CPU s a draw ≈ "
+           f"{per_draw / (statistics.median(a_cpu) / steps):.0f} SGLD steps' CPU time." if c0 else "."),
     ])
     print("\n" + notes)
-    append_results("Minibatch mode cost on 60,000 Fashion-MNIST images (benchmarks/minibatch_cost.py)"
-                   if n == 60_000 else f"Minibatch mode cost on {n:,} Fashion-MNIST images (benchmarks/minibatch_cost.py)",
-                   table + "\n\n" + notes, path=args.results, write=not args.no_record)
+    append_results(f"Minibatch mode cost on {n:,} {'digits' if args.digits else 'Fashion-MNIST'} images "
+                   "(benchmarks/minibatch_cost.py)", table + "\n\n" + notes, path=args.results,
+                   write=not args.no_record)
     return 0
 
 

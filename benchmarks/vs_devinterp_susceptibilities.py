@@ -95,7 +95,7 @@ def worker_end_to_end(method: str, args, out: str) -> None:
     import xarray  # noqa: F401
     import zarr  # noqa: F401
 
-    import devinterp_losskernel.susceptibilities  # noqa: F401
+    import devinterp_losskernel.devinterp2_susceptibilities  # noqa: F401
 
     model, train_ds, observables, restrictions = inputs(args)
     root = Path(out).parent / f"store_{method}"
@@ -110,7 +110,7 @@ def worker_end_to_end(method: str, args, out: str) -> None:
                                         output_path=str(root / "samples.zarr"), **sampler_kwargs(args))
                 values = np.asarray(tree["/susceptibilities"].sus.values)
             elif method == "ours":
-                from devinterp_losskernel.susceptibilities import susceptibilities
+                from devinterp_losskernel.devinterp2_susceptibilities import susceptibilities
 
                 tree = susceptibilities(model, train_ds, observables, restrictions, sampling_task="train",
                                         **sampler_kwargs(args))
@@ -120,7 +120,7 @@ def worker_end_to_end(method: str, args, out: str) -> None:
                 if kind == "devinterp":
                     from devinterp.slt.bif import bif
                 else:
-                    from devinterp_losskernel.bif import bif
+                    from devinterp_losskernel.devinterp2_bif import bif
                 probe = (observables["probe"][0], args.bif_n // args.batch_size)  # token kernels: (n·T)² entries
                 result = bif(model, train_ds, {"probe": probe}, correlation_method=correlation,
                              output_path=str(root / "samples.zarr") if kind == "devinterp" else None,
@@ -154,7 +154,7 @@ def main_end_to_end(args) -> None:
     methods = ["devinterp", "ours"]
     if args.with_bif:
         try:
-            from devinterp_losskernel.bif import bif  # noqa: F401
+            from devinterp_losskernel.devinterp2_bif import bif  # noqa: F401
         except ImportError:
             print("devinterp_losskernel.bif does not exist yet: --with-bif skipped", flush=True)
         else:
@@ -278,7 +278,7 @@ def worker_from_samples(method: str, store_root: str, out: str) -> None:
     import devinterp.slt.susceptibilities  # noqa: F401
     import xarray as xr
 
-    import devinterp_losskernel.susceptibilities  # noqa: F401
+    import devinterp_losskernel.devinterp2_susceptibilities  # noqa: F401
 
     trees = {wr: xr.open_datatree(str(Path(store_root) / f"samples_{wr}.zarr"), engine="zarr", consolidated=False)
              for wr in ("full", "readout")}
@@ -289,7 +289,7 @@ def worker_from_samples(method: str, store_root: str, out: str) -> None:
             if method == "devinterp":
                 from devinterp.slt.susceptibilities import compute_susceptibilities
             else:
-                from devinterp_losskernel.susceptibilities import compute_susceptibilities
+                from devinterp_losskernel.devinterp2_susceptibilities import compute_susceptibilities
             tree = compute_susceptibilities(trees, "train")
             values = np.asarray(tree["/susceptibilities"].sus.values)
     np.save(out, values.astype(np.float64))

@@ -212,3 +212,60 @@ def test_a_short_run_short_only_of_reliability_is_usable_but_a_loose_one_is_not(
     rows = [_row(1e-3, 10.0, ok=False), _row(1e-3, 100.0, ok=False)]
     rows[0].usable, rows[1].usable = False, True
     assert recommend(rows)[0] == rows[1].setting
+
+
+# -- the usable rule leans on the report, on the model's own scale ---------------------------------
+
+def _kernel(x, init, sampler):
+    from devinterp_losskernel import loss_kernel
+    from devinterp_losskernel.diagnostics import record_from_draws
+
+    chains = {c: torch.from_numpy(x[c]) for c in range(x.shape[0])}
+    kernel = loss_kernel([chains[c] for c in sorted(chains)], metadata={"sampler": sampler},
+                         init_loss=torch.as_tensor(init), labels=torch.arange(x.shape[2]) % 10)
+    kernel.health_record = record_from_draws(chains)
+    return kernel
+
+
+def _losses(seed, shared=0.1, own=0.05, chains=2, length=100, n=60):
+    """[chains, length, n]: per-sample levels, a shared AR(1) factor with per-sample loadings
+    (heterogeneous variances: log K(x,x) reproducible) and independent noise."""
+    rng = np.random.default_rng(seed)
+    factor = np.zeros((chains, length))
+    for t in range(1, length):
+        factor[:, t] = 0.3 * factor[:, t - 1] + rng.standard_normal(chains)
+    loading = rng.random(n) * 2
+    return (1 + rng.random(n)) + shared * factor[:, :, None] * loading + own * rng.standard_normal((chains, length, n))
+
+
+SETTLED = {"lr": 2e-6, "nbeta": 500.0, "localization": 4e4, "num_burnin_steps": 50, "num_draws": 100,
+           "num_steps_bw_draws": 1}
+
+
+def test_usable_needs_the_basin_on_the_models_scale_and_a_reproducible_diagonal():
+    """The modular transformer's failure: a setting below 0.3× chance whose chains fluctuate far more
+    than a basin allows was recommended; now the report's loose-posterior note (fluctuation ratio)
+    refuses it, and so does a diagonal log K(x,x) that the short run cannot reproduce."""
+    x = 0.15 * _losses(0)  # ≈ 0.23 mean probe loss: 0.1× chance for 10 classes
+    inside = _kernel(x, x.mean((0, 1)) - 0.2, SETTLED)
+    assert calibration._usable(inside, False)
+    out = _kernel(x, x.mean((0, 1)) - 0.002, SETTLED)  # same draws, rise 100× smaller: h ≈ 40
+    report = calibration._diagnose(out)
+    assert report.ok and report.numbers["chance_fraction"] < 0.3
+    assert report.numbers["fluctuation_ratio"] > 5
+    assert not calibration._usable(out, False)
+    flat = _losses(1, shared=0.0)  # equal per-sample variances: log K(x,x) does not reproduce
+    noisy = _kernel(flat, flat.mean((0, 1)) - 0.5, SETTLED)
+    assert calibration._diagnose(noisy).numbers["reliability_variance"] < calibration.VARIANCE_RELIABILITY_MIN
+    assert not calibration._usable(noisy, False)
+    assert not calibration._usable(inside, True)  # a diverged chain
+
+
+def test_usable_does_not_ask_a_near_zero_loss_model_for_an_absolute_llc():
+    """The modular transformer's hand-tuned setting (LLC 0.18, loss 1e-4 at w*) is usable."""
+    x = 1e-3 * _losses(2)
+    tight = _kernel(x, x.mean((0, 1)) - 4e-4, {**SETTLED, "lr": 6e-7, "localization": 1e6})
+    report = calibration._diagnose(tight)
+    assert report.numbers["probe_llc"] == pytest.approx(0.2)
+    assert report.ok, report  # not "hardly moved": 150 steps at εγ/2 = 0.3 are 45 relaxation times
+    assert calibration._usable(tight, False)

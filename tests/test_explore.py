@@ -901,3 +901,269 @@ def test_in_chromium_the_health_report_and_the_map_note_show(browser, tmp_path):
     assert browser.find_element("id", "lk-about").text.startswith("Map: the coordinates given")
     assert browser.execute_script("return document.getElementById('lk-color').value") == "score0"
     keep(browser, tmp_path, "explorer_health.png")
+
+
+# -- a token-level kernel (issue 20, item 5): the token in its context --------------------------
+
+# token strings with markup, quotes, a newline and an empty string: they must reach the page as text
+VOCAB = ["The", " cat", " sat", " on", " the", " mat", ".", " dog", " ran", " home", " and", " slept",
+         "<b id=\"lk-injected\">x</b>", "</script>", "&amp;", "\n", "", "'\"", "<!--"]
+SEQUENCES, WIDTH = 6, 8  # input_ids [6, 9]: target positions 1 … 8
+
+
+def token_kernel(seed=0, sequences=SEQUENCES, width=WIDTH, rows=None):
+    """A token-level LossKernel as bif(..., correlation_method='token', return_kernel=True) makes
+    one: rows (batch index, target position 1 … T), input_ids [sequences, T + 1]."""
+    ids = np.random.default_rng(seed).integers(0, len(VOCAB), size=(sequences, width + 1))
+    positions = np.stack([np.repeat(np.arange(sequences), width), np.tile(np.arange(1, width + 1), sequences)], 1)
+    if rows is not None:
+        positions = positions[rows]
+    n = len(positions)
+    base = synthetic_kernel(n=n, seed=seed)
+    return LossKernel(covariance=base.covariance, mean=base.mean, variance=base.variance, num_draws=300,
+                      labels=torch.tensor(positions[:, 1] % 3), token_positions=torch.tensor(positions),
+                      input_ids=torch.tensor(ids))
+
+
+def shown(s):
+    """How the page shows a token string (an empty one as ∅, newline ↵, tab ⇥)."""
+    return "\u2205" if s == "" else s.replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def token_page(tmp_path, name="tokens.html", kernel=None, **kwargs):
+    kernel = token_kernel() if kernel is None else kernel
+    n = kernel.num_samples if isinstance(kernel, LossKernel) else len(kernel["variance"])
+    kwargs.setdefault("embedding", np.random.default_rng(1).normal(size=(n, 2)))
+    kwargs.setdefault("k", 4)
+    return explore(kernel, path=tmp_path / name, **kwargs)
+
+
+def test_token_rows_are_stored_once_and_decoded(tmp_path):
+    kernel = token_kernel()
+    ids = kernel.input_ids.numpy()
+    page = token_page(tmp_path, vocabulary=VOCAB)
+    data = read_explorer(page)
+    tokens = data["tokens"]
+    assert data["has_tokens"] and tokens["sequences"].shape == (SEQUENCES, WIDTH + 1)  # each sequence once
+    # a row's token: its sequence's string at its position; the strings are the distinct ids' only
+    strings, distinct = tokens["strings"], tokens["ids"]
+    assert distinct == sorted(set(ids.ravel().tolist())) and strings == [VOCAB[i] for i in distinct]
+    rows = kernel.token_positions.numpy()
+    seq, pos = tokens["positions"][:, 0], tokens["positions"][:, 1]
+    np.testing.assert_array_equal(tokens["batch"][seq], rows[:, 0])
+    np.testing.assert_array_equal(pos, rows[:, 1])
+    decoded = [strings[c] for c in tokens["sequences"][seq, pos]]
+    assert decoded == [VOCAB[ids[b, p]] for b, p in rows]
+    # a subset's rows come from two sequences: only those two are stored
+    sub = token_kernel(rows=np.r_[8:16, 32:40])
+    sub_data = read_explorer(token_page(tmp_path, "sub.html", kernel=sub))
+    assert sub_data["tokens"]["sequences"].shape == (2, WIDTH + 1)
+    assert sub_data["tokens"]["batch"].tolist() == [1, 4]
+    # no decoding given: the ids themselves; a mapping and a callable work the same way
+    assert read_explorer(token_page(tmp_path, "ids.html"))["tokens"]["strings"] == [str(i) for i in distinct]
+    mapped = read_explorer(token_page(tmp_path, "map.html", vocabulary=dict(enumerate(VOCAB))))
+    assert mapped["tokens"]["strings"] == strings
+    called = read_explorer(token_page(tmp_path, "call.html", decode=lambda i: VOCAB[i]))
+    assert called["tokens"]["strings"] == strings
+    # a kernel too large for n × n: a dict of per-sample arrays with its token rows
+    as_dict = {"variance": kernel.variance, "token_positions": kernel.token_positions, "input_ids": kernel.input_ids}
+    lists = {"most": top_correlated(kernel, None, 4)}
+    from_dict = read_explorer(token_page(tmp_path, "dict.html", kernel=as_dict, neighbours=lists, vocabulary=VOCAB))
+    np.testing.assert_array_equal(from_dict["tokens"]["sequences"], tokens["sequences"])
+    with pytest.raises(ValueError, match="input_ids'\\] was given without"):
+        token_page(tmp_path, "x.html", kernel={"variance": kernel.variance, "input_ids": kernel.input_ids},
+                   neighbours=lists)
+
+
+def test_token_strings_are_data_never_markup(tmp_path):
+    text = Path(token_page(tmp_path, vocabulary=VOCAB)).read_text(encoding="utf-8")
+    ours = text.replace(_bokeh_bundle(), "")
+    assert 'id="lk-injected"' not in ours and "<!--" not in ours
+    assert ours.count("</script>") == 3  # our data, Bokeh's document, our script: no token closes one
+    # the page is small: the token strings are there once each, not once per row
+    data = json.loads(re.search(r'id="lk-data">(.*?)</script>', text, re.S).group(1))
+    assert json.dumps(data["tokens"]).count("slept") == 1
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(decode=str, vocabulary=VOCAB), ValueError, "not both"),
+    (dict(vocabulary=VOCAB[:3]), ValueError, "vocabulary has no entry for token ids"),
+    (dict(vocabulary={0: "a"}), ValueError, "vocabulary has no entry for token ids"),
+    (dict(vocabulary="abc"), TypeError, "single string"),
+    (dict(vocabulary=[1] * len(VOCAB)), TypeError, "vocabulary entries must be str"),
+    (dict(decode=VOCAB), TypeError, "decode must be a callable"),
+    (dict(decode=lambda i: i), TypeError, r"decode\(\d+\) must return a str"),
+])
+def test_decode_and_vocabulary_are_checked_at_the_entry(tmp_path, monkeypatch, kwargs, error, match):
+    import devinterp_losskernel.explore as module
+
+    monkeypatch.setattr(module, "_neighbour_lists", lambda *a, **k: pytest.fail("checks came after the work"))
+    with pytest.raises(error, match=match):
+        token_page(tmp_path, **kwargs)
+    assert not (tmp_path / "tokens.html").exists()
+
+
+def test_decode_needs_a_token_level_kernel(tmp_path):
+    with pytest.raises(ValueError, match="vocabulary= maps token ids .* has no token_positions"):
+        small_page(tmp_path, vocabulary=VOCAB)
+    bare = token_kernel()
+    bare.input_ids = None
+    with pytest.raises(ValueError, match="decode= was given but the kernel carries no input_ids"):
+        token_page(tmp_path, kernel=bare, decode=str)
+    data = read_explorer(token_page(tmp_path, "bare.html", kernel=bare))  # (sequence, position) only
+    assert data["tokens"]["sequences"] is None and data["tokens"]["positions"].shape == (SEQUENCES * WIDTH, 2)
+    wrong = token_kernel()
+    wrong.token_positions = wrong.token_positions + torch.tensor([SEQUENCES, 0])
+    with pytest.raises(ValueError, match="token_positions must index kernel.input_ids"):
+        token_page(tmp_path, kernel=wrong)
+
+
+def test_in_chromium_hover_shows_the_token_in_its_context(browser, tmp_path):
+    kernel = token_kernel()
+    ids, rows = kernel.input_ids.numpy(), kernel.token_positions.numpy()
+    page = token_page(tmp_path, vocabulary=VOCAB, k=5, embedding=None, random_state=0)
+    open_page(browser, page)
+    i = 13  # sequence 1, target position 6
+    b, p = rows[i]
+    x, y = browser.execute_script("return LK.screenPoint(arguments[0])", i)
+    mouse(browser, "move", x, y)
+    targets = wait_for(browser, DEEP_QUERY, ".lk-tip-ctx .lk-tok-target")
+    assert targets, "no token context in the tooltip"
+    ctx = browser.execute_script("return arguments[0].closest('.lk-ctx')", targets[0])
+    assert int(ctx.get_attribute("data-index")) == browser.execute_script("return LK.hover") == i
+    tokens = browser.execute_script(
+        "return [...arguments[0].querySelectorAll('.lk-tok')].map(t => [t.textContent, t.className])", ctx)
+    assert [t for t, _ in tokens] == [shown(VOCAB[v]) for v in ids[b]]  # the whole (short) sequence, in order
+    marked = [j for j, (_, cls) in enumerate(tokens) if "lk-tok-target" in cls]
+    faded = [j for j, (_, cls) in enumerate(tokens) if "lk-tok-after" in cls]
+    assert marked == [p] and faded == list(range(p + 1, WIDTH + 1))
+    assert f"sequence {b}, position {p}" in ctx.text
+
+    # click: the neighbours are listed the same way, each with its own token marked
+    mouse(browser, "click", x, y)
+    assert wait_for(browser, "return LK.selected === arguments[0]", i)
+    want = top_correlated(kernel, i, 5)[0].tolist()
+    cards = browser.find_elements("css selector", "#lk-strip .lk-card")
+    assert [int(c.get_attribute("data-index")) for c in cards] == want
+    for card, j in zip(cards, want):
+        target = card.find_element("css selector", ".lk-ctx .lk-tok-target")
+        assert target.get_attribute("textContent") == shown(VOCAB[ids[rows[j][0], rows[j][1]]])
+    selected = browser.find_element("css selector", "#lk-selected .lk-tok-target")
+    assert selected.get_attribute("textContent") == shown(VOCAB[ids[b, p]])
+    assert not browser.execute_script(DEEP_QUERY, "#lk-injected"), "a token string became markup"
+    # search a token: every row whose target it is (any case, spaces around it ignored) is ringed
+    targets = [VOCAB[ids[bb, pp]].strip().lower() for bb, pp in rows]
+    assert browser.execute_script("return LK.search('sat')") == [j for j, t in enumerate(targets) if t == "sat"]
+    hostile = VOCAB[12]
+    assert browser.execute_script("return LK.search(arguments[0])", hostile) == [
+        j for j, t in enumerate(targets) if t == hostile.lower()]
+    browser.execute_script("LK.search('')")
+    mouse(browser, "move", x, y)  # the tooltip again, over the listed neighbours, for the screenshot
+    assert wait_for(browser, DEEP_QUERY, ".lk-tip-ctx .lk-tok-target")
+    keep(browser, tmp_path, "explorer_tokens.png")
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+# -- a minibatch-mode kernel: NaN variances where a sample was seen fewer than twice ------------
+
+def minibatch_kernel(n=40, seed=7):
+    """A diagonal minibatch-mode kernel (estimate_loss_kernel(mode='minibatch')): visits per
+    sample; variance NaN where fewer than 2, mean NaN where 0."""
+    base = synthetic_kernel(n=n, seed=seed)
+    visits = torch.tensor(np.random.default_rng(seed).integers(2, 9, size=n))
+    visits[[1, 5, 6]] = 1
+    visits[[9, 20]] = 0
+    variance, mean = base.variance.clone(), base.mean.clone()
+    variance[visits < 2] = float("nan")
+    mean[visits == 0] = float("nan")
+    return LossKernel(covariance=None, mean=mean, variance=variance, num_draws=300, visits=visits,
+                      labels=base.labels, metadata={"mode": "minibatch"}), base
+
+
+def minibatch_page(tmp_path, name="minibatch.html", **kwargs):
+    kernel, base = minibatch_kernel()
+    lists = {"most": top_correlated(base, None, 3), "least": top_correlated(base, None, 3, lowest=True)}
+    return kernel, explore(kernel, neighbours=lists, embedding=np.random.default_rng(0).normal(size=(40, 2)),
+                           k=3, path=tmp_path / name, **kwargs)
+
+
+UNSEEN = [1, 5, 6, 9, 20]
+
+
+def test_nan_variances_are_missing_not_ranked(tmp_path):
+    import warnings
+
+    memorization = np.arange(40.0)
+    memorization[UNSEEN] = np.nan  # as memorization_scores gives them: NaN where no variance
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernel explains its NaNs: no NaN/Inf warning
+        kernel, page = minibatch_page(tmp_path, scores={"memorization": memorization}, color_by="variance")
+    data = read_explorer(page)
+    points, legends = data["points"], {c["key"]: c["legend"] for c in data["colourings"]}
+    unseen = np.zeros(40, bool)
+    unseen[UNSEEN] = True
+    assert data["unseen"] == 5 and data["has_visits"]
+    np.testing.assert_array_equal(points["visits"], kernel.visits.numpy())
+    assert np.isnan(points["variance"][unseen]).all() and np.isfinite(points["variance"][~unseen]).all()
+    assert [points["variance_text"][i] for i in UNSEEN] == ["— (seen fewer than twice: no variance)"] * 5
+    # grey outside the scale; limits over the finite values only; counted in the legend
+    for key in ("variance", "score0"):
+        colours = np.array(points[f"c_{key}"])
+        assert (colours[unseen] == "#bbbbbb").all() and (colours[~unseen] != "#bbbbbb").all()
+    finite = kernel.variance.numpy()[~unseen]
+    assert legends["variance"]["min"] == pytest.approx(finite.min())
+    assert legends["variance"]["max"] == pytest.approx(finite.max())
+    assert legends["variance"]["missing"] == 5
+    assert legends["variance"]["missing_label"] == "seen fewer than twice: no variance"
+    assert legends["score0"]["missing"] == 5 and legends["score0"]["missing_label"].startswith("seen fewer than")
+    assert legends["mean_loss"]["missing"] == 2 and legends["mean_loss"]["missing_label"] == "never seen: no mean"
+    # the colour scale is the finite values' own: the lowest finite variance gets the scale's first colour
+    lowest = int(np.flatnonzero(~unseen)[np.argmin(finite)])
+    assert points["c_variance"][lowest] == legends["variance"]["stops"][0]
+    # the same kernel as a dict of per-sample arrays
+    lists = {"most": top_correlated(synthetic_kernel(n=40, seed=7), None, 3)}
+    as_dict = {"variance": kernel.variance, "mean": kernel.mean, "visits": kernel.visits}
+    data = read_explorer(explore(as_dict, neighbours=lists, embedding=np.zeros((40, 2)), path=tmp_path / "d.html"))
+    assert data["unseen"] == 5 and np.array_equal(np.array(data["points"]["c_variance"]) == "#bbbbbb", unseen)
+
+
+def test_nan_variances_only_where_the_visits_say_so(tmp_path):
+    kernel, _ = minibatch_kernel()
+    lists = {"most": top_correlated(synthetic_kernel(n=40, seed=7), None, 3)}
+    variance = kernel.variance.clone()
+    variance[3] = float("nan")  # seen 2+ times, yet no variance: refused
+    with pytest.raises(ValueError, match="must be finite"):
+        explore({"variance": variance, "visits": kernel.visits}, neighbours=lists, embedding=np.zeros((40, 2)),
+                path=tmp_path / "x.html")
+    with pytest.raises(ValueError, match="must be finite"):  # no visits: no NaN at all
+        explore({"variance": kernel.variance}, neighbours=lists, embedding=np.zeros((40, 2)), path=tmp_path / "x.html")
+    with pytest.raises(ValueError, match="diagonal"):  # no covariance: the lists and the map must be given
+        explore(kernel, path=tmp_path / "x.html")
+
+
+def test_in_chromium_nan_variances_show_as_unseen(browser, tmp_path):
+    kernel, page = minibatch_page(tmp_path, color_by="variance")
+    open_page(browser, page)
+    colours = browser.execute_script("return LK.source.data.color")
+    assert [i for i, c in enumerate(colours) if c == "#bbbbbb"] == UNSEEN
+    legend = browser.find_element("id", "lk-legend").text
+    assert "seen fewer than twice: no variance: 5 of 40" in legend
+    x, y = browser.execute_script("return LK.screenPoint(5)")
+    mouse(browser, "move", x, y)
+    tips = wait_for(browser, DEEP_QUERY, ".lk-tip-variance")
+    assert tips
+    tip = browser.execute_script("return arguments[0].closest('.lk-tip').textContent", tips[0])
+    assert "seen fewer than twice: no variance" in tip and "visits = 1" in tip
+    mouse(browser, "click", x, y)
+    assert wait_for(browser, "return LK.selected === 5")
+    selected = browser.find_element("id", "lk-selected").text
+    assert "seen fewer than twice: no variance" in selected and "visits = 1" in selected
+    x, y = browser.execute_script("return LK.screenPoint(2)")
+    mouse(browser, "move", x, y)
+    assert wait_for(browser, "return LK.hover === 2")
+    tip = wait_for(browser, """const t = [];
+        (function walk(r){ for (const e of r.querySelectorAll('*')){ if (e.matches('.lk-tip')) t.push(e.textContent);
+          if (e.shadowRoot) walk(e.shadowRoot); } })(document); return t.join(' ');""")
+    assert f"visits = {int(kernel.visits[2])}" in tip and "no variance" not in tip
+    keep(browser, tmp_path, "explorer_unseen.png")
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

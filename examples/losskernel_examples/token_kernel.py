@@ -268,7 +268,7 @@ def sequence_correlation(kernel) -> np.ndarray:
     """The sequence-level correlation of the same draws, from the token-level kernel: the
     covariance of the sequence means is the mean of each T × T covariance block (devinterp's
     ``average_tokenwise_bif=True, compute_covariance=True``), normalised to R."""
-    from devinterp_losskernel.bif import influences_from_kernel
+    from devinterp_losskernel.devinterp2_bif import influences_from_kernel
 
     cov = influences_from_kernel(kernel, compute_covariance=True, average_tokenwise_bif=True).influences.values
     cov = cov.astype(np.float64)

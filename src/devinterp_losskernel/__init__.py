@@ -28,9 +28,10 @@ Optional dependencies and their extras: :mod:`devinterp_losskernel.extras`.
 import importlib
 
 from .accumulator import KernelAccumulator, KernelMemoryError
-from .bif import bif
 from .callback import LossKernelCallback
 from .devinterp2 import as_devinterp2_dataset, devinterp2_evaluate, llc
+from .devinterp2_bif import bif
+from .devinterp2_susceptibilities import susceptibilities
 from .estimate import estimate_loss_kernel
 from .kernel import LossKernel
 from .options import DivergenceGuard, KernelStorage, ProbeOptions, SnapshotSchedule
@@ -39,7 +40,6 @@ from .probe import ProbeSet, classification_loss, default_loss_fn, lm_sequence_l
 from .provenance import FileIntegrityError, IdentityMismatchError
 from .samples import loss_kernel
 from .summary import SLTSummary
-from .susceptibilities import susceptibilities
 
 __version__ = "0.1.0"
 

@@ -49,7 +49,14 @@ from .float32_mean import StreamingFloat32Mean
 from .minibatch import MINIBATCH_METHOD, MinibatchMoments
 from .progress import devinterp_bars
 from .summary import slt_summary
-from .validation import check_loss_scale, check_selection, train_mode_noise
+from .validation import (
+    check_devinterp2_dataset,
+    check_lm_sampling_arguments,
+    check_lm_sampling_sizes,
+    check_loss_scale,
+    positive_int,
+    train_mode_noise,
+)
 
 __all__ = ["llc", "as_devinterp2_dataset", "devinterp2_evaluate", "check_devinterp2_dataset", "MinibatchVariance2"]
 
@@ -114,34 +121,6 @@ def devinterp2_evaluate(loss_fn=None):
     return evaluate
 
 
-def check_devinterp2_dataset(dataset, name: str = "dataset", *, tokens: bool = False) -> None:
-    """Refuse, before any sampling, a dataset that devinterp 2's sampler cannot batch: its
-    items must be mappings with an ``"input_ids"`` tensor (integer token ids [T] when
-    ``tokens``, as devinterp's ``llc()`` and its LM loss need)."""
-    try:
-        size = len(dataset)
-        item = dataset[0] if size else None
-    except TypeError as error:
-        raise TypeError(f"{name} must be a map-style dataset (len() and [i]) of {{'input_ids': …}} items, got "
-                        f"{type(dataset).__name__}") from error
-    if item is None:
-        raise ValueError(f"{name} is empty")
-    if not isinstance(item, Mapping) or "input_ids" not in item:
-        got = f"a mapping with keys {sorted(item)}" if isinstance(item, Mapping) else \
-            f"a {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
-        fix = ("devinterp's llc() computes a language-model loss on token ids; for a classifier (images, "
-               "(input, target) pairs) use estimate_loss_kernel(model, loader, probe, …), which runs devinterp 2's "
-               "sampler for any data, or sample_single_chain(as_devinterp2_dataset(dataset), "
-               "devinterp2_evaluate(), …)") if tokens else \
-            "wrap it: as_devinterp2_dataset(dataset) turns (input, target) items into {'input_ids', 'labels'}"
-        raise TypeError(f"{name}[0] is {got}, but devinterp 2's sampler reads item['input_ids']; {fix}")
-    ids = torch.as_tensor(item["input_ids"])
-    if tokens and (ids.is_floating_point() or ids.dim() != 1):
-        raise TypeError(f"{name}[0]['input_ids'] is {ids.dtype} {tuple(ids.shape)}, not integer token ids [seq_len]: "
-                        "devinterp's llc() computes a language-model loss; for images or other classifier inputs use "
-                        "estimate_loss_kernel, or sample_single_chain with devinterp2_evaluate()")
-
-
 def _per_sequence_loss(per_token):
     """loss_fn(model, {"input_ids": …}) -> [B]: the mean over token positions of devinterp's
     per-token loss ``(model, input_ids) -> [B, T−1]`` (devinterp's "sequence" method)."""
@@ -152,49 +131,12 @@ def _per_sequence_loss(per_token):
     return loss_fn
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise (TypeError if not isinstance(value, numbers.Number) or isinstance(value, bool) else ValueError)(
-            f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_llc_arguments(model, observables, observable, param_masks, callback_kwargs, device, batch_size,
                          batches_per_draw) -> None:
-    """llc()'s arguments of the wrong type or naming what is not there, refused by name before
-    any forward pass (devinterp would fail later with a bare StopIteration, KeyError or a
-    multiplication of a sequence by a float)."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a language model), got {type(model).__name__}")
-    _positive_int(batch_size, "batch_size")
-    _positive_int(batches_per_draw, "batches_per_draw")
-    if not isinstance(observables, Mapping) or not observables:
-        raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
-                         f"the kernel's probe is one of them; got {type(observables).__name__}")
-    for key, spec in observables.items():
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"observables must be keyed by names (non-empty str), got the key {key!r}")
-        if isinstance(spec, tuple):
-            if len(spec) != 2:
-                raise ValueError(f"observables[{key!r}] must be a dataset or a (dataset, batches_per_draw) pair, "
-                                 f"got a tuple of length {len(spec)}")
-            _positive_int(spec[1], f"observables[{key!r}][1] (batches_per_draw)")
-        elif isinstance(spec, Mapping):
-            raise TypeError(f"observables[{key!r}] must be a dataset of {{'input_ids': …}} items (or a "
-                            "(dataset, batches_per_draw) pair), got a mapping; for a tensor `ids` of token ids use "
-                            "[{'input_ids': row} for row in ids]")
-    if observable is not None and not isinstance(observable, str):
-        raise TypeError(f"observable must be the name (a str) of one of the observables {sorted(observables)}, "
-                        f"got {observable!r}")
-    if param_masks is not None:
-        if not isinstance(param_masks, Mapping):
-            raise TypeError(f"param_masks must be a dict {{parameter name: mask or None}}, got "
-                            f"{type(param_masks).__name__}")
-        names = {n for n, _ in model.named_parameters()}
-        unknown = sorted(set(param_masks) - names)
-        if unknown:
-            raise ValueError(f"param_masks names parameters the model does not have: {unknown[:10]}; its "
-                             f"parameters are {sorted(names)[:10]}{' …' if len(names) > 10 else ''}")
+    """llc()'s arguments refused by name before any forward pass: those of every sample() twin
+    (:func:`~devinterp_losskernel.validation.check_lm_sampling_arguments`), and
+    ``callback_kwargs``, which only llc() takes."""
+    check_lm_sampling_arguments(model, observables, observable, param_masks, device, batch_size, batches_per_draw)
     if callback_kwargs is not None:
         if not isinstance(callback_kwargs, Mapping):
             raise TypeError(f"callback_kwargs must be a dict of LossKernelCallback arguments, got "
@@ -213,46 +155,6 @@ def _check_llc_arguments(model, observables, observable, param_masks, callback_k
         if unknown:
             raise TypeError(f"callback_kwargs has arguments LossKernelCallback does not take: {unknown}; it takes "
                             f"{sorted(accepted - {'self', 'probe', 'loss_fn', 'reference_model'})}")
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
-
-
-def _item_length(dataset, index: int, name: str) -> int:
-    ids = dataset[index]["input_ids"] if isinstance(dataset[index], Mapping) else None
-    if ids is None:
-        raise TypeError(f"{name}[{index}] is not a mapping with 'input_ids'")
-    return len(ids)
-
-
-def _check_llc_sizes(dataset, obs_dataset, name: str, batch_size: int, per_draw: int, callback_kwargs) -> None:
-    """The sizes devinterp would trip over: a training batch larger than the dataset (its
-    drop_last loader yields nothing: a bare StopIteration), an observable smaller than the
-    batch_size × batches_per_draw sequences devinterp's Observable takes (an AssertionError),
-    sequences of another length than the training data's (a shape error mid-run), and
-    ``callback_kwargs['rows']`` outside the probe or repeated."""
-    if len(dataset) < batch_size:
-        raise ValueError(f"batch_size={batch_size} is larger than dataset ({len(dataset)} items): devinterp's loader "
-                         "drops the last incomplete batch, so not one batch would be drawn; pass batch_size ≤ "
-                         f"{len(dataset)}")
-    wanted = batch_size * per_draw
-    if len(obs_dataset) < wanted:
-        raise ValueError(f"observables[{name!r}] has {len(obs_dataset)} sequences, but devinterp's Observable takes "
-                         f"batch_size × batches_per_draw = {batch_size} × {per_draw} = {wanted} of them; pass "
-                         f"(dataset, batches_per_draw) with batches_per_draw ≤ {len(obs_dataset) // batch_size}, a "
-                         "smaller batch_size, or a larger observable")
-    length = _item_length(dataset, 0, "dataset")
-    for label, data in (("dataset", dataset), (f"observables[{name!r}]", obs_dataset)):
-        for i in range(min(len(data), 256)):  # the first items: cheap, and where a mixed dataset shows
-            if _item_length(data, i, label) != length:
-                raise ValueError(f"{label}[{i}]['input_ids'] has length {_item_length(data, i, label)}, but "
-                                 f"dataset[0]'s has {length}: devinterp batches sequences of one length (the "
-                                 "training data's context length + 1)")
-    rows = (callback_kwargs or {}).get("rows")
-    if rows is not None:
-        check_selection(rows, wanted, "callback_kwargs['rows']", what="probe sequence")
 
 
 def _probe_use(observables, name: str, given: int, used: int, batch_size: int, per_draw: int, obs_seed: int):
@@ -396,8 +298,8 @@ class MinibatchVariance2(MinibatchMoments):
                 or num_burnin_steps < 0:
             raise ValueError(f"num_burnin_steps must be an int >= 0, got {num_burnin_steps!r}")
         if num_draws is not None:
-            _positive_int(num_draws, "num_draws")
-        _positive_int(num_steps_bw_draws, "num_steps_bw_draws")
+            positive_int(num_draws, "num_draws")
+        positive_int(num_steps_bw_draws, "num_steps_bw_draws")
         if nbeta is not None and (isinstance(nbeta, bool) or not isinstance(nbeta, numbers.Real)
                                   or not np.isfinite(nbeta) or nbeta <= 0):
             raise ValueError(f"nbeta must be a positive number, got {nbeta!r}")
@@ -694,7 +596,7 @@ def llc(
     context_length = len(dataset[0]["input_ids"]) - 1
     if context_length < 1:
         raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
-    _check_llc_sizes(dataset, probe_spec[0] if isinstance(probe_spec, tuple) else probe_spec, name, batch_size,
+    check_lm_sampling_sizes(dataset, probe_spec[0] if isinstance(probe_spec, tuple) else probe_spec, name, batch_size,
                      probe_spec[1] if isinstance(probe_spec, tuple) else batches_per_draw, callback_kwargs)
 
     sampling_method_kwargs = dict(sampling_method_kwargs or {})

@@ -1,4 +1,6 @@
-"""devinterp 2's ``sample()`` store, written beside our streaming moments when a user asks for it.
+"""devinterp 2's ``sample()``: its arguments, its chains, and its zarr store — written beside our
+streaming moments when a user asks for it, and read back chunk by chunk (``open_samples``,
+``StoreReader``) for a stored run's kernel, BIF and health record.
 
 The twins (:func:`~devinterp_losskernel.llc`, :func:`~devinterp_losskernel.susceptibilities`)
 write nothing by default. With ``output_path=`` they write the zarr store devinterp's
@@ -29,12 +31,18 @@ read the stored run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-__all__ = ["SampleStore", "check_new_store_path", "sampler_config", "CollectInitLoss"]
+from .extras import require
+from .provenance import FileIntegrityError
+
+__all__ = ["SampleStore", "check_new_store_path", "sampler_config", "CollectInitLoss", "run_sample_chains",
+           "open_samples", "obs_id", "StoreReader"]
 
 # sample()'s arguments the twins pass to devinterp's sampler themselves, not through SamplerConfig
 NOT_CONFIG = ("batches_per_draw", "obs_seed", "device", "output_path", "rmsprop_eps", "rmsprop_alpha")
@@ -212,3 +220,164 @@ class SampleStore:
         for field in Metrics.NORM_FIELDS + Metrics.DOT_FIELDS:
             self.writer.push(f"metrics_{field}", getattr(metrics, field).squeeze(), chain=chain, step=step)
         self.writer.flush_full_buffers()
+
+
+def run_sample_chains(model, dataset, loss_fn, param_masks, config, *, lr, n_beta, device, on_draw,
+                      store: Optional["SampleStore"] = None, init_loss: Optional[torch.Tensor] = None) -> None:
+    """``config.num_chains`` chains of devinterp's own ``sample_single_chain``, seeded, batched and
+    configured exactly as ``sample()`` runs them (its sampling method and kwargs, chain seeds
+    ``init_seed + c``, the shared data order when ``match_sampling_input_ids_across_chains``),
+    calling ``on_draw(loss=, draw=, chain=, model=, …)`` at every draw. With a ``store``, the
+    store is entered, ``init_loss`` [chains, token_pos] written first, and every draw, step
+    (``save_metrics``) and micro-batch pushed to it as ``sample()`` would."""
+    from contextlib import nullcontext
+
+    from devinterp.slt.config import SAMPLING_METHODS
+    from devinterp.slt.lm_loss import make_evaluate_fn
+    from devinterp.slt.sampler import sample_single_chain
+
+    from .progress import devinterp_bars
+
+    method = SAMPLING_METHODS[config.sampling_method]
+    method_kwargs = dict(nbeta=n_beta, lr=lr, localization=config.localization, noise_level=config.noise_level,
+                         weight_decay=config.llc_weight_decay, bounding_box_size=config.bounding_box_size,
+                         save_metrics=config.save_metrics, **config.sampling_method_kwargs)
+    shared_order = config.init_seed if config.match_sampling_input_ids_across_chains else None
+    with devinterp_bars(), (store if store is not None else nullcontext()):
+        if store is not None:
+            store.write_init_loss(init_loss)
+        for chain in range(config.num_chains):
+            sample_single_chain(
+                ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=param_masks,
+                num_draws=config.num_draws, num_burnin_steps=config.num_burnin_steps,
+                num_steps_bw_draws=config.num_steps_bw_draws,
+                gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
+                sampling_method_kwargs=method_kwargs, chain=chain, seed=config.init_seed + chain,
+                dataloader_seed=shared_order if shared_order is not None else config.init_seed + chain,
+                device=device, callbacks=[on_draw],
+                step_callback=store.on_step if store is not None and config.save_metrics else None,
+                micro_callback=store.on_micro if store is not None else None,
+                batch_size=config.batch_size, init_noise=config.init_noise, shuffle=config.shuffle,
+                epoch_mode=config.epoch_mode,
+            )
+
+
+# -- reading a stored run: the arrays of sample()'s store, chunk by chunk ------------------------
+def open_samples(samples) -> Tuple[Any, Optional[str]]:
+    """(the xarray Dataset holding the run's arrays, opened lazily; the path of its zarr store
+    or None) from a DataTree from ``sample()``, a Dataset, or the path of the zarr store. A path
+    that is missing, a file, not a zarr store, or a store that cannot be opened is refused by
+    name. Needs the ``[xarray]`` extra (xarray, zarr; devinterp 2.x brings both)."""
+    xr = require("xarray", "xarray", "LossKernel.from_samples")
+
+    if isinstance(samples, (str, os.PathLike)) and not isinstance(samples, bytes):
+        path = Path(samples).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"samples: the zarr store {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
+                             f"got {str(path)!r}, which is a file" + (" (a kernel file? use LossKernel.load)"
+                                                                      if path.suffix == ".pt" else ""))
+        if not any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zattrs")):
+            raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
+                             f"got {str(path)!r}, which has no zarr.json: not a zarr store (or its top-level "
+                             "metadata was deleted)")
+        require("zarr", "xarray", "LossKernel.from_samples on a zarr store")
+        try:
+            return xr.open_datatree(str(path), engine="zarr", consolidated=False).dataset, str(path)
+        except Exception as error:  # zarr.json damaged, an array's metadata missing, …
+            raise FileIntegrityError(f"samples: the zarr store {str(path)!r} is damaged and cannot be opened "
+                                     f"({type(error).__name__}: {error})") from None
+    if isinstance(samples, xr.DataTree):
+        return samples.dataset, samples.encoding.get("source") or samples.dataset.encoding.get("source")
+    if isinstance(samples, xr.Dataset):
+        return samples, samples.encoding.get("source")
+    raise TypeError("samples must be devinterp 2's sample() output (an xarray DataTree), an xarray Dataset "
+                    f"or the path of its zarr store, got {type(samples).__name__}")
+
+
+def obs_id(name: str) -> str:
+    try:
+        from devinterp.slt.observables import to_obs_id
+    except ImportError:  # the same rule, for stores read without devinterp installed
+        def to_obs_id(task_name: str) -> str:
+            result = "".join(c if c.isalnum() or c == "_" else "_" for c in task_name)
+            return ("_" + result if result and result[0].isdigit() else result) or "_"
+    return to_obs_id(name)
+
+
+def _draw_chunk(var, default: int = 50) -> int:
+    chunks = var.encoding.get("chunks") or var.encoding.get("preferred_chunks")
+    if isinstance(chunks, dict):
+        return int(chunks.get("draw", default))
+    if chunks:
+        return int(chunks[list(var.dims).index("draw")])
+    return default
+
+
+class StoreReader:
+    """Reads ``var[chain, start:stop]`` of a run's store and tells unwritten draws (a chain
+    devinterp aborted, or a run that was interrupted) from a damaged store (a chunk file
+    deleted or truncated), naming the store, the array and the chunk file."""
+
+    def __init__(self, ds, var, name: str, source: Optional[str]):
+        self.ds, self.var, self.name, self.source = ds, var, name, source
+        self.chunk = _draw_chunk(var)
+        self.witness = ds["sampling_loss"] if "sampling_loss" in ds.data_vars and \
+            tuple(ds["sampling_loss"].dims[:2]) == ("chain", "draw") else None
+        self.where = f"the store {source!r}" if source else "the samples"
+
+    def chunk_file(self, array: str, chain: int, draw: int) -> Optional[Path]:
+        """The chunk file holding (chain, draw) of ``array``, for a zarr v3 store on disk."""
+        chunks = self.ds[array].encoding.get("chunks")
+        if not self.source or not chunks or not (Path(self.source) / array / "zarr.json").exists():
+            return None  # not a zarr v3 store on disk: no chunk file to name
+        index = [chain // chunks[0], draw // chunks[1]] + [0] * (len(chunks) - 2)
+        return Path(self.source, array, "c", *map(str, index))
+
+    def _read(self, array, chain: int, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self.ds[array][chain, start:stop].values)
+        except Exception as error:  # a truncated or overwritten chunk: zstd, codec, shape errors
+            chunk = self.chunk_file(array, chain, start)
+            raise FileIntegrityError(
+                f"{self.where} is damaged: array {array!r}, chain {chain}, draws {start}–{stop - 1} cannot be "
+                f"read{f' (chunk file {str(chunk)!r})' if chunk else ''}: {type(error).__name__}: {error}. "
+                "Use another copy of the run, or leave the chain out with chains=[…]") from None
+
+    def read(self, chain: int, start: int, stop: int, reduction: str) -> torch.Tensor:
+        block = torch.from_numpy(self._read(self.name, chain, start, stop)).to(torch.float64)  # [b, n, T]
+        return block.mean(dim=-1) if reduction == "mean" else block.sum(dim=-1)
+
+    def written(self, chain: int, draws: Sequence[int]) -> Optional[np.ndarray]:
+        """Per draw, whether devinterp wrote it: its sampling_loss has a value (devinterp writes
+        a draw's sampling_loss and observable losses together). None without sampling_loss."""
+        if self.witness is None:
+            return None
+        lo, hi = min(draws), max(draws) + 1
+        values = self._read("sampling_loss", chain, lo, hi).reshape(hi - lo, -1)
+        finite = np.isfinite(values).any(axis=1)
+        return np.array([finite[d - lo] for d in draws])
+
+    def bad_written(self, chain: int, draws: Sequence[int], values: torch.Tensor, observable: str) -> ValueError:
+        """The error for draws devinterp wrote whose observable losses are not finite: a lost chunk
+        (the file is missing; a lost chunk reads as NaN) or an overflowed loss (±Inf, or NaN in a
+        chunk that is there)."""
+        draw, count = draws[0], len(draws)
+        more = f" (and {count - 1} more)" if count > 1 else ""
+        chunk = self.chunk_file(self.name, chain, draw)
+        if chunk is not None and not chunk.exists():
+            return FileIntegrityError(
+                f"{self.where} is damaged: array {self.name!r} has no values for chain {chain}, draw {draw}{more}, "
+                f"though devinterp wrote {'that draw' if count == 1 else 'those draws'} (sampling_loss has values "
+                f"there): its chunk file {str(chunk)!r} is missing. Use another copy of the run, or leave the chain "
+                "out with chains=[…]")
+        if chunk is None and not bool(torch.isinf(values).any()):
+            return FileIntegrityError(
+                f"chain {chain}, draw {draw}{more}: {observable!r} losses are NaN in draws devinterp wrote "
+                f"(sampling_loss has values there): {self.where} lost a chunk of {self.name!r} (it reads as NaN), "
+                "or the observable's loss overflowed. Pass the store's path to name the chunk file, or leave the "
+                "chain out with chains=[…]")
+        return ValueError(
+            f"chain {chain}, draw {draw}{more}: non-finite {observable!r} losses in draws devinterp wrote (the "
+            "observable's loss overflowed); leave the chain out with chains=[…]")

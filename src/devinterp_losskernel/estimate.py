@@ -838,9 +838,14 @@ def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, in
     from devinterp.slt.sampler import sample_single_chain
 
     feed = _LoaderFeed(loader, device)
+    inner_callback = callback
+    model, unwrap = _not_transformer_lens(model)
+    if unwrap is not None:  # devinterp sees the wrapper; evaluate and the callbacks see the user's model
+        def callback(**kwargs):
+            inner_callback(**{**kwargs, "model": unwrap(kwargs["model"])})
 
     def evaluate2(model, _tick):
-        return _loss_of(evaluate(model, feed.next())), {}
+        return _loss_of(evaluate(model if unwrap is None else unwrap(model), feed.next())), {}
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -858,4 +863,34 @@ def _run_chain_devinterp2(model, loader, callback, evaluate, s, device, seed, in
             raise RuntimeError(f"NaN/Inf: {w.message}")
         if not issubclass(w.category, DeprecationWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return _mean_minibatch_loss(callback)
+    return _mean_minibatch_loss(inner_callback)
+
+
+class _Plain(nn.Module):
+    """The user's model under a module without a ``cfg``: devinterp 2.x takes any model whose
+    ``model.cfg.n_heads`` exists for a TransformerLens one and calls
+    ``model.to(device, print_details=False)``, which a plain ``nn.Module`` refuses. Its only
+    state is the user's model (parameters named ``model.…``); it changes nothing of it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _not_transformer_lens(model: nn.Module):
+    """(model, None), or (:class:`_Plain` (model), unwrap) when devinterp 2.x would take
+    ``model`` for a TransformerLens model (its ``is_transformer_lens_model``: ``model.cfg.n_heads``
+    exists) but its ``to`` takes no ``print_details``."""
+    import inspect
+
+    if not (hasattr(model, "cfg") and hasattr(model.cfg, "n_heads")):
+        return model, None
+    try:
+        if "print_details" in inspect.signature(model.to).parameters:
+            return model, None
+    except (TypeError, ValueError):  # no signature to read: a TransformerLens-like to(); leave it
+        return model, None
+    return _Plain(model), lambda wrapped: wrapped.model

@@ -7,7 +7,12 @@
   same-label edges removed) or an embedding you give, drawn with Bokeh's WebGL backend
   (``output_backend="webgl"``; Bokeh falls back to a 2D canvas where WebGL is missing);
 * hover (Bokeh's HoverTool): the thumbnail (image, text / token sequence, or an (a, b) pair),
-  label, WordNet path, K(x, x), mean loss over the draws;
+  label, WordNet path, K(x, x), mean loss over the draws; for a token-level kernel
+  (``token_positions`` and ``input_ids``) the token in its sequence, the target marked and the
+  tokens after it faded (ids decoded by ``decode=`` / ``vocabulary=``), the neighbours listed
+  the same way; for a minibatch-mode kernel (``visits``) the visits, and "seen fewer than
+  twice: no variance" where K(x, x) is NaN — those samples are grey, outside every colour scale
+  (whose limits come from the finite values only), and counted in the legend;
 * click (Bokeh's TapTool, then our JavaScript — Bokeh has no hook for it): the sample's top-k
   most correlated inputs (toggle: least correlated) as a strip of thumbnails with their R,
   lines drawn to them on the map, and an option to hide same-label neighbours (Appendix B);
@@ -16,7 +21,9 @@
 * search a label or a WordNet node: its members are ringed on the map.
 
 Only the top-k neighbour lists are shipped (indices and R per sample, for each of the four
-variants most/least × all/different-label), never the n × n kernel. R is stored as int16
+variants most/least × all/different-label), never the n × n kernel. A token-level kernel's
+sequences are shipped once each (only those its rows come from), as indices into one list of
+the distinct token strings, and each row as (sequence, position). R is stored as int16
 (R · 32767, rounded; error ≤ 1.6e-5), indices as uint16 when n ≤ 65,536 else int32.
 :func:`read_explorer` reads a page's data back (the tests use it).
 
@@ -136,9 +143,14 @@ class _KernelNumbers:
     init_loss: Optional[np.ndarray]
     labels: Any
     matrix: Any  # a LossKernel or a float64 [n, n] matrix; None for a dict of per-sample arrays
+    visits: Optional[np.ndarray] = None  # a minibatch-mode kernel's counts [n]; None otherwise
+    unseen: Optional[np.ndarray] = None  # bool [n]: seen fewer than twice, variance NaN; None when none
+    token_positions: Any = None  # a token-level kernel's (batch index, target position) [n, 2]
+    input_ids: Any = None  # its sequences' token ids [sequences, T + 1]
 
 
-_KERNEL_DICT_KEYS = ("variance", "mean", "init_loss", "labels")
+_KERNEL_DICT_KEYS = ("variance", "mean", "init_loss", "labels", "visits", "token_positions", "input_ids")
+_UNSEEN_NOTE = "seen fewer than twice: no variance"
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -164,10 +176,10 @@ def _kernel_numbers(kernel: Any, needs_matrix: bool) -> _KernelNumbers:
         # checked once here; the neighbour lists and the map read its cached R (no second conversion)
         matrix = checked_kernel(kernel, "kernel") if needs_matrix else kernel
         return _KernelNumbers(
-            n, as_vector(kernel.variance, "kernel.variance", n),
-            None if kernel.mean is None else as_vector(kernel.mean, "kernel.mean", n),
+            n, *_per_sample(kernel, n, "kernel"),
             None if kernel.init_loss is None else as_vector(kernel.init_loss, "kernel.init_loss", n),
-            kernel.labels, matrix)
+            kernel.labels, matrix, *_visit_numbers(kernel, n, "kernel"),
+            token_positions=getattr(kernel, "token_positions", None), input_ids=getattr(kernel, "input_ids", None))
     if isinstance(kernel, MappingABC):
         return _kernel_dict_numbers(kernel, needs_matrix)
     if not (isinstance(kernel, np.ndarray) or hasattr(kernel, "detach") or isinstance(kernel, (list, tuple))):
@@ -188,11 +200,47 @@ def _kernel_dict_numbers(kernel: Mapping, needs_matrix: bool) -> _KernelNumbers:
     if needs_matrix:
         raise ValueError("a kernel given as a dict of per-sample arrays needs neighbours= (the top-k lists) "
                          "and embedding= (the map): there is no n × n matrix to compute them from")
-    variance = as_vector(kernel["variance"], "kernel['variance']")
-    n = variance.shape[0]
-    optional = {key: None if kernel.get(key) is None else as_vector(kernel[key], f"kernel[{key!r}]", n)
-                for key in ("mean", "init_loss")}
-    return _KernelNumbers(n, variance, optional["mean"], optional["init_loss"], kernel.get("labels"), None)
+    from types import SimpleNamespace
+
+    from .validation import as_array
+
+    shape = as_array(kernel["variance"], "kernel['variance']").shape
+    if len(shape) != 1:
+        raise ValueError(f"kernel['variance'] must be a 1-D vector, got shape {shape}")
+    n = shape[0]
+    # the same rule as a LossKernel's: NaN variances only where visits < 2 (validation._kernel_variances)
+    view = SimpleNamespace(num_samples=n, variance=kernel["variance"], mean=kernel.get("mean"),
+                           visits=kernel.get("visits"))
+    variance, mean = _per_sample(view, n, "kernel")
+    init_loss = None if kernel.get("init_loss") is None else as_vector(kernel["init_loss"], "kernel['init_loss']", n)
+    return _KernelNumbers(n, variance, mean, init_loss, kernel.get("labels"), None, *_visit_numbers(view, n, "kernel"),
+                          token_positions=kernel.get("token_positions"), input_ids=kernel.get("input_ids"))
+
+
+def _per_sample(kernel: Any, n: int, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(variance [n], mean [n] or None): finite, except NaN where a minibatch-mode kernel saw a
+    sample fewer than twice (variance) or never (mean) — the package's one rule,
+    :func:`~devinterp_losskernel.validation._kernel_variances`."""
+    from .validation import _kernel_variances, _visits, as_vector, kernel_mean
+
+    variance, _ = _kernel_variances(kernel, name, n)
+    if kernel.mean is None:
+        return variance, None
+    if _visits(kernel, n, name) is None:
+        return variance, as_vector(kernel.mean, f"{name}.mean", n)
+    return variance, kernel_mean(kernel, name)
+
+
+def _visit_numbers(kernel: Any, n: int, name: str) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(visits [n] int64 or None, the bool mask of the samples seen fewer than twice or None)."""
+    from .validation import _visits
+
+    visits = _visits(kernel, n, name)
+    if visits is None:
+        return None, None
+    visits = visits.astype(np.int64)
+    unseen = visits < 2
+    return visits, (unseen if unseen.any() else None)
 
 
 def _warn(message: str) -> None:
@@ -412,6 +460,48 @@ def _texts(texts: Any, n: int) -> list:
     return out
 
 
+_TOKEN_WINDOW = (24, 8)  # tokens shown before and after the target on hover
+_TOKEN_CARD_WINDOW = (10, 3)  # … and in a neighbour's card
+
+
+def _small_ints(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(np.uint16 if arr.size == 0 or int(arr.max()) < 65536 else np.int32)
+
+
+def _token_data(numbers_: _KernelNumbers, decode: Any, vocabulary: Any) -> Optional[dict]:
+    """A token-level kernel's rows for the page: every sequence some row comes from, stored once
+    (its tokens as indices into one list of the distinct token strings), and each row as a
+    (stored sequence, position) pair. None for a kernel that is not token-level (then
+    ``decode`` / ``vocabulary`` are refused)."""
+    from .validation import check_token_rows, token_strings
+
+    given = "decode" if decode is not None else "vocabulary" if vocabulary is not None else None
+    if numbers_.token_positions is None:
+        if given is not None:
+            raise ValueError(f"{given}= maps token ids to strings for a token-level kernel (one with "
+                             "token_positions and input_ids: bif(..., correlation_method='token', "
+                             "return_kernel=True)); this kernel has no token_positions")
+        if numbers_.input_ids is not None:
+            raise ValueError("kernel['input_ids'] was given without kernel['token_positions'] (batch index, "
+                             "target position) [n, 2]")
+        return None
+    positions, ids = check_token_rows(numbers_.token_positions, numbers_.input_ids, numbers_.n)
+    if ids is None:
+        if given is not None:
+            raise ValueError(f"{given}= was given but the kernel carries no input_ids (the sequences' token "
+                             "ids), so there are no tokens to show; the page shows (sequence, position) only")
+        return {"batch": None, "positions": _encode(_small_ints(positions)), "sequences": None,
+                "ids": [], "strings": [], "window": list(_TOKEN_WINDOW), "card_window": list(_TOKEN_CARD_WINDOW)}
+    used, compact = np.unique(positions[:, 0], return_inverse=True)  # only the sequences rows come from
+    distinct, codes = np.unique(ids[used], return_inverse=True)
+    strings = token_strings(distinct, decode, vocabulary)
+    return {"batch": _encode(_small_ints(used)),
+            "positions": _encode(_small_ints(np.stack([compact.reshape(-1), positions[:, 1]], axis=1))),
+            "sequences": _encode(_small_ints(codes.reshape(len(used), ids.shape[1]))),
+            "ids": distinct.tolist(), "strings": strings,
+            "window": list(_TOKEN_WINDOW), "card_window": list(_TOKEN_CARD_WINDOW)}
+
+
 def _score_arrays(scores: Any, n: int) -> Dict[str, np.ndarray]:
     """{name: float64 [n]} from {name: values}; names as str, each once; numbers only."""
     if scores is None:
@@ -469,36 +559,56 @@ def _warn_missing(values: np.ndarray, name: str) -> int:
     return missing
 
 
-def _continuous(values: np.ndarray, name: str, cmap: str = "viridis") -> tuple:
+def _missing_note(values: np.ndarray, unseen: Optional[np.ndarray]) -> Optional[str]:
+    """What the legend calls the missing values when they are explained by the kernel: a
+    minibatch-mode kernel's samples seen fewer than twice (NaN there and only there); else None
+    (then missing values are warned about as NaN/Inf)."""
+    missing = ~np.isfinite(values)
+    if unseen is None or not missing.any() or (missing & ~unseen).any():
+        return None
+    return _UNSEEN_NOTE if np.array_equal(missing, unseen) else "seen fewer than twice: no value"
+
+
+def _continuous(values: np.ndarray, name: str, cmap: str = "viridis", missing_label: Optional[str] = None) -> tuple:
+    """Colours over the finite values only (limits from them; NaN/Inf drawn grey, outside the
+    scale, and counted in the legend as ``missing_label`` — then without a warning — or as
+    'no value (NaN/Inf)')."""
     from matplotlib import colormaps
 
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
     lo, hi = (float(v[finite].min()), float(v[finite].max())) if finite.any() else (0.0, 1.0)
-    t = np.zeros_like(v) if hi <= lo else (v - lo) / (hi - lo)
+    t = np.zeros_like(v) if hi <= lo else (np.where(finite, v, lo) - lo) / (hi - lo)
     colours = _hex(colormaps[cmap](np.where(finite, t, 0.0)))
     colours = [c if f else _MISSING_COLOUR for c, f in zip(colours, finite)]
     stops = _hex(colormaps[cmap](np.linspace(0, 1, 9)))
-    legend = {"kind": "continuous", "min": lo, "max": hi, "stops": stops, "missing": _warn_missing(v, name)}
+    missing = int((~finite).sum()) if missing_label is not None else _warn_missing(v, name)
+    legend = {"kind": "continuous", "min": lo, "max": hi, "stops": stops, "missing": missing,
+              "missing_label": missing_label or "no value (NaN/Inf)"}
     return colours, legend
 
 
-def _categorical_score(name: str, arr: np.ndarray, distinct: np.ndarray) -> tuple:
+def _categorical_score(name: str, arr: np.ndarray, distinct: np.ndarray, missing_label: Optional[str] = None) -> tuple:
     pal = _palette(len(distinct)) if len(distinct) > 2 else ["#c8c8c8", "#d62728"][: len(distinct)]
     cmap = {float(v): pal[j] for j, v in enumerate(distinct)}
     items = [[f"{name} = {v:g}", cmap[float(v)]] for v in distinct]
-    missing = _warn_missing(arr, f"scores[{name!r}]")
+    if missing_label is not None:
+        missing = int((~np.isfinite(arr)).sum())
+    else:
+        missing = _warn_missing(arr, f"scores[{name!r}]")
     if missing:
-        items.append([f"no value (NaN/Inf): {missing}", _MISSING_COLOUR])
+        items.append([f"{missing_label or 'no value (NaN/Inf)'}: {missing}", _MISSING_COLOUR])
     return name, [cmap.get(float(v), _MISSING_COLOUR) for v in arr], {"kind": "categorical", "items": items}
 
 
-def _score_colouring(name: str, arr: np.ndarray) -> tuple:
-    """At most 12 distinct whole numbers: categories; anything else: a continuous colouring."""
+def _score_colouring(name: str, arr: np.ndarray, unseen: Optional[np.ndarray] = None) -> tuple:
+    """At most 12 distinct whole numbers: categories; anything else: a continuous colouring.
+    NaN exactly at a minibatch-mode kernel's unseen samples is named so, without a warning."""
     distinct = np.unique(arr[np.isfinite(arr)])
+    note = _missing_note(arr, unseen)
     if len(distinct) <= 12 and np.all(distinct == np.round(distinct)):
-        return _categorical_score(name, arr, distinct)
-    return (name, *_continuous(arr, f"scores[{name!r}]", "plasma"))
+        return _categorical_score(name, arr, distinct, note)
+    return (name, *_continuous(arr, f"scores[{name!r}]", "plasma", note))
 
 
 def _label_colourings(label_arr: np.ndarray, names_of: Dict[int, str], hierarchy: Any) -> Dict[str, tuple]:
@@ -526,11 +636,15 @@ def _colourings(numbers_: _KernelNumbers, label_arr, names_of, hierarchy,
     colourings = {} if label_arr is None else _label_colourings(label_arr, names_of, hierarchy)
     numeric = [("variance", "K(x,x)", numbers_.variance), ("mean_loss", "mean loss over draws", numbers_.mean),
                ("init_loss", "loss at w*", numbers_.init_loss)]
+    unseen = numbers_.unseen
     for key, title, values in numeric:
         if values is not None:
-            colourings[key] = (title, *_continuous(values, title))
+            note = _missing_note(values, unseen)
+            if key == "mean_loss" and note is not None:
+                note = "never seen: no mean"
+            colourings[key] = (title, *_continuous(values, title, missing_label=note))
     for i, (name, arr) in enumerate(scores.items()):
-        colourings[f"score{i}"] = _score_colouring(name, arr)
+        colourings[f"score{i}"] = _score_colouring(name, arr, unseen)
     return colourings
 
 
@@ -704,6 +818,8 @@ def explore(
     thumbnail_format: str = "auto",
     random_state: Optional[int] = 0,
     neighbours: Optional[Mapping[str, Any]] = None,
+    decode: Any = None,
+    vocabulary: Any = None,
 ) -> ExplorerPage:
     """Write the interactive kernel explorer for ``kernel`` to ``path``; returns the path.
 
@@ -752,8 +868,21 @@ def explore(
             ``most`` (required), ``least``, ``most_other``, ``least_other``; indices are
             checked (integers in [0, n), never the sample itself, different-label for the
             ``_other`` variants) and R must be in [-1, 1]. Then ``kernel`` may also be a dict
-            with ``variance`` / ``mean`` / ``init_loss`` / ``labels`` arrays (for kernels too
-            large for n × n).
+            with ``variance`` / ``mean`` / ``init_loss`` / ``labels`` / ``visits`` /
+            ``token_positions`` / ``input_ids`` arrays (for kernels too large for n × n).
+        decode, vocabulary: for a token-level kernel (``kernel.token_positions`` and
+            ``kernel.input_ids``, from ``bif(..., correlation_method="token", return_kernel=True)``),
+            how token ids become text: ``decode`` a callable id → str (``tokenizer.decode``),
+            or ``vocabulary`` a list (id → ``vocabulary[id]``) or a mapping {id: str}; default:
+            the ids. Hover shows the token in its sequence, the target marked (the tokens after
+            it faded), and the neighbours are listed the same way. Each sequence is stored once
+            (ids as indices into one list of distinct strings), each row as (sequence, position).
+
+    A minibatch-mode kernel (``kernel.visits``; variance NaN where a training sample was seen
+    fewer than twice, the rule of :func:`~devinterp_losskernel.validation._kernel_variances`)
+    is drawn with those samples grey, outside every colour scale (limits over the finite values
+    only), counted in the legend as "seen fewer than twice: no variance"; hover shows ``visits``.
+    Its kernel is diagonal, so it needs ``neighbours=`` and ``embedding=``.
 
     Returns:
         :class:`ExplorerPage`, the path as a ``str`` that Jupyter displays inline.
@@ -777,6 +906,7 @@ def explore(
     labels_mixed = embedding is None and label_arr is not None
     first = _initial_colouring(colourings, color_by, labels_mixed)
     health = _health_of(kernel)
+    tokens = _token_data(numbers_, decode, vocabulary)
     text_col = _texts(texts, n) if texts is not None else [""] * n
     pil = _pil_images(images, n, image_layout) if images is not None else None
 
@@ -791,6 +921,8 @@ def explore(
     data = _page_data(n, k, lists, unavailable, colourings, first, title, seed, label_text, paths,
                       has_images=images is not None, has_texts=texts is not None,
                       has_labels=label_arr is not None, has_hierarchy=hierarchy is not None,
+                      has_tokens=tokens is not None, tokens=tokens, has_visits=numbers_.visits is not None,
+                      unseen=0 if numbers_.unseen is None else int(numbers_.unseen.sum()), unseen_note=_UNSEEN_NOTE,
                       about=_map_description(embedding is not None, label_arr is not None, n_neighbors),
                       health=health)
     columns = _page_columns(coords, label_arr, label_text, paths, thumbs, text_col, numbers_, colourings, first)
@@ -879,6 +1011,9 @@ def _page_columns(coords, label_arr, label_text, paths, thumbs, text_col, number
         "mean_loss": numbers_.mean if numbers_.mean is not None else np.full(n, np.nan),
         "color": list(colourings[first][1]),
     }
+    if numbers_.visits is not None:  # a minibatch-mode kernel: visits, and why a variance is missing
+        columns["visits"] = numbers_.visits
+        columns["variance_text"] = [f"{v:.4f}" if np.isfinite(v) else f"— ({_UNSEEN_NOTE})" for v in numbers_.variance]
     for key, (_, colours, _) in colourings.items():
         columns[f"c_{key}"] = colours
     return columns
@@ -892,22 +1027,29 @@ def _write_page(out: Path, page: str) -> None:
         handle.write(page)
 
 
-def _tooltip(has_images: bool, has_texts: bool, has_labels: bool, has_hierarchy: bool) -> str:
-    parts = ['<div class="lk-tip" style="width:230px;font:12px sans-serif">']
+def _tooltip(has_images: bool, has_texts: bool, has_labels: bool, has_hierarchy: bool,
+             has_tokens: bool = False, has_visits: bool = False) -> str:
+    width = 360 if has_tokens else 230
+    parts = [f'<div class="lk-tip" style="width:{width}px;font:12px sans-serif">']
     if has_images:
         parts.append('<img class="lk-tip-thumb" src="@thumb" width="64" height="64" '
                      'style="image-rendering:pixelated;float:left;margin:0 6px 2px 0;border:1px solid #ccc"/>')
     if has_texts:
         parts.append('<div class="lk-tip-text" style="font-family:monospace;white-space:pre-wrap;'
                      'max-height:6em;overflow:hidden">@text</div>')
+    if has_tokens:  # filled by the page's script from the sequences it stores once (LK.fillTips)
+        parts.append('<div class="lk-tip-ctx" data-lk-index="@index"></div>')
     parts.append('<div>#@index')
     if has_labels:
         parts.append(' · <b>@label_name</b>')
     parts.append('</div>')
     if has_hierarchy:
         parts.append('<div style="color:#555;font-size:11px">@path</div>')
-    parts.append('<div>K(x,x) = @variance{0.0000}</div><div>mean loss = @mean_loss{0.0000}</div>'
-                 '<div style="clear:both"></div></div>')
+    if has_visits:
+        parts.append('<div class="lk-tip-variance">K(x,x) = @variance_text</div><div>visits = @visits</div>')
+    else:
+        parts.append('<div>K(x,x) = @variance{0.0000}</div>')
+    parts.append('<div>mean loss = @mean_loss{0.0000}</div><div style="clear:both"></div></div>')
     return "".join(parts)
 
 
@@ -942,7 +1084,8 @@ def _render(columns: dict, data: dict) -> str:
     plot.scatter("x", "y", source=focus, size=size + 10, marker="star", fill_color="gold",
                  line_color="black", line_width=1.5)
     hover = HoverTool(renderers=[points], tooltips=_tooltip(data["has_images"], data["has_texts"],
-                                                            data["has_labels"], data["has_hierarchy"]))
+                                                            data["has_labels"], data["has_hierarchy"],
+                                                            data["has_tokens"], data["has_visits"]))
     hover.callback = CustomJS(code="if (window.LK) LK.hovered(cb_data.index.indices);")
     wheel = WheelZoomTool()
     plot.add_tools(hover, TapTool(renderers=[points]), wheel)
@@ -965,8 +1108,11 @@ def _script_data(text: str, element_id: str, path: Any) -> Any:
 
 def read_explorer(path: Union[str, Path]) -> dict:
     """The data a page embeds, as numpy: ``neighbours`` {variant: (indices, R)}, ``points``
-    (the Bokeh source's columns: x, y, colours c_<key>, thumbnails …) and the page's JSON
-    (colourings with legends, search terms, ``unavailable`` lists)."""
+    (the Bokeh source's columns: x, y, colours c_<key>, thumbnails …; ``visits`` and
+    ``variance_text`` for a minibatch-mode kernel) and the page's JSON (colourings with legends,
+    search terms, ``unavailable`` lists; ``tokens`` for a token-level kernel: ``batch`` [s] the
+    stored sequences' batch indices, ``sequences`` [s, T + 1] indices into ``strings`` (the
+    distinct ids' texts, ``ids``), ``positions`` [n, 2] (stored sequence, position), as int64)."""
     text = Path(path).read_text(encoding="utf-8")
     data = _script_data(text, _DATA_ID, path)
     data["neighbours"] = {
@@ -974,6 +1120,11 @@ def read_explorer(path: Union[str, Path]) -> dict:
         for name, v in data["neighbours"].items()
     }
     data["points"] = _bokeh_columns(text, "lk-points", path)
+    tokens = data.get("tokens")
+    if tokens:
+        for key in ("batch", "positions", "sequences"):
+            if tokens.get(key) is not None:
+                tokens[key] = _decode(tokens[key]).astype(np.int64)
     return data
 
 
@@ -1093,6 +1244,8 @@ body{margin:0;font:13px/1.35 system-ui,sans-serif;color:#222}
 .lk-card img{width:64px;height:64px;image-rendering:pixelated;display:block;margin:0 auto}
 .lk-card .lk-text{font-family:monospace;word-break:break-all;max-height:64px;overflow:hidden}
 .lk-card .lk-r{font-weight:bold}
+.lk-card.lk-tok-card{width:auto;flex:1 1 100%;text-align:left}
+.lk-unseen{color:#8a6d00}
 #lk-selected{margin:8px 0 6px}
 #lk-selected img{width:96px;height:96px;image-rendering:pixelated;float:left;margin-right:8px}
 """
@@ -1126,8 +1279,84 @@ LK.neighbours = function(i){  // null when the page holds no list for this view 
   return out;
 };
 function model(name){ return LK.doc.get_model_by_name(name); }
+// a token-level kernel: each row is (sequence, position) into sequences stored once, as indices
+// into one list of token strings; every string reaches the DOM as text (textContent), never HTML
+const tk = data.tokens || null;
+LK.tokens = tk && {pos:decode(tk.positions), batch:tk.batch && decode(tk.batch),
+                   seq:tk.sequences && decode(tk.sequences)};
+function shown(s){ return s === "" ? "\u2205" : String(s).replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5"); }
+// inline styles: Bokeh's tooltip lives in a shadow root, where the page's CSS does not reach
+const TOKEN_STYLE = {
+  "lk-ctx": "font-family:monospace;font-size:12px;line-height:1.8;white-space:normal;word-break:break-all;margin:2px 0",
+  "lk-tok": "white-space:pre;background:#eeeeee;border-radius:2px;padding:0 1px;margin-right:2px",
+  "lk-tok-target": "background:#ffd54f;outline:2px solid #d62728;font-weight:bold",
+  "lk-tok-after": "opacity:.4",
+  "lk-ctx-cut": "color:#888",
+  "lk-ctx-where": "font-family:system-ui,sans-serif;font-size:11px;color:#555;line-height:1.3"};
+function el(tag, cls, text){
+  const e = document.createElement(tag);
+  if (cls){ e.className = cls; e.style.cssText = cls.split(" ").map(c => TOKEN_STYLE[c] || "").join(";"); }
+  if (text != null) e.textContent = text;
+  return e;
+}
+LK.tokenContext = function(i, before, after){  // {batch, position, tokens:[{id, text, target, after}], cut}
+  const t = LK.tokens, s = t.pos.values[2*i], p = t.pos.values[2*i + 1];
+  const out = {batch:t.batch ? t.batch.values[s] : s, position:p, tokens:[], cutLeft:false, cutRight:false};
+  if (!t.seq) return out;
+  const width = t.seq.k, lo = Math.max(0, p - before), hi = Math.min(width - 1, p + after);
+  out.cutLeft = lo > 0; out.cutRight = hi < width - 1;
+  for (let j = lo; j <= hi; j++){
+    const c = t.seq.values[s*width + j];
+    out.tokens.push({id:tk.ids[c], text:tk.strings[c], target:j == p, after:j > p});
+  }
+  return out;
+};
+LK.tokenNode = function(i, before, after){
+  const c = LK.tokenContext(i, before, after), box = el("div", "lk-ctx");
+  box.dataset.index = i;
+  if (c.cutLeft) box.append(el("span", "lk-ctx-cut", "\u2026 "));
+  for (const t of c.tokens){
+    const span = el("span", "lk-tok" + (t.target ? " lk-tok-target" : "") + (t.after ? " lk-tok-after" : ""),
+                    shown(t.text));
+    span.title = "id " + t.id;
+    box.append(span);
+  }
+  if (c.cutRight) box.append(el("span", "lk-ctx-cut", " \u2026"));
+  const target = c.tokens.find(t => t.target);
+  box.append(el("div", "lk-ctx-where", "sequence " + c.batch + ", position " + c.position
+                + (target && tk.strings.length ? " (id " + target.id + ")" : "")));
+  return box;
+};
+LK.targetText = function(i){  // the string of row i's target token ("" without input_ids)
+  const t = LK.tokens;
+  if (!t || !t.seq) return "";
+  return tk.strings[t.seq.values[t.pos.values[2*i] * t.seq.k + t.pos.values[2*i + 1]]];
+};
+function deepAll(root, sel, out){
+  for (const e of root.querySelectorAll(sel)) out.push(e);
+  for (const e of root.querySelectorAll("*")) if (e.shadowRoot) deepAll(e.shadowRoot, sel, out);
+  return out;
+}
+LK.fillTips = function(){  // Bokeh renders the tooltip from its template; the context goes in after
+  if (!LK.tokens) return;
+  for (const slot of deepAll(document, ".lk-tip-ctx", [])){
+    if (slot.dataset.lkFilled == slot.dataset.lkIndex) continue;
+    slot.replaceChildren(LK.tokenNode(Number(slot.dataset.lkIndex), tk.window[0], tk.window[1]));
+    slot.dataset.lkFilled = slot.dataset.lkIndex;
+  }
+};
+function varianceHtml(d, i){
+  const v = Number(d.variance[i]);
+  return '<div>K(x,x) = ' + (isFinite(v) ? v.toExponential(3)
+         : '<span class="lk-unseen">\u2014 (' + esc(data.unseen_note || "no value") + ')</span>') + '</div>'
+    + (data.has_visits ? '<div>visits = ' + Number(d.visits[i]) + '</div>' : '');
+}
 function thumbHtml(d, i, cls){
   if (data.has_images && d.thumb[i]) return '<img class="'+cls+'" src="'+d.thumb[i]+'" alt="#'+i+'">';
+  if (data.has_tokens){
+    const w = cls == "lk-sel-thumb" ? tk.window : tk.card_window;
+    return LK.tokenNode(i, w[0], w[1]).outerHTML;  // built from text nodes: the browser escapes it
+  }
   if (data.has_texts) return '<div class="lk-text">'+esc(d.text[i])+'</div>';
   return '<div class="lk-text">#'+i+'</div>';
 }
@@ -1144,7 +1373,7 @@ LK.render = function(){
   sel.innerHTML = thumbHtml(d, i, "lk-sel-thumb") + '<div><b>#'+i+'</b>'
     + (data.has_labels ? ' · '+esc(d.label_name[i]) : '') + '</div>'
     + (data.has_hierarchy ? '<div style="font-size:11px;color:#555">'+esc(d.path[i])+'</div>' : '')
-    + '<div>K(x,x) = '+Number(d.variance[i]).toExponential(3)+'</div>'
+    + varianceHtml(d, i)
     + '<div>'+(LK.mode == "most" ? "most" : "least")+' correlated'
     + (LK.hideSame ? ', other labels only' : '')+':</div>'
     + (listed ? '' : '<div class="lk-none">this page holds no such list'
@@ -1152,7 +1381,8 @@ LK.render = function(){
                         ? ': '+esc(data.unavailable[LK.mode + "_other"]) : '')
                      + '</div>')
     + '<div style="clear:both"></div>';
-  strip.innerHTML = nb.map(o => '<div class="lk-card" data-index="'+o.index+'" data-r="'+o.r+'">'
+  strip.innerHTML = nb.map(o => '<div class="lk-card'+(data.has_tokens ? ' lk-tok-card' : '')
+    + '" data-index="'+o.index+'" data-r="'+o.r+'">'
     + thumbHtml(d, o.index, "lk-nbr-thumb")
     + '<div class="lk-r">R = '+o.r.toFixed(3)+'</div>'
     + (data.has_labels ? '<div>'+esc(d.label_name[o.index])+'</div>' : '<div>#'+o.index+'</div>')
@@ -1167,7 +1397,10 @@ LK.render = function(){
 };
 LK.select = function(i){ LK.selected = (i == null || isNaN(i)) ? null : Number(i); LK.render(); };
 LK.tapped = function(indices){ if (indices && indices.length) LK.select(indices[0]); };
-LK.hovered = function(indices){ LK.hover = (indices && indices.length) ? indices[0] : null; };
+LK.hovered = function(indices){
+  LK.hover = (indices && indices.length) ? indices[0] : null;
+  if (LK.tokens){ LK.fillTips(); requestAnimationFrame(LK.fillTips); }
+};
 LK.colourBy = function(key){
   const d = LK.source.data;
   if (!(("c_"+key) in d)) return;
@@ -1185,8 +1418,10 @@ LK.colourBy = function(key){
       + c.legend.stops.join(",") + ')"></div>'
       + '<div class="lk-bar-labels"><span>'+Number(c.legend.min).toPrecision(3)+'</span><span>'
       + esc(c.title) + '</span><span>'+Number(c.legend.max).toPrecision(3)+'</span></div>'
-      + (c.legend.missing ? '<div class="lk-legend-item"><span class="lk-swatch" style="background:#bbbbbb"></span>'
-                            + 'no value (NaN/Inf): ' + Number(c.legend.missing) + '</div>' : '');
+      + (c.legend.missing ? '<div class="lk-legend-item lk-legend-missing"><span class="lk-swatch" '
+                            + 'style="background:#bbbbbb"></span>'
+                            + esc(c.legend.missing_label || 'no value (NaN/Inf)') + ': '
+                            + Number(c.legend.missing) + ' of ' + data.n + '</div>' : '');
   }
 };
 LK.search = function(query){
@@ -1196,7 +1431,8 @@ LK.search = function(query){
   const exact = [], partial = [];
   for (let i = 0; i < d.x.length; i++){
     const parts = [String(d.label_name[i]).toLowerCase()].concat(
-      data.has_hierarchy ? String(d.path[i]).toLowerCase().split(" › ") : []);
+      data.has_hierarchy ? String(d.path[i]).toLowerCase().split(" › ") : [],
+      LK.tokens && LK.tokens.seq ? [LK.targetText(i).trim().toLowerCase()] : []);
     if (parts.includes(q)) exact.push(i);
     else if (parts.some(p => p.includes(q))) partial.push(i);
   }
@@ -1225,8 +1461,12 @@ function init(){
   const select = document.getElementById("lk-color");
   select.innerHTML = data.colourings.map(c => '<option value="'+esc(c.key)+'">'+esc(c.title)+'</option>').join("");
   select.addEventListener("change", () => LK.colourBy(select.value));
-  document.getElementById("lk-terms").innerHTML = data.search_terms.map(t => '<option value="'+esc(t)+'">').join("");
+  let terms = data.search_terms;
+  if (tk && tk.strings.length <= 5000)  // a token-level kernel: its target tokens are search terms too
+    terms = [...new Set(terms.concat(tk.strings.map(t => t.trim()).filter(t => t)))];
+  document.getElementById("lk-terms").innerHTML = terms.map(t => '<option value="'+esc(t)+'">').join("");
   const input = document.getElementById("lk-search");
+  if (tk && tk.sequences) input.placeholder = data.has_hierarchy ? "label, WordNet node or token" : "label or token";
   input.addEventListener("input", () => LK.search(input.value));
   document.getElementById("lk-search-clear").addEventListener("click", () => { input.value = ""; LK.search(""); });
   for (const r of document.querySelectorAll('input[name="lk-mode"]'))

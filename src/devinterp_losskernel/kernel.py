@@ -503,8 +503,8 @@ class LossKernel:
 
         The health record (:meth:`diagnostics`) is read from the store in a second pass over it.
         """
-        from .diagnostics import record_from_store, report_summary
-        from .samples import kernel_from_samples  # here: samples.py imports this module
+        from .diagnostics import report_summary
+        from .samples import kernel_from_samples, record_from_store  # here: samples.py imports this module
 
         kernel = kernel_from_samples(samples, observable, **kwargs)
         if kernel.health_record is None:  # the health report's trace and split halves: a second read

@@ -76,6 +76,27 @@ class WithIndices(Dataset):
     def __getitem__(self, index):
         return index, self.dataset[index]
 
+    def __getitems__(self, indices):
+        """A whole batch in one call (torch >= 2.1's DataLoader fetches batches this way): the
+        inner dataset's own ``__getitems__`` when it has one, else item by item; the same
+        ``(index, sample)`` items as :meth:`__getitem__`, which :class:`IndexedCollate` collates
+        without taking them apart again."""
+        indices = list(indices)
+        inner = getattr(self.dataset, "__getitems__", None)
+        samples = list(inner(indices)) if callable(inner) else [self.dataset[i] for i in indices]
+        return _IndexedItems(indices, samples)
+
+
+class _IndexedItems(list):
+    """:meth:`WithIndices.__getitems__`'s batch: a list of ``(index, sample)`` items (what any
+    collate_fn expects) that also keeps the indices and the samples apart."""
+
+    __slots__ = ("indices", "samples")
+
+    def __init__(self, indices, samples):
+        super().__init__(zip(indices, samples))
+        self.indices, self.samples = indices, samples
+
 
 class IndexedCollate:
     """Collate for :class:`WithIndices` items: ``(indices LongTensor [B], collate_fn(samples))``,
@@ -85,6 +106,8 @@ class IndexedCollate:
         self.collate_fn = collate_fn or torch.utils.data.default_collate
 
     def __call__(self, items):
+        if isinstance(items, _IndexedItems):
+            return torch.as_tensor(items.indices, dtype=torch.long), self.collate_fn(items.samples)
         return torch.as_tensor([i for i, _ in items], dtype=torch.long), self.collate_fn([x for _, x in items])
 
 
@@ -136,7 +159,8 @@ def warn_shuffling(where: str, kind: str, stacklevel: int = 3) -> None:
     """The warning about a loader that does not draw with replacement (see :class:`MinibatchVariance`)."""
     warnings.warn(
         f"{where}: the training loader draws its minibatches with a {kind}, not with replacement; epoch-wise "
-        "shuffling biases the per-sample variances up (ν +9% in the repository's study). For ν, pass "
+        "shuffling biases the per-sample variances up (ν +10–13% at 28–110 visits a sample, +5.6% at 221, in the "
+        "repository's study; with replacement within ~1% from 110 visits). For ν, pass "
         "DataLoader(WithIndices(train_set), batch_size=m, sampler=RandomSampler(indexed, replacement=True))",
         RuntimeWarning, stacklevel=stacklevel + 1)
 
@@ -218,22 +242,41 @@ class MinibatchMoments:
 
     def _add(self, chain: int, indices: torch.Tensor, losses: torch.Tensor) -> None:
         """Buffer one minibatch's losses of ``chain``; fold when enough are buffered."""
-        self.recorded += len(indices)  # losses so far (a progress bar's visits)
-        self._buffer.setdefault(chain, []).append((indices, losses))
-        self._buffered[chain] = self._buffered.get(chain, 0) + len(indices)
-        if self._buffered[chain] >= self.fold_every:
+        size = len(indices)
+        self.recorded += size  # losses so far (a progress bar's visits)
+        buffer = self._buffer.get(chain)
+        if buffer is None:
+            buffer = self._buffer[chain] = []
+        buffer.append((indices, losses))
+        buffered = self._buffered[chain] = self._buffered.get(chain, 0) + size
+        if buffered >= self.fold_every:
             self._fold(chain)
 
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        """Refuse sample indices outside [0, N) (one reduction and one host sync: checked a fold
+        at a time, not at every step)."""
+        if indices.numel() == 0:
+            return
+        low, high = torch.stack(torch.aminmax(indices)).tolist()
+        if low < 0 or high >= self.num_train:
+            raise ValueError(f"the loader's sample indices must lie in [0, num_train={self.num_train}), got "
+                             f"[{low}, {high}]: is num_train the training-set size?")
+
     def _fold(self, chain: int) -> None:
-        """One O(N) update for a chain's buffered minibatches (amortised over many steps)."""
-        buffer = self._buffer.pop(chain, [])
-        self._buffered.pop(chain, None)
+        """One O(N) update for a chain's buffered minibatches (amortised over many steps). Their
+        indices are checked first: out of range, nothing is folded or dropped (the error recurs)."""
+        buffer = self._buffer.get(chain)
         if not buffer:
+            self._buffer.pop(chain, None)
+            self._buffered.pop(chain, None)
             return
         device = buffer[0][1].device
+        indices = torch.cat([i.to(device) for i, _ in buffer])
+        self._check_indices(indices)
+        del self._buffer[chain]
+        self._buffered.pop(chain, None)
         moments = self.chains.get(chain) or SampleMoments.zeros(self.num_train, device)
-        self.chains[chain] = moments.update(torch.cat([i.to(device) for i, _ in buffer]),
-                                            torch.cat([v for _, v in buffer]))
+        self.chains[chain] = moments.update(indices, torch.cat([v for _, v in buffer]))
 
     # -- results -------------------------------------------------------------------------------
     def moments(self, chains=None) -> SampleMoments:
@@ -361,15 +404,16 @@ class MinibatchVariance(MinibatchMoments):
                              "DataLoader(WithIndices(train_set), ...) so that each sample's loss is kept "
                              "under its index")
         indices, inner = batch
-        self._check_model(model)
+        if id(model) not in self._checked_models:  # the first minibatch of a model: its train-mode noise,
+            self._check_model(model)                # and a wrong num_train refused at once, not at the fold
+            self._check_indices(indices)
         losses = self.loss_fn(model, inner)
-        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (len(indices),):
+        if not isinstance(losses, torch.Tensor) or losses.shape != indices.shape:
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"loss_fn must return per-sample losses [{len(indices)}], got {got}")
-        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= self.num_train):
-            raise ValueError(f"the loader's sample indices must lie in [0, num_train={self.num_train}), got "
-                             f"[{int(indices.min())}, {int(indices.max())}]: is num_train the training-set size?")
-        self._pending.append((indices.detach(), losses.detach()))
+        # the other minibatches' indices are checked a fold at a time (_fold: before anything is folded),
+        # not here: a check at every step costs a reduction and, on a GPU, a host sync per step
+        self._pending.append((indices, losses.detach()))
         return losses.mean(), {}
 
     # -- devinterp's callback (tensor bookkeeping only: draws on no random generator) ---------------
@@ -385,7 +429,7 @@ class MinibatchVariance(MinibatchMoments):
             self.nbeta = self.hyperparameters.get("nbeta")
         self._check_sampler(loader)
         pending, self._pending = self._pending, []
-        if int(draw) == 0:
+        if draw == 0:
             pending = pending[-int(num_steps_bw_draws):]
         if not pending:
             return
@@ -396,8 +440,9 @@ class MinibatchVariance(MinibatchMoments):
 
     def _check_sampler(self, loader) -> None:
         """Warn once about epoch-wise shuffling: a sample is evaluated just before a step that uses
-        it, never just after, so its visits follow its own recent gradient steps — measured, ν came
-        out 9% high at 103 visits a sample (benchmarks/RESULTS.md, minibatch study)."""
+        it, never just after, so its visits follow its own recent gradient steps — measured on the
+        digits MLP against a converged reference, ν came out 10–13% high at 28–110 visits a sample and
+        5.6% high at 221 (benchmarks/RESULTS.md, minibatch study)."""
         if self.sampler_kind is not None or loader is None:
             return
         self.sampler_kind, with_replacement = sampler_kind(loader)

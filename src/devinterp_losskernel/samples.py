@@ -7,11 +7,12 @@
   of draws at a time (the store's own chunking, ``min(50, num_draws)`` draws) and folds each
   chunk into a :class:`~devinterp_losskernel.KernelAccumulator`, so memory is the n×n
   co-moment plus one chunk, whatever the number of draws (``compute_bif`` loads every draw).
-- :func:`bif_moments_from_samples` (and ``kernel_from_samples(…, correlation_method=…)``,
-  :func:`devinterp_losskernel.bif.compute_bif`): devinterp's ``compute_bif`` options — the
+- :func:`~devinterp_losskernel.devinterp2_bif.bif_moments_from_samples` (and
+  ``kernel_from_samples(…, correlation_method=…)``,
+  :func:`devinterp_losskernel.devinterp2_bif.compute_bif`): devinterp's ``compute_bif`` options — the
   token-level kernel over (sequence, position) rows, several observables (``loss_keys``),
   ``batch_index_range_1`` × ``_2``, chains stacked or averaged per draw index — folded chunk
-  by chunk into :class:`~devinterp_losskernel.bif.BifMoments`.
+  by chunk into :class:`~devinterp_losskernel.devinterp2_bif.BifMoments`.
 - :func:`loss_kernel`: the same for a trace you hold, ``losses[draws, n]`` (or
   ``[chains, draws, n]``, or an iterable of ``[b, n]`` blocks).
 
@@ -27,22 +28,20 @@ kernel is the "mean" one times T², the number of predicted positions squared).
 from __future__ import annotations
 
 import numbers
-import os
 import warnings
-from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator
+from .devinterp2_store import StoreReader, obs_id, open_samples
 from .diagnostics import HealthRecorder, report_summary, with_trace
-from .extras import require
 from .kernel import LossKernel, as_labels
 from .provenance import FileIntegrityError, checksum
 from .validation import check_selection
 
-__all__ = ["kernel_from_samples", "loss_kernel", "bif_moments_from_samples"]
+__all__ = ["kernel_from_samples", "loss_kernel", "record_from_store"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -221,126 +220,6 @@ def loss_kernel(
     return kernel
 
 
-def _open(samples) -> Tuple[Any, Optional[str]]:
-    """(the xarray Dataset holding the run's arrays, opened lazily; the path of its zarr store
-    or None) from a DataTree from ``sample()``, a Dataset, or the path of the zarr store. A path
-    that is missing, a file, not a zarr store, or a store that cannot be opened is refused by
-    name. Needs the ``[xarray]`` extra (xarray, zarr; devinterp 2.x brings both)."""
-    xr = require("xarray", "xarray", "LossKernel.from_samples")
-
-    if isinstance(samples, (str, os.PathLike)) and not isinstance(samples, bytes):
-        path = Path(samples).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"samples: the zarr store {str(path)!r} does not exist")
-        if not path.is_dir():
-            raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
-                             f"got {str(path)!r}, which is a file" + (" (a kernel file? use LossKernel.load)"
-                                                                      if path.suffix == ".pt" else ""))
-        if not any((path / marker).exists() for marker in ("zarr.json", ".zgroup", ".zattrs")):
-            raise ValueError(f"samples must be a zarr store (a folder written by devinterp's sample(output_path=…)), "
-                             f"got {str(path)!r}, which has no zarr.json: not a zarr store (or its top-level "
-                             "metadata was deleted)")
-        require("zarr", "xarray", "LossKernel.from_samples on a zarr store")
-        try:
-            return xr.open_datatree(str(path), engine="zarr", consolidated=False).dataset, str(path)
-        except Exception as error:  # zarr.json damaged, an array's metadata missing, …
-            raise FileIntegrityError(f"samples: the zarr store {str(path)!r} is damaged and cannot be opened "
-                                     f"({type(error).__name__}: {error})") from None
-    if isinstance(samples, xr.DataTree):
-        return samples.dataset, samples.encoding.get("source") or samples.dataset.encoding.get("source")
-    if isinstance(samples, xr.Dataset):
-        return samples, samples.encoding.get("source")
-    raise TypeError("samples must be devinterp 2's sample() output (an xarray DataTree), an xarray Dataset "
-                    f"or the path of its zarr store, got {type(samples).__name__}")
-
-
-def _obs_id(name: str) -> str:
-    try:
-        from devinterp.slt.observables import to_obs_id
-    except ImportError:  # the same rule, for stores read without devinterp installed
-        def to_obs_id(task_name: str) -> str:
-            result = "".join(c if c.isalnum() or c == "_" else "_" for c in task_name)
-            return ("_" + result if result and result[0].isdigit() else result) or "_"
-    return to_obs_id(name)
-
-
-def _draw_chunk(var, default: int = 50) -> int:
-    chunks = var.encoding.get("chunks") or var.encoding.get("preferred_chunks")
-    if isinstance(chunks, dict):
-        return int(chunks.get("draw", default))
-    if chunks:
-        return int(chunks[list(var.dims).index("draw")])
-    return default
-
-
-class _StoreReader:
-    """Reads ``var[chain, start:stop]`` of a run's store and tells unwritten draws (a chain
-    devinterp aborted, or a run that was interrupted) from a damaged store (a chunk file
-    deleted or truncated), naming the store, the array and the chunk file."""
-
-    def __init__(self, ds, var, name: str, source: Optional[str]):
-        self.ds, self.var, self.name, self.source = ds, var, name, source
-        self.chunk = _draw_chunk(var)
-        self.witness = ds["sampling_loss"] if "sampling_loss" in ds.data_vars and \
-            tuple(ds["sampling_loss"].dims[:2]) == ("chain", "draw") else None
-        self.where = f"the store {source!r}" if source else "the samples"
-
-    def chunk_file(self, array: str, chain: int, draw: int) -> Optional[Path]:
-        """The chunk file holding (chain, draw) of ``array``, for a zarr v3 store on disk."""
-        chunks = self.ds[array].encoding.get("chunks")
-        if not self.source or not chunks or not (Path(self.source) / array / "zarr.json").exists():
-            return None  # not a zarr v3 store on disk: no chunk file to name
-        index = [chain // chunks[0], draw // chunks[1]] + [0] * (len(chunks) - 2)
-        return Path(self.source, array, "c", *map(str, index))
-
-    def _read(self, array, chain: int, start: int, stop: int) -> np.ndarray:
-        try:
-            return np.asarray(self.ds[array][chain, start:stop].values)
-        except Exception as error:  # a truncated or overwritten chunk: zstd, codec, shape errors
-            chunk = self.chunk_file(array, chain, start)
-            raise FileIntegrityError(
-                f"{self.where} is damaged: array {array!r}, chain {chain}, draws {start}–{stop - 1} cannot be "
-                f"read{f' (chunk file {str(chunk)!r})' if chunk else ''}: {type(error).__name__}: {error}. "
-                "Use another copy of the run, or leave the chain out with chains=[…]") from None
-
-    def read(self, chain: int, start: int, stop: int, reduction: str) -> torch.Tensor:
-        block = torch.from_numpy(self._read(self.name, chain, start, stop)).to(torch.float64)  # [b, n, T]
-        return block.mean(dim=-1) if reduction == "mean" else block.sum(dim=-1)
-
-    def written(self, chain: int, draws: Sequence[int]) -> Optional[np.ndarray]:
-        """Per draw, whether devinterp wrote it: its sampling_loss has a value (devinterp writes
-        a draw's sampling_loss and observable losses together). None without sampling_loss."""
-        if self.witness is None:
-            return None
-        lo, hi = min(draws), max(draws) + 1
-        values = self._read("sampling_loss", chain, lo, hi).reshape(hi - lo, -1)
-        finite = np.isfinite(values).any(axis=1)
-        return np.array([finite[d - lo] for d in draws])
-
-    def bad_written(self, chain: int, draws: Sequence[int], values: torch.Tensor, observable: str) -> ValueError:
-        """The error for draws devinterp wrote whose observable losses are not finite: a lost chunk
-        (the file is missing; a lost chunk reads as NaN) or an overflowed loss (±Inf, or NaN in a
-        chunk that is there)."""
-        draw, count = draws[0], len(draws)
-        more = f" (and {count - 1} more)" if count > 1 else ""
-        chunk = self.chunk_file(self.name, chain, draw)
-        if chunk is not None and not chunk.exists():
-            return FileIntegrityError(
-                f"{self.where} is damaged: array {self.name!r} has no values for chain {chain}, draw {draw}{more}, "
-                f"though devinterp wrote {'that draw' if count == 1 else 'those draws'} (sampling_loss has values "
-                f"there): its chunk file {str(chunk)!r} is missing. Use another copy of the run, or leave the chain "
-                "out with chains=[…]")
-        if chunk is None and not bool(torch.isinf(values).any()):
-            return FileIntegrityError(
-                f"chain {chain}, draw {draw}{more}: {observable!r} losses are NaN in draws devinterp wrote "
-                f"(sampling_loss has values there): {self.where} lost a chunk of {self.name!r} (it reads as NaN), "
-                "or the observable's loss overflowed. Pass the store's path to name the chunk file, or leave the "
-                "chain out with chains=[…]")
-        return ValueError(
-            f"chain {chain}, draw {draw}{more}: non-finite {observable!r} losses in draws devinterp wrote (the "
-            "observable's loss overflowed); leave the chain out with chains=[…]")
-
-
 def kernel_from_samples(
     samples,
     observable: str = "probe",
@@ -389,12 +268,13 @@ def kernel_from_samples(
         batch_index_range_2, average_tokenwise_bif, compute_covariance: devinterp's
             ``compute_bif`` options. With ``correlation_method`` ("token" or "sequence") the
             kernel is the one ``compute_bif`` reads its influences from, folded chunk by
-            chunk (:func:`bif_moments_from_samples`): over the (sequence, position) rows of
+            chunk (:func:`~devinterp_losskernel.devinterp2_bif.bif_moments_from_samples`): over the
+            (sequence, position) rows of
             the observables ``loss_keys`` (default: ``[observable]``) concatenated
             (``token_positions`` [n·T, 2], ``input_ids``) for "token", over their sequence
             means for "sequence"; rows ``batch_index_range_1``, columns every sequence of
             ``batch_index_range_1`` ∪ ``_2``; chains pooled ("stack") or averaged per draw
-            index first ("mean"). :func:`~devinterp_losskernel.bif.influences_from_kernel`
+            index first ("mean"). :func:`~devinterp_losskernel.devinterp2_bif.influences_from_kernel`
             turns it into ``compute_bif``'s Dataset. ``reduction``, ``chains``, ``draws``,
             ``rows``, ``mode`` and ``failed_chains`` are not taken with these.
 
@@ -426,6 +306,8 @@ def kernel_from_samples(
             raise ValueError(f"kernel_from_samples: {clash} cannot be combined with correlation_method= (devinterp's "
                              "compute_bif options): use batch_index_range_1 for the rows, loss_keys for the "
                              "observables")
+        from .devinterp2_bif import bif_moments_from_samples  # here: devinterp2_bif.py sits above this module
+
         moments = bif_moments_from_samples(
             samples, correlation_method=correlation_method,
             reduce_chain_dimension_method=reduce_chain_dimension_method,
@@ -433,7 +315,7 @@ def kernel_from_samples(
             batch_index_range_2=batch_index_range_2, average_tokenwise_bif=average_tokenwise_bif,
             compute_covariance=compute_covariance, device=device, dtype=dtype, draws_per_read=draws_per_read)
         return moments.compute(metadata={"source": "devinterp_losskernel.from_samples",
-                                         "sampler_config": _sampler_config(_open(samples)[0])})
+                                         "sampler_config": _sampler_config(open_samples(samples)[0])})
     if bif_given:
         raise ValueError(f"kernel_from_samples: {sorted(bif_given)} are devinterp's compute_bif options and need "
                          "correlation_method='token' or 'sequence'")
@@ -445,8 +327,8 @@ def kernel_from_samples(
                                        or not isinstance(draws_per_read, numbers.Integral)):
         raise ValueError(f"draws_per_read must be a positive int (draws read per chunk) or None, "
                          f"got {draws_per_read!r}")
-    ds, source = _open(samples)
-    obs = _obs_id(observable)
+    ds, source = open_samples(samples)
+    obs = obs_id(observable)
     name = f"loss_{obs}"
     if name not in ds.data_vars:
         available = sorted(str(v)[5:] for v in ds.data_vars if str(v).startswith("loss_") and str(v) != "loss_")
@@ -468,7 +350,7 @@ def kernel_from_samples(
         keep[check_selection(draws, num_draws, "draws", what="draw", allow_slice=True)] = True
     if rows is not None:
         rows = check_selection(rows, n, "rows", what="sequence")
-    reader = _StoreReader(ds, var, name, source)
+    reader = StoreReader(ds, var, name, source)
     step = int(draws_per_read or reader.chunk)
     interrupted = source is not None and ds.attrs.get("completed") != 1
 
@@ -556,88 +438,6 @@ BIF_OPTIONS = ("correlation_method", "reduce_chain_dimension_method", "loss_keys
                "batch_index_range_2", "average_tokenwise_bif", "compute_covariance")
 
 
-def bif_moments_from_samples(
-    samples,
-    *,
-    correlation_method: str = "token",
-    reduce_chain_dimension_method: str = "stack",
-    loss_keys: Union[str, Sequence[str]] = "all",
-    batch_index_range_1: Union[str, Sequence[int]] = "all",
-    batch_index_range_2: Union[str, Sequence[int]] = "all",
-    average_tokenwise_bif: bool = False,
-    compute_covariance: bool = False,
-    device=None,
-    dtype: torch.dtype = torch.float64,
-    draws_per_read: Optional[int] = None,
-    check_memory: bool = True,
-):
-    """The :class:`~devinterp_losskernel.bif.BifMoments` of a stored devinterp 2 ``sample()``
-    run with ``compute_bif``'s options, folded ``draws_per_read`` draws of one chain at a time
-    (default: the store's chunk along ``draw``): memory the moments
-    (:func:`~devinterp_losskernel.bif.estimate_bif_memory`, checked before anything is read)
-    plus one chunk [draws_per_read, Σ n_obs, T] float32, whatever the number of draws.
-
-    ``loss_keys``: observable names or ids (``"all"``: every ``loss_<obs>`` of the store, sorted,
-    as devinterp's ``_resolve_loss_keys``). Unwritten draws (a chain devinterp aborted: NaN in
-    the store) make the influences NaN as in devinterp (``"stack"``), or are left out of that
-    draw index's chain mean (``"mean"``, as xarray's NaN-skipping mean)."""
-    from .bif import BifMoments, resolve_loss_keys
-    from .validation import check_bif_options
-
-    check_bif_options(correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance)
-    if draws_per_read is not None and (isinstance(draws_per_read, bool) or not isinstance(draws_per_read,
-                                                                                          numbers.Integral)
-                                       or draws_per_read < 1):
-        raise ValueError(f"draws_per_read must be a positive int (draws read per chunk) or None, "
-                         f"got {draws_per_read!r}")
-    ds, source = _open(samples)
-    available = [str(v)[len("loss_"):] for v in ds.data_vars if str(v).startswith("loss_")]
-    if not available:
-        raise KeyError("these samples hold no observable losses (no loss_<obs> array): not a sample() run with "
-                       "observables")
-    keys = resolve_loss_keys(available, loss_keys)
-    shapes = {}
-    for key in keys:
-        var = ds[f"loss_{key}"]
-        expected = ("chain", "draw", f"batch_{key}", "token_pos")
-        if tuple(var.dims) != expected:
-            raise ValueError(f"loss_{key} must have dims {expected} (devinterp 2's sample() layout), got "
-                             f"{tuple(var.dims)}")
-        shapes[key] = tuple(int(s) for s in var.shape)
-    first = shapes[keys[0]]
-    for key, shape in shapes.items():
-        if (shape[0], shape[1], shape[3]) != (first[0], first[1], first[3]):
-            raise ValueError(f"loss_{key} has {shape[0]} chains × {shape[1]} draws × {shape[3]} positions, but "
-                             f"loss_{keys[0]} has {first[0]} × {first[1]} × {first[3]}")
-    num_chains, num_draws, _, context_length = first
-    if not (num_chains and num_draws):
-        raise ValueError(f"the observables' losses of these samples are empty: {num_chains} chains × {num_draws} "
-                         "draws")
-    input_ids = {}
-    for key in keys:
-        if f"input_ids_{key}" in ds.data_vars:
-            value = np.asarray(ds[f"input_ids_{key}"].values)
-            while value.ndim > 2:
-                value = value[0]
-            input_ids[key] = torch.from_numpy(value)
-    moments = BifMoments({k: shapes[k][2] for k in keys}, context_length, correlation_method=correlation_method,
-                         reduce_chain_dimension_method=reduce_chain_dimension_method,
-                         average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
-                         batch_index_range_1=batch_index_range_1, batch_index_range_2=batch_index_range_2,
-                         num_draws=num_draws, input_ids=input_ids if len(input_ids) == len(keys) else None,
-                         device=device, dtype=dtype, block_size=min(256, num_chains * num_draws),
-                         check_memory=check_memory)
-    readers = {k: _StoreReader(ds, ds[f"loss_{k}"], f"loss_{k}", source) for k in keys}
-    step = int(draws_per_read or readers[keys[0]].chunk)
-    for chain in range(num_chains):
-        for start in range(0, num_draws, step):
-            stop = min(num_draws, start + step)
-            losses = {k: torch.from_numpy(reader._read(f"loss_{k}", chain, start, stop))
-                      for k, reader in readers.items()}
-            moments.update(losses, chain=chain, draw=start)
-    return moments
-
-
 def _sampler_config(ds) -> Dict[str, Any]:
     meta = ds.attrs.get("metadata") or {}
     try:
@@ -645,3 +445,39 @@ def _sampler_config(ds) -> Dict[str, Any]:
     except (KeyError, TypeError):
         return {}
 
+
+def record_from_store(samples, observable: str, kernel, *, reduction: str = "mean") -> Optional[Dict[str, Any]]:
+    """The health record of a devinterp 2.x store that ``kernel`` was made from by
+    :func:`~devinterp_losskernel.samples.kernel_from_samples` (per-sequence losses): the store is
+    read a second time, one chunk of draws at a time, taking the same draws (finite, among
+    ``metadata["draws"]``) of the same chains. None when the kernel is not a per-sequence kernel
+    of that store or the draws read do not match the kernel's."""
+    if getattr(kernel, "token_positions", None) is not None:
+        return None
+    ds, source = open_samples(samples)
+    name = f"loss_{obs_id(observable)}"
+    var = ds[name]
+    if int(var.shape[2]) != kernel.num_samples:
+        return None
+    num_draws = int(var.shape[1])
+    selected = kernel.metadata.get("draws")
+    keep = np.ones(num_draws, dtype=bool)
+    if selected is not None:
+        keep[:] = False
+        keep[np.asarray(selected, dtype=np.int64)] = True
+    reader = StoreReader(ds, var, name, source)
+    recorder = HealthRecorder(kernel.num_samples, expected_draws=int(keep.sum()))
+    trace: Dict[int, List[float]] = {}
+    for chain, kept in kernel.draws_per_chain.items():
+        chain, position = int(chain), 0
+        for start in range(0, num_draws, reader.chunk):
+            stop = min(num_draws, start + reader.chunk)
+            block = reader.read(chain, start, stop, reduction)
+            use = torch.isfinite(block).all(dim=1) & torch.from_numpy(keep[start:stop])
+            if bool(use.any()):
+                recorder.update(chain, position, block[use])
+                trace.setdefault(chain, []).extend(block[use].mean(dim=1).tolist())
+                position += int(use.sum())
+        if position != int(kept):
+            return None
+    return with_trace(recorder.record(), trace)

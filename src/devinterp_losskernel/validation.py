@@ -19,6 +19,7 @@ import numbers
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
@@ -1081,7 +1082,7 @@ def check_health_thresholds(thresholds: Any, defaults: dict) -> dict:
 __all__ += ["check_health_thresholds"]
 
 
-# -- devinterp 2's compute_bif options (bif.py, samples.py) ----------------------------------------
+# -- devinterp 2's compute_bif options (devinterp2_bif.py, samples.py) ----------------------------------------
 BIF_CORRELATION_METHODS = ("token", "sequence")
 BIF_CHAIN_REDUCTIONS = ("stack", "mean")
 
@@ -1164,3 +1165,196 @@ def check_train_variance(train_variance: Any, mode: str, *, evaluate: Any = None
 
 
 __all__ += ["check_train_variance"]
+
+
+# -- explore(decode=, vocabulary=) for a token-level kernel (explore.py) ---------------------------
+def check_token_rows(token_positions: Any, input_ids: Any, n: int,
+                     name: str = "kernel") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """A token-level kernel's rows: ``token_positions`` [n, 2] int64 (batch index, target position)
+    and ``input_ids`` [sequences, T + 1] int64 (or None); each batch index a row of ``input_ids``,
+    each position a column of it (0 … T), every id an int ≥ 0."""
+    positions = as_array(token_positions, f"{name}.token_positions")
+    if positions.shape != (n, 2) or positions.dtype.kind not in "iu":
+        raise ValueError(f"{name}.token_positions must be integers of shape ({n}, 2) (batch index, target position), "
+                         f"got shape {positions.shape}, dtype {positions.dtype}")
+    positions = positions.astype(np.int64)
+    if positions.size and positions.min() < 0:
+        raise ValueError(f"{name}.token_positions must be ≥ 0, got {int(positions.min())}")
+    if input_ids is None:
+        return positions, None
+    ids = as_array(input_ids, f"{name}.input_ids")
+    if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name}.input_ids must be integer token ids [sequences, T + 1], got shape {ids.shape}, "
+                         f"dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0:
+        raise ValueError(f"{name}.input_ids must be token ids ≥ 0, got {int(ids.min())}")
+    if positions.size and (positions[:, 0].max() >= ids.shape[0] or positions[:, 1].max() >= ids.shape[1]):
+        raise ValueError(f"{name}.token_positions must index {name}.input_ids {ids.shape}: batch indices in "
+                         f"[0, {ids.shape[0]}), positions in [0, {ids.shape[1]}); got up to "
+                         f"({int(positions[:, 0].max())}, {int(positions[:, 1].max())})")
+    return positions, ids
+
+
+def token_strings(ids: np.ndarray, decode: Any = None, vocabulary: Any = None) -> list:
+    """The display string of every id in ``ids`` (a 1-D array of distinct ints ≥ 0), in that order:
+    ``decode(id)`` (a callable returning a str, e.g. ``tokenizer.decode``), ``vocabulary[id]`` (a
+    sequence of str indexed by id, or a mapping {id: str}), else ``str(id)``. Not both."""
+    if decode is not None and vocabulary is not None:
+        raise ValueError("give decode= or vocabulary=, not both")
+    values = [int(i) for i in np.asarray(ids).tolist()]
+    if decode is not None:
+        if not callable(decode):
+            raise TypeError(f"decode must be a callable id -> str (e.g. tokenizer.decode), got {type(decode).__name__}")
+        out = []
+        for i in values:
+            s = decode(i)
+            if isinstance(s, (list, tuple)) and len(s) == 1:  # tokenizers' batch form
+                s = s[0]
+            if not isinstance(s, str):
+                raise TypeError(f"decode({i}) must return a str, got {type(s).__name__}")
+            out.append(s)
+        return out
+    if vocabulary is None:
+        return [str(i) for i in values]
+    if isinstance(vocabulary, (str, bytes)):
+        raise TypeError("vocabulary must be a sequence of str indexed by token id or a mapping {id: str}, "
+                        "got a single string")
+    from collections.abc import Mapping as _Mapping
+
+    if isinstance(vocabulary, _Mapping):
+        missing = [i for i in values if i not in vocabulary]
+        strings = None if missing else [vocabulary[i] for i in values]
+    else:
+        if not hasattr(vocabulary, "__len__") or not hasattr(vocabulary, "__getitem__"):
+            raise TypeError(f"vocabulary must be a sequence of str indexed by token id or a mapping {{id: str}}, "
+                            f"got {type(vocabulary).__name__}")
+        missing = [i for i in values if i >= len(vocabulary)]
+        strings = None if missing else [vocabulary[i] for i in values]
+    if missing:
+        raise ValueError(f"vocabulary has no entry for token ids {missing[:10]}"
+                         f"{' …' if len(missing) > 10 else ''} ({len(missing)} of the {len(values)} ids in input_ids)")
+    bad = [(i, s) for i, s in zip(values, strings) if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"vocabulary entries must be str, got {type(bad[0][1]).__name__} for token id {bad[0][0]}")
+    return [str(s) for s in strings]
+
+
+__all__ += ["check_token_rows", "token_strings"]
+
+
+# -- devinterp 2's sample() twins (llc, bif, susceptibilities): datasets and arguments -------------
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise (TypeError if not isinstance(value, numbers.Number) or isinstance(value, bool) else ValueError)(
+            f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_devinterp2_dataset(dataset, name: str = "dataset", *, tokens: bool = False) -> None:
+    """Refuse, before any sampling, a dataset that devinterp 2's sampler cannot batch: its
+    items must be mappings with an ``"input_ids"`` tensor (integer token ids [T] when
+    ``tokens``, as devinterp's ``llc()`` and its LM loss need)."""
+    try:
+        size = len(dataset)
+        item = dataset[0] if size else None
+    except TypeError as error:
+        raise TypeError(f"{name} must be a map-style dataset (len() and [i]) of {{'input_ids': …}} items, got "
+                        f"{type(dataset).__name__}") from error
+    if item is None:
+        raise ValueError(f"{name} is empty")
+    if not isinstance(item, Mapping) or "input_ids" not in item:
+        got = f"a mapping with keys {sorted(item)}" if isinstance(item, Mapping) else \
+            f"a {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        fix = ("devinterp's llc() computes a language-model loss on token ids; for a classifier (images, "
+               "(input, target) pairs) use estimate_loss_kernel(model, loader, probe, …), which runs devinterp 2's "
+               "sampler for any data, or sample_single_chain(as_devinterp2_dataset(dataset), "
+               "devinterp2_evaluate(), …)") if tokens else \
+            "wrap it: as_devinterp2_dataset(dataset) turns (input, target) items into {'input_ids', 'labels'}"
+        raise TypeError(f"{name}[0] is {got}, but devinterp 2's sampler reads item['input_ids']; {fix}")
+    ids = torch.as_tensor(item["input_ids"])
+    if tokens and (ids.is_floating_point() or ids.dim() != 1):
+        raise TypeError(f"{name}[0]['input_ids'] is {ids.dtype} {tuple(ids.shape)}, not integer token ids [seq_len]: "
+                        "devinterp's llc() computes a language-model loss; for images or other classifier inputs use "
+                        "estimate_loss_kernel, or sample_single_chain with devinterp2_evaluate()")
+
+
+def check_lm_sampling_arguments(model, observables, observable, param_masks, device, batch_size,
+                                batches_per_draw) -> None:
+    """The arguments of devinterp 2's sample() twins (llc, bif) of the wrong type or naming what
+    is not there, refused by name before any forward pass (devinterp would fail later with a
+    bare StopIteration, KeyError or a multiplication of a sequence by a float)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a language model), got {type(model).__name__}")
+    positive_int(batch_size, "batch_size")
+    positive_int(batches_per_draw, "batches_per_draw")
+    if not isinstance(observables, Mapping) or not observables:
+        raise ValueError("observables must be a non-empty dict {name: dataset or (dataset, batches_per_draw)}: "
+                         f"the kernel's probe is one of them; got {type(observables).__name__}")
+    for key, spec in observables.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"observables must be keyed by names (non-empty str), got the key {key!r}")
+        if isinstance(spec, tuple):
+            if len(spec) != 2:
+                raise ValueError(f"observables[{key!r}] must be a dataset or a (dataset, batches_per_draw) pair, "
+                                 f"got a tuple of length {len(spec)}")
+            positive_int(spec[1], f"observables[{key!r}][1] (batches_per_draw)")
+        elif isinstance(spec, Mapping):
+            raise TypeError(f"observables[{key!r}] must be a dataset of {{'input_ids': …}} items (or a "
+                            "(dataset, batches_per_draw) pair), got a mapping; for a tensor `ids` of token ids use "
+                            "[{'input_ids': row} for row in ids]")
+    if observable is not None and not isinstance(observable, str):
+        raise TypeError(f"observable must be the name (a str) of one of the observables {sorted(observables)}, "
+                        f"got {observable!r}")
+    if param_masks is not None:
+        if not isinstance(param_masks, Mapping):
+            raise TypeError(f"param_masks must be a dict {{parameter name: mask or None}}, got "
+                            f"{type(param_masks).__name__}")
+        names = {n for n, _ in model.named_parameters()}
+        unknown = sorted(set(param_masks) - names)
+        if unknown:
+            raise ValueError(f"param_masks names parameters the model does not have: {unknown[:10]}; its "
+                             f"parameters are {sorted(names)[:10]}{' …' if len(names) > 10 else ''}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
+def _item_length(dataset, index: int, name: str) -> int:
+    ids = dataset[index]["input_ids"] if isinstance(dataset[index], Mapping) else None
+    if ids is None:
+        raise TypeError(f"{name}[{index}] is not a mapping with 'input_ids'")
+    return len(ids)
+
+
+def check_lm_sampling_sizes(dataset, obs_dataset, name: str, batch_size: int, per_draw: int, callback_kwargs) -> None:
+    """The sizes devinterp would trip over: a training batch larger than the dataset (its
+    drop_last loader yields nothing: a bare StopIteration), an observable smaller than the
+    batch_size × batches_per_draw sequences devinterp's Observable takes (an AssertionError),
+    sequences of another length than the training data's (a shape error mid-run), and
+    ``callback_kwargs['rows']`` outside the probe or repeated."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than dataset ({len(dataset)} items): devinterp's loader "
+                         "drops the last incomplete batch, so not one batch would be drawn; pass batch_size ≤ "
+                         f"{len(dataset)}")
+    wanted = batch_size * per_draw
+    if len(obs_dataset) < wanted:
+        raise ValueError(f"observables[{name!r}] has {len(obs_dataset)} sequences, but devinterp's Observable takes "
+                         f"batch_size × batches_per_draw = {batch_size} × {per_draw} = {wanted} of them; pass "
+                         f"(dataset, batches_per_draw) with batches_per_draw ≤ {len(obs_dataset) // batch_size}, a "
+                         "smaller batch_size, or a larger observable")
+    length = _item_length(dataset, 0, "dataset")
+    for label, data in (("dataset", dataset), (f"observables[{name!r}]", obs_dataset)):
+        for i in range(min(len(data), 256)):  # the first items: cheap, and where a mixed dataset shows
+            if _item_length(data, i, label) != length:
+                raise ValueError(f"{label}[{i}]['input_ids'] has length {_item_length(data, i, label)}, but "
+                                 f"dataset[0]'s has {length}: devinterp batches sequences of one length (the "
+                                 "training data's context length + 1)")
+    rows = (callback_kwargs or {}).get("rows")
+    if rows is not None:
+        check_selection(rows, wanted, "callback_kwargs['rows']", what="probe sequence")
+
+
+__all__ += ["positive_int", "check_devinterp2_dataset", "check_lm_sampling_arguments", "check_lm_sampling_sizes"]

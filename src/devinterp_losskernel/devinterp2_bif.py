@@ -47,20 +47,26 @@ import logging
 import numbers
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator, KernelMemoryError, _available_bytes, estimate_kernel_memory
-from .devinterp2_store import CollectInitLoss, sampler_config
+from .devinterp2_store import CollectInitLoss, StoreReader, obs_id, open_samples, run_sample_chains, sampler_config
 from .kernel import LossKernel
-from .validation import check_batch_index_range, check_bif_options
+from .validation import (
+    check_batch_index_range,
+    check_bif_options,
+    check_devinterp2_dataset,
+    check_lm_sampling_arguments,
+    check_lm_sampling_sizes,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bif", "compute_bif", "BifMoments", "estimate_bif_memory", "influences_from_kernel"]
+__all__ = ["bif", "compute_bif", "BifMoments", "bif_moments_from_samples", "estimate_bif_memory",
+           "influences_from_kernel"]
 
 
 
@@ -68,7 +74,6 @@ __all__ = ["bif", "compute_bif", "BifMoments", "estimate_bif_memory", "influence
 def resolve_loss_keys(available: Sequence[str], loss_keys, name: str = "loss_keys") -> List[str]:
     """devinterp's ``_resolve_loss_keys``: ``"all"`` → every observable id, sorted; else the
     given ids (or observable names, mapped by devinterp's ``to_obs_id``) in the given order."""
-    from .samples import _obs_id
 
     available = [str(a) for a in available]
     if isinstance(loss_keys, str):
@@ -81,7 +86,7 @@ def resolve_loss_keys(available: Sequence[str], loss_keys, name: str = "loss_key
     for key in loss_keys:
         if not isinstance(key, str):
             raise TypeError(f"{name} must hold observable names (str), got {key!r}")
-        keys.append(key if key in available else _obs_id(key))
+        keys.append(key if key in available else obs_id(key))
     missing = [k for k, given in zip(keys, loss_keys) if k not in available]
     if missing:
         raise KeyError(f"{name}: observable(s) {missing} not found. Available: {available}")
@@ -449,13 +454,8 @@ def bif(
     sampling); it does not grow with the draws except for ``reduce_chain_dimension_method="mean"``
     (8 · num_draws · features bytes).
     """
-    from devinterp.slt.config import SAMPLING_METHODS
-    from devinterp.slt.lm_loss import make_evaluate_fn
     from devinterp.slt.observables import Observable, to_obs_id
-    from devinterp.slt.sampler import sample_single_chain
 
-    from .devinterp2 import _check_llc_arguments, _check_llc_sizes, check_devinterp2_dataset
-    from .progress import devinterp_bars
 
     # -- every argument checked before any forward pass -----------------------------------
     check_bif_options(correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance,
@@ -467,7 +467,7 @@ def bif(
     config, rest = sampler_config(kwargs, lr, n_beta, caller="bif", also_takes=(
         "correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance, "
         "bif_batch_size, bif_device, loss_keys, batch_index_range_1/_2, return_kernel"))
-    _check_llc_arguments(model, observables, None, param_masks, None, rest["device"], config.batch_size,
+    check_lm_sampling_arguments(model, observables, None, param_masks, rest["device"], config.batch_size,
                          rest["batches_per_draw"])
     if bif_device is not None:
         try:
@@ -489,7 +489,7 @@ def bif(
     for key, spec in observables.items():
         obs_dataset, per_draw = spec if isinstance(spec, tuple) else (spec, rest["batches_per_draw"])
         check_devinterp2_dataset(obs_dataset, f"observables[{key!r}]", tokens=loss_fn is None)
-        _check_llc_sizes(dataset, obs_dataset, key, config.batch_size, per_draw, None)
+        check_lm_sampling_sizes(dataset, obs_dataset, key, config.batch_size, per_draw, None)
         sizes[to_obs_id(key)] = config.batch_size * per_draw
     keys = resolve_loss_keys(list(sizes), loss_keys)
     path = None
@@ -507,10 +507,6 @@ def bif(
                          block_size=min(256, config.num_chains * config.num_draws))
 
     # -- the run ----------------------------------------------------------------------------------
-    method = SAMPLING_METHODS[config.sampling_method]
-    method_kwargs = dict(nbeta=n_beta, lr=lr, localization=config.localization, noise_level=config.noise_level,
-                         weight_decay=config.llc_weight_decay, bounding_box_size=config.bounding_box_size,
-                         save_metrics=config.save_metrics, **config.sampling_method_kwargs)
     if param_masks is None:
         param_masks = {name: None for name, _ in model.named_parameters()}
     obs_list = []
@@ -537,24 +533,9 @@ def bif(
             store.on_draw(loss, draw, chain, losses)
         moments.update({k: losses[k] for k in keys}, chain=chain, draw=draw)
 
-    dataloader_seed = config.init_seed if config.match_sampling_input_ids_across_chains else None
-    with devinterp_bars(), (store if store is not None else nullcontext()):
-        if store is not None:
-            store.write_init_loss(torch.stack(collect.rows))
-        for chain in range(config.num_chains):
-            sample_single_chain(
-                ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=param_masks,
-                num_draws=config.num_draws, num_burnin_steps=config.num_burnin_steps,
-                num_steps_bw_draws=config.num_steps_bw_draws,
-                gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
-                sampling_method_kwargs=method_kwargs, chain=chain, seed=config.init_seed + chain,
-                dataloader_seed=dataloader_seed if dataloader_seed is not None else config.init_seed + chain,
-                device=device, callbacks=[on_draw],
-                step_callback=store.on_step if store is not None and config.save_metrics else None,
-                micro_callback=store.on_micro if store is not None else None,
-                batch_size=config.batch_size, init_noise=config.init_noise, shuffle=config.shuffle,
-                epoch_mode=config.epoch_mode,
-            )
+    run_sample_chains(model, dataset, loss_fn, param_masks, config, lr=lr, n_beta=n_beta, device=device,
+                      on_draw=on_draw, store=store,
+                      init_loss=torch.stack(collect.rows) if store is not None else None)
     for chain in range(config.num_chains):  # devinterp stops a chain at a non-finite loss: NaN in its store
         got = moments.draws_per_chain.get(chain, 0)
         if got < config.num_draws:
@@ -582,7 +563,6 @@ def compute_bif(samples, *, correlation_method: str = "token", reduce_chain_dime
     draws of one chain at a time (default: the store's chunk) into :class:`BifMoments`: memory
     the moments (:func:`estimate_bif_memory`) plus one chunk, not the whole store. Same
     arguments and output as devinterp's (``device``: where the moments live, default CPU)."""
-    from .samples import bif_moments_from_samples
 
     moments = bif_moments_from_samples(
         samples, correlation_method=correlation_method, reduce_chain_dimension_method=reduce_chain_dimension_method,
@@ -592,3 +572,84 @@ def compute_bif(samples, *, correlation_method: str = "token", reduce_chain_dime
     check_bif_options(correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance,
                       batch_size, "batch_size")
     return moments.dataset(batch_size=batch_size)
+
+
+def bif_moments_from_samples(
+    samples,
+    *,
+    correlation_method: str = "token",
+    reduce_chain_dimension_method: str = "stack",
+    loss_keys: Union[str, Sequence[str]] = "all",
+    batch_index_range_1: Union[str, Sequence[int]] = "all",
+    batch_index_range_2: Union[str, Sequence[int]] = "all",
+    average_tokenwise_bif: bool = False,
+    compute_covariance: bool = False,
+    device=None,
+    dtype: torch.dtype = torch.float64,
+    draws_per_read: Optional[int] = None,
+    check_memory: bool = True,
+):
+    """The :class:`~devinterp_losskernel.devinterp2_bif.BifMoments` of a stored devinterp 2 ``sample()``
+    run with ``compute_bif``'s options, folded ``draws_per_read`` draws of one chain at a time
+    (default: the store's chunk along ``draw``): memory the moments
+    (:func:`~devinterp_losskernel.devinterp2_bif.estimate_bif_memory`, checked before anything is read)
+    plus one chunk [draws_per_read, Σ n_obs, T] float32, whatever the number of draws.
+
+    ``loss_keys``: observable names or ids (``"all"``: every ``loss_<obs>`` of the store, sorted,
+    as devinterp's ``_resolve_loss_keys``). Unwritten draws (a chain devinterp aborted: NaN in
+    the store) make the influences NaN as in devinterp (``"stack"``), or are left out of that
+    draw index's chain mean (``"mean"``, as xarray's NaN-skipping mean)."""
+    from .validation import check_bif_options
+
+    check_bif_options(correlation_method, reduce_chain_dimension_method, average_tokenwise_bif, compute_covariance)
+    if draws_per_read is not None and (isinstance(draws_per_read, bool) or not isinstance(draws_per_read,
+                                                                                          numbers.Integral)
+                                       or draws_per_read < 1):
+        raise ValueError(f"draws_per_read must be a positive int (draws read per chunk) or None, "
+                         f"got {draws_per_read!r}")
+    ds, source = open_samples(samples)
+    available = [str(v)[len("loss_"):] for v in ds.data_vars if str(v).startswith("loss_")]
+    if not available:
+        raise KeyError("these samples hold no observable losses (no loss_<obs> array): not a sample() run with "
+                       "observables")
+    keys = resolve_loss_keys(available, loss_keys)
+    shapes = {}
+    for key in keys:
+        var = ds[f"loss_{key}"]
+        expected = ("chain", "draw", f"batch_{key}", "token_pos")
+        if tuple(var.dims) != expected:
+            raise ValueError(f"loss_{key} must have dims {expected} (devinterp 2's sample() layout), got "
+                             f"{tuple(var.dims)}")
+        shapes[key] = tuple(int(s) for s in var.shape)
+    first = shapes[keys[0]]
+    for key, shape in shapes.items():
+        if (shape[0], shape[1], shape[3]) != (first[0], first[1], first[3]):
+            raise ValueError(f"loss_{key} has {shape[0]} chains × {shape[1]} draws × {shape[3]} positions, but "
+                             f"loss_{keys[0]} has {first[0]} × {first[1]} × {first[3]}")
+    num_chains, num_draws, _, context_length = first
+    if not (num_chains and num_draws):
+        raise ValueError(f"the observables' losses of these samples are empty: {num_chains} chains × {num_draws} "
+                         "draws")
+    input_ids = {}
+    for key in keys:
+        if f"input_ids_{key}" in ds.data_vars:
+            value = np.asarray(ds[f"input_ids_{key}"].values)
+            while value.ndim > 2:
+                value = value[0]
+            input_ids[key] = torch.from_numpy(value)
+    moments = BifMoments({k: shapes[k][2] for k in keys}, context_length, correlation_method=correlation_method,
+                         reduce_chain_dimension_method=reduce_chain_dimension_method,
+                         average_tokenwise_bif=average_tokenwise_bif, compute_covariance=compute_covariance,
+                         batch_index_range_1=batch_index_range_1, batch_index_range_2=batch_index_range_2,
+                         num_draws=num_draws, input_ids=input_ids if len(input_ids) == len(keys) else None,
+                         device=device, dtype=dtype, block_size=min(256, num_chains * num_draws),
+                         check_memory=check_memory)
+    readers = {k: StoreReader(ds, ds[f"loss_{k}"], f"loss_{k}", source) for k in keys}
+    step = int(draws_per_read or readers[keys[0]].chunk)
+    for chain in range(num_chains):
+        for start in range(0, num_draws, step):
+            stop = min(num_draws, start + step)
+            losses = {k: torch.from_numpy(reader._read(f"loss_{k}", chain, start, stop))
+                      for k, reader in readers.items()}
+            moments.update(losses, chain=chain, draw=start)
+    return moments

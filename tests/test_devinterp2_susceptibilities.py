@@ -56,7 +56,7 @@ def test_susceptibilities_equal_devinterps_on_the_same_draws(tmp_path):
     from devinterp.slt.sampling import sample
     from devinterp.slt.susceptibilities import susceptibilities as devinterp_susceptibilities
 
-    from devinterp_losskernel.susceptibilities import susceptibilities
+    from devinterp_losskernel.devinterp2_susceptibilities import susceptibilities
 
     model, dataset, observables, restrictions = lm_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -93,7 +93,7 @@ def test_include_sampling_task_and_stored_runs_read_in_chunks(tmp_path):
     from devinterp.slt.sampling import sample
     from devinterp.slt.susceptibilities import compute_susceptibilities as devinterp_compute
 
-    from devinterp_losskernel.susceptibilities import compute_susceptibilities, susceptibilities
+    from devinterp_losskernel.devinterp2_susceptibilities import compute_susceptibilities, susceptibilities
 
     model, dataset, observables, restrictions = lm_setup(1)
     restrictions.pop("mix half")
@@ -125,7 +125,7 @@ def test_include_sampling_task_and_stored_runs_read_in_chunks(tmp_path):
 def test_moments_fold_blocks_and_single_draws_alike():
     """Chan's merge of blocks gives the one-pass float64 moments, and χ from them is the
     closed form on known draws."""
-    from devinterp_losskernel.susceptibilities import SusceptibilityMoments
+    from devinterp_losskernel.devinterp2_susceptibilities import SusceptibilityMoments
 
     gen = torch.Generator().manual_seed(3)
     draws, n, t = 23, 5, 4
@@ -159,7 +159,7 @@ def test_moments_fold_blocks_and_single_draws_alike():
 
 
 def test_arguments_are_refused_by_name_before_sampling(tmp_path):
-    from devinterp_losskernel.susceptibilities import susceptibilities
+    from devinterp_losskernel.devinterp2_susceptibilities import susceptibilities
 
     model, dataset, observables, restrictions = lm_setup()
 
@@ -200,7 +200,7 @@ def test_output_path_writes_devinterps_stores(tmp_path):
     import xarray as xr
     from devinterp.slt.susceptibilities import susceptibilities as devinterp_susceptibilities
 
-    from devinterp_losskernel.susceptibilities import susceptibilities
+    from devinterp_losskernel.devinterp2_susceptibilities import susceptibilities
 
     model, dataset, observables, restrictions = lm_setup(2)
     restrictions.pop("mix half")
@@ -230,7 +230,7 @@ def test_a_stopped_chain_gives_nan_as_in_devinterp():
     from devinterp.slt.lm_loss import compute_per_token_loss
     from devinterp.slt.susceptibilities import susceptibilities as devinterp_susceptibilities
 
-    from devinterp_losskernel.susceptibilities import susceptibilities
+    from devinterp_losskernel.devinterp2_susceptibilities import susceptibilities
 
     model, dataset, observables, restrictions = lm_setup()
     restrictions.pop("mix half")
@@ -254,7 +254,7 @@ def test_a_stopped_chain_gives_nan_as_in_devinterp():
 
 
 def test_compute_susceptibilities_refuses_what_it_cannot_use():
-    from devinterp_losskernel.susceptibilities import SusceptibilityMoments, compute_susceptibilities
+    from devinterp_losskernel.devinterp2_susceptibilities import SusceptibilityMoments, compute_susceptibilities
 
     ids = {"train": torch.zeros(4, 3, dtype=torch.long), "probe": torch.ones(2, 3, dtype=torch.long)}
     gen = torch.Generator().manual_seed(0)

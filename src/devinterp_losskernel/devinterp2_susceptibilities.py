@@ -2,7 +2,7 @@
 
 A devinterp 2 user switches one import::
 
-    from devinterp_losskernel.susceptibilities import susceptibilities   # was: devinterp.slt.susceptibilities
+    from devinterp_losskernel import susceptibilities   # was: from devinterp.slt.susceptibilities import …
     tree = susceptibilities(model, dataset, {"pile": pile, "code": code}, {"full": None, "l0h1": masks},
                             sampling_task="pile", lr=1e-4, n_beta=30.0, num_chains=4, num_draws=200)
     tree["/susceptibilities"].sus, tree["/context"].input_ids           # devinterp's DataTree
@@ -44,14 +44,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from .devinterp2_store import CollectInitLoss, sampler_config
+from .devinterp2_store import CollectInitLoss, run_sample_chains, sampler_config
 
 __all__ = ["susceptibilities", "compute_susceptibilities", "SusceptibilityMoments", "moments_from_samples"]
 
@@ -364,16 +363,11 @@ def susceptibilities(
 
     Memory: 16 · Σ_obs n_obs · T bytes of float64 moments per WR, not growing with the draws.
     """
-    from devinterp.slt.config import SAMPLING_METHODS
-    from devinterp.slt.lm_loss import make_evaluate_fn
     from devinterp.slt.observables import Observable, to_obs_id
-    from devinterp.slt.sampler import sample_single_chain
     from devinterp.slt.sampling import _write_init_loss
 
-    from .devinterp2 import check_devinterp2_dataset
     from .devinterp2_store import SampleStore
-    from .progress import devinterp_bars
-    from .validation import check_weight_restrictions
+    from .validation import check_devinterp2_dataset, check_weight_restrictions
 
     # -- every argument checked before any forward pass -----------------------------------
     if not isinstance(model, torch.nn.Module):
@@ -407,10 +401,6 @@ def susceptibilities(
         raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
     paths = _store_paths(rest["output_path"], masks_by_wr) if rest["output_path"] is not None else {}
     device = rest["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    method = SAMPLING_METHODS[config.sampling_method]
-    method_kwargs = dict(nbeta=n_beta, lr=lr, localization=config.localization, noise_level=config.noise_level,
-                         weight_decay=config.llc_weight_decay, bounding_box_size=config.bounding_box_size,
-                         save_metrics=config.save_metrics, **config.sampling_method_kwargs)
 
     obs_list = []
     for key, spec in observables.items():
@@ -420,7 +410,6 @@ def susceptibilities(
                                    device=torch.device(device), seed=rest["obs_seed"], loss_fn=loss_fn))
     sampling_id = to_obs_id(sampling_task)
     input_ids = {obs.obs_id: obs.input_ids for obs in obs_list}
-    dataloader_seed = config.init_seed if config.match_sampling_input_ids_across_chains else None
 
     # -- one run per weight restriction ---------------------------------------------------
     wr_map: Dict[str, SusceptibilityMoments] = {}
@@ -441,22 +430,7 @@ def susceptibilities(
                 store.on_draw(loss, draw, chain, losses)
             moments.update(losses, chain=chain)
 
-        with devinterp_bars(), (store if store is not None else nullcontext()):
-            if store is not None:
-                store.write_init_loss(init_loss)
-            for chain in range(config.num_chains):
-                sample_single_chain(
-                    ref_model=model, dataset=dataset, evaluate=make_evaluate_fn(loss_fn), param_masks=masks,
-                    num_draws=config.num_draws, num_burnin_steps=config.num_burnin_steps,
-                    num_steps_bw_draws=config.num_steps_bw_draws,
-                    gradient_accumulation_steps=config.gradient_accumulation_steps, sampling_method=method,
-                    sampling_method_kwargs=method_kwargs, chain=chain, seed=config.init_seed + chain,
-                    dataloader_seed=dataloader_seed if dataloader_seed is not None else config.init_seed + chain,
-                    device=device, callbacks=[on_draw],
-                    step_callback=store.on_step if store is not None and config.save_metrics else None,
-                    micro_callback=store.on_micro if store is not None else None,
-                    batch_size=config.batch_size, init_noise=config.init_noise, shuffle=config.shuffle,
-                    epoch_mode=config.epoch_mode,
-                )
+        run_sample_chains(model, dataset, loss_fn, masks, config, lr=lr, n_beta=n_beta, device=device,
+                          on_draw=on_draw, store=store, init_loss=init_loss)
         wr_map[wr_name] = moments
     return compute_susceptibilities(wr_map, sampling_task, include_sampling_task=include_sampling_task)

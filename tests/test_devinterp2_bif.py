@@ -10,7 +10,13 @@ import torch
 
 from devinterp_losskernel import LossKernel
 from devinterp_losskernel.accumulator import KernelMemoryError
-from devinterp_losskernel.bif import BifMoments, bif, compute_bif, estimate_bif_memory, influences_from_kernel
+from devinterp_losskernel.devinterp2_bif import (
+    BifMoments,
+    bif,
+    compute_bif,
+    estimate_bif_memory,
+    influences_from_kernel,
+)
 from devinterp_losskernel.samples import kernel_from_samples
 
 from _models import LMDataset, TinyLM
@@ -246,7 +252,7 @@ def test_moments_equal_the_float64_reference_for_a_large_offset_and_any_chunking
 
 
 def test_state_memory_is_said_before_allocating_and_refused_when_it_cannot_fit(monkeypatch):
-    from devinterp_losskernel import bif as bif_module
+    from devinterp_losskernel import devinterp2_bif as bif_module
 
     assert estimate_bif_memory(10, 10, 4) > estimate_bif_memory(10, 10, 4, token_level=False)
     assert estimate_bif_memory(10, 10, 4, num_draws_for_mean=100) - estimate_bif_memory(10, 10, 4) == 8 * 100 * 41

@@ -363,7 +363,9 @@ def main(argv=None) -> int:
         + ("never filled: folded once at the end" if args.draws * args.batch_size < b0["buffer_max"] / 12 else
            "filled and was folded during the run") + "); (c) shift, "
         f"mean and diagonal co-moment float64 = {c0.get('state', float('nan')) / n:.0f} B"
-        + (f"; (c)'s peak RSS above the start of its call: {c0['peak_above'] / n:,.0f} B a sample." if c0 else "."),
+        + (f"; (c)'s peak RSS above the start of its call, less (a)'s (median): "
+           f"{(c0['peak_above'] - statistics.median(r['peak_above'] for r in runs['a'])) / n:,.0f} B a sample."
+           if c0 else "."),
         f"Results: devinterp llc/mean {statistics.median(r['llc'] for r in runs['a']):.2f} (a) / "
         f"{statistics.median(r['llc'] for r in runs['b']):.2f} (b) (the same chains; (a)'s evaluate is "
         f"F.cross_entropy's own mean, (b)'s the mean of the per-sample losses: equal up to float rounding); ν minibatch "

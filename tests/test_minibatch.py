@@ -133,3 +133,28 @@ def test_the_opt_in_records_a_noisy_model_and_loss_scale_divides_nu():
     assert singular_fluctuation(kernel).nu == pytest.approx(nu, rel=1e-10)  # the analysis reads the same scale
     with pytest.raises(TypeError, match="allow_train_mode_noise"):
         MinibatchVariance(num_train=N, allow_train_mode_noise="yes")
+
+
+class _IndicesPastTheEnd(torch.utils.data.Dataset):
+    """Items (index, sample) whose indices run past num_train after the first batch: a loader
+    over a bigger dataset than the recorder was told, caught only at a fold."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return (i if i < 8 else i + N), self.data[i]
+
+
+def test_indices_outside_the_training_set_are_refused_at_the_fold_and_nothing_is_folded():
+    model, data = _problem()
+    recorder = MinibatchVariance(num_train=N)
+    loader = DataLoader(_IndicesPastTheEnd(data), batch_size=8, shuffle=False)
+    with pytest.raises(ValueError, match=r"must lie in \[0, num_train=40\)"):
+        _run(model, loader, recorder.evaluate, [recorder])
+        recorder.kernel  # noqa: B018  (the fold at the end, if no fold came during the run)
+    with pytest.raises(ValueError, match="num_train"):  # the error recurs: nothing was dropped silently
+        recorder.kernel  # noqa: B018

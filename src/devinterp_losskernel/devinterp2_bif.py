@@ -53,7 +53,15 @@ import numpy as np
 import torch
 
 from .accumulator import KernelAccumulator, KernelMemoryError, _available_bytes, estimate_kernel_memory
-from .devinterp2_store import CollectInitLoss, StoreReader, obs_id, open_samples, run_sample_chains, sampler_config
+from .devinterp2_store import (
+    CollectInitLoss,
+    StoreReader,
+    make_observables,
+    obs_id,
+    open_samples,
+    run_sample_chains,
+    sampler_config,
+)
 from .kernel import LossKernel
 from .validation import (
     check_batch_index_range,
@@ -454,7 +462,7 @@ def bif(
     sampling); it does not grow with the draws except for ``reduce_chain_dimension_method="mean"``
     (8 · num_draws · features bytes).
     """
-    from devinterp.slt.observables import Observable, to_obs_id
+    from devinterp.slt.observables import to_obs_id
 
 
     # -- every argument checked before any forward pass -----------------------------------
@@ -509,12 +517,8 @@ def bif(
     # -- the run ----------------------------------------------------------------------------------
     if param_masks is None:
         param_masks = {name: None for name, _ in model.named_parameters()}
-    obs_list = []
-    for key, spec in observables.items():
-        obs_dataset, per_draw = spec if isinstance(spec, tuple) else (spec, rest["batches_per_draw"])
-        obs_list.append(Observable(dataset=obs_dataset, task_name=key, batches_per_draw=per_draw,
-                                   batch_size=config.batch_size, context_length=context_length,
-                                   device=torch.device(device), seed=rest["obs_seed"], loss_fn=loss_fn))
+    obs_list = make_observables(observables, config, context_length, device, rest["obs_seed"],
+                                rest["batches_per_draw"], loss_fn)
     moments.input_ids = torch.cat([next(o for o in obs_list if o.obs_id == k).input_ids.detach().cpu()
                                    for k in keys])
     store = None

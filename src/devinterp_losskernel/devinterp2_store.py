@@ -42,7 +42,7 @@ from .extras import require
 from .provenance import FileIntegrityError
 
 __all__ = ["SampleStore", "check_new_store_path", "sampler_config", "CollectInitLoss", "run_sample_chains",
-           "open_samples", "obs_id", "StoreReader"]
+           "make_observables", "open_samples", "obs_id", "StoreReader"]
 
 # sample()'s arguments the twins pass to devinterp's sampler themselves, not through SamplerConfig
 NOT_CONFIG = ("batches_per_draw", "obs_seed", "device", "output_path", "rmsprop_eps", "rmsprop_alpha")
@@ -220,6 +220,20 @@ class SampleStore:
         for field in Metrics.NORM_FIELDS + Metrics.DOT_FIELDS:
             self.writer.push(f"metrics_{field}", getattr(metrics, field).squeeze(), chain=chain, step=step)
         self.writer.flush_full_buffers()
+
+
+def make_observables(observables, config, context_length: int, device, obs_seed, batches_per_draw, loss_fn) -> list:
+    """devinterp's ``Observable`` for each ``{name: dataset or (dataset, batches_per_draw)}``, built as
+    ``sample()`` builds them (its batch size, context length, device and ``obs_seed``)."""
+    from devinterp.slt.observables import Observable
+
+    made = []
+    for key, spec in observables.items():
+        obs_dataset, per_draw = spec if isinstance(spec, tuple) else (spec, batches_per_draw)
+        made.append(Observable(dataset=obs_dataset, task_name=key, batches_per_draw=per_draw,
+                               batch_size=config.batch_size, context_length=context_length,
+                               device=torch.device(device), seed=obs_seed, loss_fn=loss_fn))
+    return made
 
 
 def run_sample_chains(model, dataset, loss_fn, param_masks, config, *, lr, n_beta, device, on_draw,

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .devinterp2_store import CollectInitLoss, run_sample_chains, sampler_config
+from .devinterp2_store import CollectInitLoss, make_observables, run_sample_chains, sampler_config
 
 __all__ = ["susceptibilities", "compute_susceptibilities", "SusceptibilityMoments", "moments_from_samples"]
 
@@ -363,7 +363,7 @@ def susceptibilities(
 
     Memory: 16 · Σ_obs n_obs · T bytes of float64 moments per WR, not growing with the draws.
     """
-    from devinterp.slt.observables import Observable, to_obs_id
+    from devinterp.slt.observables import to_obs_id
     from devinterp.slt.sampling import _write_init_loss
 
     from .devinterp2_store import SampleStore
@@ -402,12 +402,8 @@ def susceptibilities(
     paths = _store_paths(rest["output_path"], masks_by_wr) if rest["output_path"] is not None else {}
     device = rest["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    obs_list = []
-    for key, spec in observables.items():
-        obs_dataset, per_draw = spec if isinstance(spec, tuple) else (spec, rest["batches_per_draw"])
-        obs_list.append(Observable(dataset=obs_dataset, task_name=key, batches_per_draw=per_draw,
-                                   batch_size=config.batch_size, context_length=context_length,
-                                   device=torch.device(device), seed=rest["obs_seed"], loss_fn=loss_fn))
+    obs_list = make_observables(observables, config, context_length, device, rest["obs_seed"],
+                                rest["batches_per_draw"], loss_fn)
     sampling_id = to_obs_id(sampling_task)
     input_ids = {obs.obs_id: obs.input_ids for obs in obs_list}
 
